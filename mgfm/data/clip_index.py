@@ -81,9 +81,15 @@ class ClipIndex:
 
     def __post_init__(self) -> None:
         fixed = []
+        seen: collections.Counter = collections.Counter()
         for c in self.clips:
             if not c.clip_id:
-                c = dataclasses.replace(c, clip_id=make_clip_id(c.video_id, c.start_frame, c.end_frame))
+                key = make_clip_id(c.video_id, c.start_frame, c.end_frame)
+                # Real annotation files do repeat a span (two labels for one gesture): keep both rows.
+                seen[key] += 1
+                if seen[key] > 1:
+                    key = f"{key}_{seen[key] - 1}"
+                c = dataclasses.replace(c, clip_id=key)
             if not c.label_name and 0 <= c.label < len(self.class_names):
                 c = dataclasses.replace(c, label_name=self.class_names[c.label])
             fixed.append(c)
