@@ -1,0 +1,66 @@
+"""Recipes: YAML + overrides into typed dataclasses, typos named with their nearest valid key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from mgfm.config import RecipeError, load_recipe, recipe_to_dict, save_recipe
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: int = 1
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    optim: Optim = field(default_factory=Optim)
+    decoder_keep: float | None = None
+    flip: bool = False
+    mode: str = "train"
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: base\noptim:\n  lr: 1.5e-4\n  betas: [0.8, 0.9]\n")
+    recipe = load_recipe(Recipe, path, ["optim.warmup_epochs=3", "decoder_keep=0.5", "flip=true", "optim.lr=1e-3"])
+    assert recipe.name == "base" and recipe.optim.lr == 1e-3 and recipe.optim.betas == (0.8, 0.9)
+    assert recipe.optim.warmup_epochs == 3 and recipe.decoder_keep == 0.5 and recipe.flip is True
+    save_recipe(recipe, tmp_path / "resolved.yaml")
+    assert yaml.safe_load((tmp_path / "resolved.yaml").read_text()) == recipe_to_dict(recipe)
+    assert load_recipe(Recipe, tmp_path / "resolved.yaml") == recipe
+
+
+def test_defaults_without_file():
+    assert load_recipe(Recipe) == Recipe()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "unknown key 'lrr'; did you mean 'lr'"),
+        ("nmae=x", "did you mean 'name'"),
+        ("optim.warmup_epochs=1.5", "expected an integer"),
+        ("flip=maybe", "expected true/false"),
+        ("optim.betas=[1]", "expected 2 values"),
+        ("optim=3", "expected a section"),
+        ("noequals", "expected key=value"),
+    ],
+)
+def test_bad_overrides_are_one_clear_line(override, message):
+    with pytest.raises(RecipeError, match=message.replace("[", r"\[")) as err:
+        load_recipe(Recipe, None, [override])
+    assert "\n" not in str(err.value)
+
+
+def test_typo_in_file_names_the_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("optim:\n  warmup_epoch: 2\n")
+    with pytest.raises(RecipeError, match=r"r.yaml: optim: unknown key 'warmup_epoch'; did you mean 'warmup_epochs'"):
+        load_recipe(Recipe, path)
