@@ -1,0 +1,498 @@
+"""VideoMAE-style masked video model: ViT encoder over tubelets, light pixel decoder, masked MSE loss.
+
+Written for mgfm from the published recipe (tubelet embedding, fixed sinusoid positions, tube masking,
+per-patch normalised pixel target); no code from the CC BY-NC reference repositories.
+
+Layout conventions
+------------------
+* A video is ``(B, T, C, H, W)`` float, ImageNet-normalised (the Hugging Face ``pixel_values`` layout).
+* A clip becomes ``N = (T / tubelet) * (H / patch) * (W / patch)`` tokens ordered ``(t, h, w)`` with ``t``
+  outermost, the order of :mod:`mgfm.data.masking` and of ``transformers.VideoMAEModel``.
+* A token's pixels (a "patch vector") are flattened in the order ``(C, tubelet, patch, patch)``, which is the
+  order of a ``Conv3d`` kernel, so the patch embedding is a plain ``Linear`` on gathered patch vectors (only
+  visible tokens are ever embedded) and converts to the Hugging Face ``Conv3d`` weight by a reshape.
+* Position embeddings are the fixed sinusoid table over the flattened ``(t, h, w)`` token index, exactly the
+  table ``transformers`` builds, so a saved encoder gives the same features there.
+* Masks (see :mod:`mgfm.data.masking`): ``encoder_mask`` bool ``(B, N)``, True = hidden from the encoder,
+  the same count in every sample; ``decoder_mask`` bool ``(B, N)``, True = a masked token the decoder
+  reconstructs (a subset of ``encoder_mask``, the same count in every sample). Without decoder masking
+  pass ``decoder_mask=None`` (= ``encoder_mask``).
+
+Training loop contract::
+
+    model = build_pretraining_model(cfg)
+    loss, out = model(video, encoder_mask, decoder_mask)   # scalar loss, PretrainOutput
+    loss.backward()
+    save_encoder_hf(model.encoder, run_dir / "encoder")    # mgfm.model.hf
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mgfm.data.masking import TokenGrid
+
+IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+#: Standard widths. ``tiny`` is the CPU default; S/B/L/H are the published ViT sizes with the VideoMAE
+#: decoder widths (4 blocks). ``img_size``/``frames`` are defaults only; a recipe may override them.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(dim=192, depth=4, heads=3, decoder_dim=96, decoder_depth=2, decoder_heads=3,
+                 img_size=112, frames=16),
+    "S": dict(dim=384, depth=12, heads=6, decoder_dim=192, decoder_depth=4, decoder_heads=3,
+              img_size=224, frames=16),
+    "B": dict(dim=768, depth=12, heads=12, decoder_dim=384, decoder_depth=4, decoder_heads=6,
+              img_size=224, frames=16),
+    "L": dict(dim=1024, depth=24, heads=16, decoder_dim=512, decoder_depth=4, decoder_heads=8,
+              img_size=224, frames=16),
+    "H": dict(dim=1280, depth=32, heads=16, decoder_dim=640, decoder_depth=4, decoder_heads=8,
+              img_size=224, frames=16),
+}
+CUSTOM = "custom"
+
+
+@dataclass
+class ModelConfig:
+    """Geometry and widths of the encoder and decoder (the mask ratio lives with the data, not here).
+
+    ``size`` picks a preset from :data:`SIZES`; any of the preset fields left ``None`` is filled from it,
+    any given explicitly wins. ``size="custom"`` needs every width given. ``final_norm`` applies a
+    LayerNorm to the encoder's output tokens (VideoMAE pretraining; saved as Hugging Face
+    ``use_mean_pooling=False``). ``pixel_mean``/``pixel_std`` describe how the input was normalised; the
+    pixel target is computed on un-normalised pixels.
+    """
+
+    size: str = "tiny"
+    img_size: int | None = None
+    frames: int | None = None
+    tubelet: int = 2
+    patch: int = 16
+    channels: int = 3
+    dim: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    mlp_ratio: float = 4.0
+    decoder_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_heads: int | None = None
+    decoder_mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    layer_norm_eps: float = 1e-6
+    qv_bias: bool = True
+    final_norm: bool = True
+    norm_pix_loss: bool = True
+    pixel_mean: tuple[float, ...] = IMAGENET_MEAN
+    pixel_std: tuple[float, ...] = IMAGENET_STD
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        size = self.size.upper() if self.size.lower() in ("s", "b", "l", "h") else self.size
+        if size != CUSTOM and size not in SIZES:
+            raise ValueError(f"model.size: expected one of {[*SIZES, CUSTOM]}, got {self.size!r}")
+        self.size = size
+        preset = SIZES.get(size, {})
+        names = ("img_size", "frames", "dim", "depth", "heads", "decoder_dim", "decoder_depth", "decoder_heads")
+        missing = [f"model.{n}" for n in names if getattr(self, n) is None and n not in preset]
+        if missing:
+            raise ValueError(f"{', '.join(missing)}: required when model.size is {CUSTOM!r}")
+        for name in names:
+            if getattr(self, name) is None:
+                setattr(self, name, preset[name])
+        self.pixel_mean = tuple(float(v) for v in self.pixel_mean)
+        self.pixel_std = tuple(float(v) for v in self.pixel_std)
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("img_size", "frames", "tubelet", "patch", "channels", "dim", "depth", "heads",
+                     "decoder_dim", "decoder_depth", "decoder_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.frames % self.tubelet:
+            raise ValueError(f"model.frames: {self.frames} is not a multiple of model.tubelet={self.tubelet}")
+        if self.img_size % self.patch:
+            raise ValueError(f"model.img_size: {self.img_size} is not a multiple of model.patch={self.patch}")
+        if self.dim % self.heads:
+            raise ValueError(f"model.dim: {self.dim} is not divisible by model.heads={self.heads}")
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError(f"model.decoder_dim: {self.decoder_dim} is not divisible by "
+                             f"model.decoder_heads={self.decoder_heads}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"model.drop_path: expected a rate in [0, 1), got {self.drop_path}")
+        for name in ("pixel_mean", "pixel_std"):
+            if len(getattr(self, name)) != self.channels:
+                raise ValueError(f"model.{name}: expected {self.channels} values (one per channel), "
+                                 f"got {len(getattr(self, name))}")
+        if any(s <= 0 for s in self.pixel_std):
+            raise ValueError(f"model.pixel_std: expected positive values, got {self.pixel_std}")
+
+    @property
+    def grid(self) -> TokenGrid:
+        """Token grid ``(T/tubelet, H/patch, W/patch)`` of one clip."""
+        return TokenGrid.for_clip(self.frames, self.img_size, self.img_size, self.tubelet, self.patch)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid.num_tokens
+
+    @property
+    def patch_dim(self) -> int:
+        """Pixels per token: ``channels * tubelet * patch * patch``."""
+        return self.channels * self.tubelet * self.patch * self.patch
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(round(self.dim * self.mlp_ratio))
+
+    @property
+    def decoder_mlp_dim(self) -> int:
+        return int(round(self.decoder_dim * self.decoder_mlp_ratio))
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# pixels <-> tokens
+
+
+def patchify(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
+    """``(B, T, C, H, W)`` -> ``(B, N, C*tubelet*patch*patch)``, tokens in ``(t, h, w)`` order."""
+    b, t, c, h, w = video.shape
+    if t % tubelet or h % patch or w % patch:
+        raise ValueError(f"video {t}x{h}x{w} is not divisible by tubelet {tubelet}x{patch}x{patch}")
+    x = video.reshape(b, t // tubelet, tubelet, c, h // patch, patch, w // patch, patch)
+    x = x.permute(0, 1, 4, 6, 3, 2, 5, 7)  # b, t', h', w', c, tubelet, p, p
+    return x.reshape(b, (t // tubelet) * (h // patch) * (w // patch), c * tubelet * patch * patch)
+
+
+def unpatchify(patches: torch.Tensor, grid: TokenGrid, channels: int, tubelet: int, patch: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: ``(B, N, C*tubelet*patch*patch)`` -> ``(B, T, C, H, W)``."""
+    b = patches.shape[0]
+    x = patches.reshape(b, grid.t, grid.h, grid.w, channels, tubelet, patch, patch)
+    x = x.permute(0, 1, 5, 4, 2, 6, 3, 7)  # b, t', tubelet, c, h', p, w', p
+    return x.reshape(b, grid.t * tubelet, channels, grid.h * patch, grid.w * patch)
+
+
+def pixel_targets(patches: torch.Tensor, cfg: ModelConfig, eps: float = 1e-6) -> torch.Tensor:
+    """Reconstruction target for patch vectors ``(B, n, P)`` of an ImageNet-normalised video -> ``(B, n, P)`` fp32.
+
+    With ``norm_pix_loss`` each token is normalised per channel by the mean and (unbiased) std of its own
+    ``tubelet*patch*patch`` pixels, computed on un-normalised pixels ``u = x*std_c + mean_c`` as VideoMAE
+    does: ``(u - mean(u)) / (std(u) + eps)``. Since ``u`` is an affine map of ``x`` this equals
+    ``(x - mean(x)) / (std(x) + eps/std_c)``, which is what is computed (no un-normalised copy). Without
+    ``norm_pix_loss`` the target is the un-normalised pixels ``u``.
+    """
+    b, n, p = patches.shape
+    x = patches.float().reshape(b, n, cfg.channels, p // cfg.channels)
+    std_c = torch.tensor(cfg.pixel_std, dtype=x.dtype, device=x.device).view(1, 1, -1, 1)
+    if not cfg.norm_pix_loss:
+        mean_c = torch.tensor(cfg.pixel_mean, dtype=x.dtype, device=x.device).view(1, 1, -1, 1)
+        return (x * std_c + mean_c).reshape(b, n, p)
+    var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=1)
+    return ((x - mean) / (var.sqrt() + eps / std_c)).reshape(b, n, p)
+
+
+def sinusoid_table(n_positions: int, dim: int) -> torch.Tensor:
+    """Fixed ``(n_positions, dim)`` sinusoid table: even channels ``sin(pos / 10000^(2i/dim))``, odd ``cos``."""
+    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    j = torch.arange(dim)
+    inv_freq = torch.pow(10000.0, -(2 * (j // 2)).to(torch.float64) / dim)
+    angles = pos * inv_freq[None, :]
+    return torch.where(j % 2 == 0, torch.sin(angles), torch.cos(angles)).float()
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, N, D)`` or ``(N, D)``, ``index`` ``(B, n)`` long -> ``(B, n, D)``."""
+    if x.dim() == 2:
+        return x[index]
+    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def mask_indices(encoder_mask: torch.Tensor,
+                 decoder_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token indices from bool masks ``(B, N)``: ``visible`` ``(B, Nv)`` and ``target`` ``(B, Nt)`` long.
+
+    ``target`` are the tokens the decoder reconstructs (``decoder_mask``, default ``encoder_mask``), both
+    in increasing token order. Raises ``ValueError`` if counts differ between samples or the decoder
+    mask is not a subset of the encoder mask.
+    """
+    if encoder_mask.dim() != 2 or encoder_mask.dtype != torch.bool:
+        raise ValueError(f"encoder_mask: expected bool (B, N), got {encoder_mask.dtype} {tuple(encoder_mask.shape)}")
+    dec = encoder_mask if decoder_mask is None else decoder_mask.to(encoder_mask.device)
+    if dec.shape != encoder_mask.shape or dec.dtype != torch.bool:
+        raise ValueError(f"decoder_mask: expected bool {tuple(encoder_mask.shape)}, got {dec.dtype} {tuple(dec.shape)}")
+    b = encoder_mask.shape[0]
+    stats = torch.stack([encoder_mask.sum(1), dec.sum(1), (dec & ~encoder_mask).sum(1)]).tolist()  # one sync
+    n_masked, n_target, outside = stats
+    if len(set(n_masked)) != 1:
+        raise ValueError(f"encoder_mask: every sample must hide the same number of tokens, got {sorted(set(n_masked))}")
+    if len(set(n_target)) != 1:
+        raise ValueError(f"decoder_mask: every sample must keep the same number of tokens, got {sorted(set(n_target))}")
+    if any(outside):
+        raise ValueError("decoder_mask: must be a subset of encoder_mask (True only on hidden tokens)")
+    if n_target[0] == 0:
+        raise ValueError("decoder_mask: no token to reconstruct")
+    # a stable sort puts False (visible / not reconstructed) first, each group in token order
+    vis = torch.argsort(encoder_mask.to(torch.uint8), dim=1, stable=True)[:, : encoder_mask.shape[1] - n_masked[0]]
+    tgt = torch.argsort((~dec).to(torch.uint8), dim=1, stable=True)[:, : n_target[0]]
+    return vis.reshape(b, -1), tgt.reshape(b, -1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# transformer blocks
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero a whole sample's residual branch with probability ``rate``, rescale the rest."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    scale = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
+    return x * scale
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused ``qkv`` projection, q and v biases (no k bias), SDPA."""
+
+    def __init__(self, dim: int, heads: int, qv_bias: bool = True) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        if qv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.register_parameter("q_bias", None)
+            self.register_parameter("v_bias", None)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, n, D)`` -> ``(B, n, D)``."""
+        b, n, d = x.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias).view(b, n, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, n, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``, with drop path."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, eps: float, qv_bias: bool = True,
+                 drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, heads, qv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, mlp_dim)
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, n, D)`` -> ``(B, n, D)``."""
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
+    for blk in blocks:
+        if use_checkpoint and torch.is_grad_enabled():
+            x = checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = blk(x)
+    return x
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+# ----------------------------------------------------------------------------------------------------
+# encoder / decoder / pretraining model
+
+
+class VideoEncoder(nn.Module):
+    """ViT encoder over tubelet tokens (no CLS token). Parameters: ``patch_embed`` (Linear on patch
+    vectors), ``blocks``, ``norm`` (Identity when ``cfg.final_norm`` is False); fixed ``pos_embed`` buffer.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Linear(cfg.patch_dim, cfg.dim)
+        self.register_buffer("pos_embed", sinusoid_table(cfg.num_tokens, cfg.dim), persistent=False)
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(
+            Block(cfg.dim, cfg.heads, cfg.mlp_dim, cfg.layer_norm_eps, cfg.qv_bias, r) for r in rates
+        )
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps) if cfg.final_norm else nn.Identity()
+        self.apply(_init_weights)
+
+    def check_video(self, video: torch.Tensor) -> None:
+        cfg = self.cfg
+        want = (cfg.frames, cfg.channels, cfg.img_size, cfg.img_size)
+        if video.dim() != 5 or tuple(video.shape[1:]) != want:
+            raise ValueError(f"video: expected (B, T, C, H, W) = (B, {', '.join(map(str, want))}), "
+                             f"got {tuple(video.shape)}")
+
+    def patchify(self, video: torch.Tensor) -> torch.Tensor:
+        """``(B, T, C, H, W)`` -> ``(B, N, P)`` patch vectors."""
+        self.check_video(video)
+        return patchify(video, self.cfg.tubelet, self.cfg.patch)
+
+    def forward_patches(self, patches: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode patch vectors ``(B, n, P)`` sitting at token positions ``index`` ``(B, n)`` (None = all
+        ``N`` tokens in order) -> tokens ``(B, n, D)`` after the final norm."""
+        x = self.patch_embed(patches)
+        pos = self.pos_embed if index is None else _gather_tokens(self.pos_embed, index)
+        x = x + pos.to(x.dtype)
+        x = _run_blocks(self.blocks, x, self.cfg.grad_checkpointing)
+        return self.norm(x)
+
+    def forward(self, video: torch.Tensor, encoder_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Video ``(B, T, C, H, W)`` and optional bool ``encoder_mask`` ``(B, N)`` (True = hidden) ->
+        visible tokens ``(B, Nv, D)`` in token order (``Nv = N`` without a mask)."""
+        patches = self.patchify(video)
+        if encoder_mask is None:
+            return self.forward_patches(patches)
+        vis, _ = mask_indices(encoder_mask.to(patches.device))
+        return self.forward_patches(_gather_tokens(patches, vis), vis)
+
+    def features(self, video: torch.Tensor) -> torch.Tensor:
+        """Clip features ``(B, D)``: mean over all ``N`` tokens of the unmasked clip (after the final norm).
+
+        Equals ``transformers.VideoMAEModel(...).last_hidden_state.mean(1)`` for the encoder saved by
+        :func:`mgfm.model.hf.save_encoder_hf`. There is deliberately no mask argument.
+        """
+        return self.forward(video).mean(dim=1)
+
+
+class PixelDecoder(nn.Module):
+    """Light transformer decoder: visible tokens + mask tokens -> pixels of the reconstructed tokens."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder_to_decoder = nn.Linear(cfg.dim, cfg.decoder_dim, bias=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
+        self.register_buffer("pos_embed", sinusoid_table(cfg.num_tokens, cfg.decoder_dim), persistent=False)
+        self.blocks = nn.ModuleList(
+            Block(cfg.decoder_dim, cfg.decoder_heads, cfg.decoder_mlp_dim, cfg.layer_norm_eps, cfg.qv_bias)
+            for _ in range(cfg.decoder_depth)
+        )
+        self.norm = nn.LayerNorm(cfg.decoder_dim, eps=cfg.layer_norm_eps)
+        self.head = nn.Linear(cfg.decoder_dim, cfg.patch_dim)
+        self.apply(_init_weights)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, visible: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens ``(B, Nv, D)`` at positions ``visible`` ``(B, Nv)``; predict the tokens at
+        ``target`` ``(B, Nt)`` -> pixels ``(B, Nt, P)``. The decoder attends over ``Nv + Nt`` tokens."""
+        x = self.encoder_to_decoder(tokens)
+        b, n_t = target.shape
+        x_vis = x + _gather_tokens(self.pos_embed, visible).to(x.dtype)
+        x_tgt = self.mask_token.to(x.dtype) + _gather_tokens(self.pos_embed, target).to(x.dtype)
+        x = _run_blocks(self.blocks, torch.cat((x_vis, x_tgt), dim=1), self.cfg.grad_checkpointing)
+        return self.head(self.norm(x[:, -n_t:]))
+
+
+@dataclass
+class PretrainOutput:
+    """What a pretraining step produced besides the loss.
+
+    ``pred`` and ``target`` are ``(B, Nt, P)`` pixels (target fp32, normalised per patch when
+    ``norm_pix_loss``); ``target_index`` ``(B, Nt)`` are their token positions; ``visible_index``
+    ``(B, Nv)`` the tokens the encoder saw. :func:`unpatchify` turns patch vectors back into video.
+    """
+
+    pred: torch.Tensor
+    target: torch.Tensor
+    target_index: torch.Tensor
+    visible_index: torch.Tensor = field(repr=False)
+
+
+class MaskedVideoModel(nn.Module):
+    """Encoder + decoder + masked MSE loss (VideoMAE, optionally with VideoMAE-V2 decoder masking)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = VideoEncoder(cfg)
+        self.decoder = PixelDecoder(cfg)
+
+    def forward(self, video: torch.Tensor, encoder_mask: torch.Tensor,
+                decoder_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, PretrainOutput]:
+        """One pretraining forward.
+
+        Args:
+            video: ``(B, T, C, H, W)`` float, normalised with ``cfg.pixel_mean``/``cfg.pixel_std``.
+            encoder_mask: bool ``(B, N)``, True = hidden from the encoder; equal count per sample.
+            decoder_mask: bool ``(B, N)``, True = masked token to reconstruct (subset of
+                ``encoder_mask``, equal count per sample); None = every encoder-masked token.
+
+        Returns:
+            ``(loss, out)``: scalar fp32 MSE over the ``Nt`` reconstructed tokens (all of their
+            ``P = C*tubelet*patch*patch`` values), and a :class:`PretrainOutput`.
+        """
+        patches = self.encoder.patchify(video)
+        visible, target_index = mask_indices(encoder_mask.to(patches.device),
+                                             None if decoder_mask is None else decoder_mask.to(patches.device))
+        tokens = self.encoder.forward_patches(_gather_tokens(patches, visible), visible)
+        pred = self.decoder(tokens, visible, target_index)
+        with torch.no_grad():
+            target = pixel_targets(_gather_tokens(patches, target_index), self.cfg)
+        loss = F.mse_loss(pred.float(), target)
+        return loss, PretrainOutput(pred=pred, target=target, target_index=target_index, visible_index=visible)
+
+    def features(self, video: torch.Tensor) -> torch.Tensor:
+        """``(B, T, C, H, W)`` -> ``(B, D)``; see :meth:`VideoEncoder.features`."""
+        return self.encoder.features(video)
+
+
+def build_encoder(cfg: ModelConfig) -> VideoEncoder:
+    return VideoEncoder(cfg)
+
+
+def build_pretraining_model(cfg: ModelConfig) -> MaskedVideoModel:
+    return MaskedVideoModel(cfg)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms, q/v biases and the mask token (1-D or tokens)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or name.endswith("mask_token") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "SIZES", "ModelConfig", "VideoEncoder", "PixelDecoder",
+    "MaskedVideoModel", "PretrainOutput", "build_encoder", "build_pretraining_model", "patchify",
+    "unpatchify", "pixel_targets", "sinusoid_table", "mask_indices", "drop_path", "param_groups",
+]

@@ -1,0 +1,297 @@
+"""VideoMAE-style model: shapes, masked loss, decoder masking, features, sizes (all on tiny configs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mgfm.config import load_recipe
+from mgfm.data.masking import MaskGenerator
+from mgfm.model.flops import count_params, encoder_gmacs, measured_encoder_gmacs
+from mgfm.model.videomae import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModelConfig,
+    build_encoder,
+    build_pretraining_model,
+    mask_indices,
+    param_groups,
+    patchify,
+    pixel_targets,
+    unpatchify,
+)
+
+B = 2
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(size="custom", dim=32, depth=2, heads=2, decoder_dim=16, decoder_depth=1, decoder_heads=2,
+                img_size=32, frames=4, patch=8, tubelet=2)
+    return ModelConfig(**{**base, **kw})
+
+
+def masks(cfg: ModelConfig, keep: float | None = None, seed: int = 0, ratio: float = 0.75):
+    gen = MaskGenerator(cfg.grid, ratio=ratio, decoder_keep_ratio=keep)
+    rng = np.random.default_rng(seed)
+    enc, dec = zip(*(gen(rng) for _ in range(B)))
+    return torch.as_tensor(np.stack(enc)), torch.as_tensor(np.stack(dec))
+
+
+def video(cfg: ModelConfig, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, cfg.frames, cfg.channels, cfg.img_size, cfg.img_size, generator=g)
+
+
+def pixel_box(cfg: ModelConfig, token: int) -> tuple[slice, slice, slice]:
+    """(frames, rows, cols) slices of one token in a (T, C, H, W) clip."""
+    g = cfg.grid
+    t, h, w = token // (g.h * g.w), (token // g.w) % g.h, token % g.w
+    return (slice(t * cfg.tubelet, (t + 1) * cfg.tubelet), slice(h * cfg.patch, (h + 1) * cfg.patch),
+            slice(w * cfg.patch, (w + 1) * cfg.patch))
+
+
+def set_token_pixels(v: torch.Tensor, cfg: ModelConfig, sample: int, token: int, value: torch.Tensor) -> None:
+    ts, hs, ws = pixel_box(cfg, token)
+    v[sample, ts, :, hs, ws] = value
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_config_presets_and_overrides():
+    cfg = ModelConfig()
+    assert (cfg.size, cfg.dim, cfg.depth, cfg.heads, cfg.img_size, cfg.frames) == ("tiny", 192, 4, 3, 112, 16)
+    b = ModelConfig(size="b", depth=6)
+    assert (b.size, b.dim, b.depth, b.heads, b.decoder_dim) == ("B", 768, 6, 12, 384)
+    assert ModelConfig(size="H").mlp_dim == 4 * 1280
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(size="XL"), "model.size"),
+    (dict(size="custom"), "model.dim"),
+    (dict(frames=15), "model.frames"),
+    (dict(img_size=100), "model.img_size"),
+    (dict(heads=5), "model.dim"),
+    (dict(pixel_mean=(0.5,)), "model.pixel_mean"),
+    (dict(drop_path=1.0), "model.drop_path"),
+])
+def test_config_errors_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**kw)
+
+
+def test_config_from_recipe_overrides():
+    cfg = load_recipe(ModelConfig, None, ["size=S", "drop_path=0.1", "img_size=160", "pixel_mean=[0.5,0.5,0.5]"])
+    assert (cfg.dim, cfg.img_size, cfg.drop_path, cfg.pixel_mean) == (384, 160, 0.1, (0.5, 0.5, 0.5))
+
+
+# ---------------------------------------------------------------------------------------------- tokens
+
+
+def test_patchify_roundtrip_and_conv_equivalence():
+    cfg = tiny()
+    v = video(cfg)
+    p = patchify(v, cfg.tubelet, cfg.patch)
+    assert p.shape == (B, cfg.num_tokens, cfg.patch_dim)
+    assert torch.equal(unpatchify(p, cfg.grid, cfg.channels, cfg.tubelet, cfg.patch), v)
+    # our Linear patch embedding == a Conv3d tubelet embedding with the reshaped kernel, in (t, h, w) order
+    enc = build_encoder(cfg)
+    w = enc.patch_embed.weight.reshape(cfg.dim, cfg.channels, cfg.tubelet, cfg.patch, cfg.patch)
+    conv = F.conv3d(v.permute(0, 2, 1, 3, 4), w, enc.patch_embed.bias, stride=(cfg.tubelet, cfg.patch, cfg.patch))
+    torch.testing.assert_close(enc.patch_embed(p), conv.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_pixel_target_is_per_patch_normalised_unnormalised_pixels():
+    cfg = tiny()
+    v = video(cfg)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1)
+    raw = patchify(v * std + mean, cfg.tubelet, cfg.patch).reshape(B, cfg.num_tokens, 3, -1)
+    want = (raw - raw.mean(-1, keepdim=True)) / (raw.var(-1, unbiased=True, keepdim=True).sqrt() + 1e-6)
+    got = pixel_targets(patchify(v, cfg.tubelet, cfg.patch), cfg)
+    torch.testing.assert_close(got, want.reshape(B, cfg.num_tokens, -1), rtol=1e-4, atol=1e-4)
+    plain = pixel_targets(patchify(v, cfg.tubelet, cfg.patch), dataclasses.replace(cfg, norm_pix_loss=False))
+    torch.testing.assert_close(plain, raw.reshape(B, cfg.num_tokens, -1))
+
+
+def test_mask_indices_and_validation():
+    cfg = tiny()
+    enc, dec = masks(cfg, keep=0.5)
+    vis, tgt = mask_indices(enc, dec)
+    for i in range(B):
+        assert vis[i].tolist() == torch.nonzero(~enc[i]).flatten().tolist()
+        assert tgt[i].tolist() == torch.nonzero(dec[i]).flatten().tolist()
+    uneven = enc.clone()
+    uneven[0, torch.nonzero(~enc[0])[0]] = True
+    with pytest.raises(ValueError, match="same number"):
+        mask_indices(uneven)
+    outside = dec.clone()
+    for i in range(B):  # swap one reconstructed token for a visible one: counts stay equal
+        outside[i, torch.nonzero(~enc[i])[0]] = True
+        outside[i, torch.nonzero(dec[i])[0]] = False
+    with pytest.raises(ValueError, match="subset"):
+        mask_indices(enc, outside)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def test_forward_shapes_and_gradients():
+    cfg = tiny(tubelet=4, patch=16, frames=8, img_size=48)  # non-default tubelet/patch
+    model = build_pretraining_model(cfg)
+    enc, _ = masks(cfg)
+    n_masked = int(enc[0].sum())
+    loss, out = model(video(cfg), enc)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert out.pred.shape == out.target.shape == (B, n_masked, 3 * 4 * 16 * 16)
+    assert out.visible_index.shape == (B, cfg.num_tokens - n_masked)
+    loss.backward()
+    for name in ("encoder.blocks.0.attn.q_bias", "encoder.blocks.1.attn.v_bias", "encoder.patch_embed.weight",
+                 "decoder.mask_token", "decoder.head.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    tokens = model.encoder(video(cfg), enc)
+    assert tokens.shape == (B, cfg.num_tokens - n_masked, cfg.dim)
+    assert model.features(video(cfg)).shape == (B, cfg.dim)
+    with pytest.raises(ValueError, match="video: expected"):
+        model.features(torch.zeros(B, cfg.frames, 3, 32, 32))
+
+
+def zero_input_model(cfg: ModelConfig):
+    """A model whose predictions do not depend on the pixels: only the target can move the loss."""
+    model = build_pretraining_model(cfg).eval()
+    with torch.no_grad():
+        model.encoder.patch_embed.weight.zero_()
+    return model
+
+
+def test_loss_only_depends_on_masked_tokens():
+    cfg = tiny()
+    model = zero_input_model(cfg)
+    enc, _ = masks(cfg)
+    v = video(cfg)
+    with torch.no_grad():
+        base, _ = model(v, enc)
+        visible_tok = int(torch.nonzero(~enc[0])[0])
+        masked_tok = int(torch.nonzero(enc[0])[0])
+        v_vis = v.clone()
+        set_token_pixels(v_vis, cfg, 0, visible_tok, torch.randn(cfg.tubelet, 3, cfg.patch, cfg.patch) * 5)
+        v_msk = v.clone()
+        set_token_pixels(v_msk, cfg, 0, masked_tok, torch.randn(cfg.tubelet, 3, cfg.patch, cfg.patch) * 5)
+        assert torch.equal(model(v_vis, enc)[0], base)
+        assert not torch.allclose(model(v_msk, enc)[0], base)
+
+
+def test_encoder_never_sees_masked_pixels():
+    cfg = tiny()
+    model = build_pretraining_model(cfg).eval()
+    enc, _ = masks(cfg)
+    v = video(cfg)
+    v2 = v.clone()
+    for tok in torch.nonzero(enc[0]).flatten().tolist():
+        set_token_pixels(v2, cfg, 0, tok, 3.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder(v, enc), model.encoder(v2, enc), rtol=0, atol=0)
+        assert not torch.allclose(model.encoder.features(v), model.encoder.features(v2))
+
+
+def test_decoder_masking_restricts_loss_to_kept_tokens():
+    cfg = tiny()
+    model = zero_input_model(cfg)
+    enc, dec = masks(cfg, keep=0.5)
+    v = video(cfg)
+    with torch.no_grad():
+        base, out = model(v, enc, dec)
+        assert out.pred.shape[1] == int(dec[0].sum()) < int(enc[0].sum())
+        assert torch.equal(out.target_index[0], torch.nonzero(dec[0]).flatten())
+        dropped = int(torch.nonzero(enc[0] & ~dec[0])[0])  # masked but not reconstructed
+        kept = int(torch.nonzero(dec[0])[0])
+        v_drop, v_keep = v.clone(), v.clone()
+        set_token_pixels(v_drop, cfg, 0, dropped, torch.randn(cfg.tubelet, 3, cfg.patch, cfg.patch) * 5)
+        set_token_pixels(v_keep, cfg, 0, kept, torch.randn(cfg.tubelet, 3, cfg.patch, cfg.patch) * 5)
+        assert torch.equal(model(v_drop, enc, dec)[0], base)
+        assert not torch.allclose(model(v_keep, enc, dec)[0], base)
+        # without decoder masking the dropped token is part of the loss again
+        assert not torch.allclose(model(v_drop, enc)[0], model(v, enc)[0])
+
+
+def test_decoder_sees_only_visible_and_kept_tokens():
+    cfg = tiny()
+    model = build_pretraining_model(cfg).eval()
+    enc, dec = masks(cfg, keep=0.5)
+    seen = []
+    model.decoder.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    with torch.no_grad():
+        model(video(cfg), enc, dec)
+        model(video(cfg), enc)
+    n_vis = int((~enc[0]).sum())
+    assert seen == [n_vis + int(dec[0].sum()), cfg.num_tokens]
+
+
+def test_features_ignore_masks_and_are_deterministic():
+    cfg = tiny(drop_path=0.3)
+    model = build_pretraining_model(cfg)
+    assert list(inspect.signature(model.features).parameters) == ["video"]
+    assert list(inspect.signature(model.encoder.features).parameters) == ["video"]
+    v = video(cfg)
+    enc, _ = masks(cfg)
+    model.eval()
+    with torch.no_grad():
+        f = model.features(v)
+        torch.testing.assert_close(f, model.encoder(v).mean(1))
+        torch.testing.assert_close(f, model.features(v), rtol=0, atol=0)
+        assert not torch.allclose(f, model.encoder(v, enc).mean(1))
+        model.train()  # drop path is active in training only
+        assert not torch.allclose(model.encoder(v), model.encoder(v))
+
+
+def test_grad_checkpointing_matches():
+    torch.manual_seed(0)
+    cfg = tiny()
+    a = build_pretraining_model(cfg)
+    b = build_pretraining_model(dataclasses.replace(cfg, grad_checkpointing=True))
+    b.load_state_dict(a.state_dict())
+    enc, dec = masks(cfg, keep=0.5)
+    v = video(cfg)
+    la, _ = a(v, enc, dec)
+    lb, _ = b(v, enc, dec)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb)
+    torch.testing.assert_close(a.encoder.blocks[0].attn.qkv.weight.grad, b.encoder.blocks[0].attn.qkv.weight.grad)
+
+
+def test_param_groups_skip_decay_on_biases_norms_and_mask_token():
+    model = build_pretraining_model(tiny())
+    decay, no_decay = param_groups(model, 0.05)
+    ids = {id(p) for p in no_decay["params"]}
+    named = dict(model.named_parameters())
+    assert id(named["decoder.mask_token"]) in ids and id(named["encoder.blocks.0.attn.q_bias"]) in ids
+    assert id(named["encoder.blocks.0.attn.qkv.weight"]) not in ids
+    assert len(decay["params"]) + len(no_decay["params"]) == len(named)
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+
+PUBLISHED = {"S": (22e6, 57), "B": (87e6, 180), "L": (305e6, 597), "H": (633e6, 1192)}
+
+
+@pytest.mark.parametrize("size", list(PUBLISHED))
+def test_size_table_matches_published(size):
+    cfg = dataclasses.replace(ModelConfig(size=size), frames=16, img_size=224)
+    params, gmacs = PUBLISHED[size]
+    assert abs(count_params(cfg) / params - 1) < 0.02
+    assert abs(encoder_gmacs(cfg) / gmacs - 1) < 0.02
+    assert measured_encoder_gmacs(cfg) == pytest.approx(encoder_gmacs(cfg), rel=1e-3)  # meta-device count
+
+
+def test_count_params_matches_real_model():
+    cfg = tiny()
+    model = build_pretraining_model(cfg)
+    assert count_params(cfg) == sum(p.numel() for p in model.encoder.parameters())
+    assert count_params(cfg, "all") == sum(p.numel() for p in model.parameters())
