@@ -19,6 +19,7 @@ from mgfm.model.videomae import (
     ModelConfig,
     build_encoder,
     build_pretraining_model,
+    drop_path,
     mask_indices,
     param_groups,
     patchify,
@@ -247,7 +248,20 @@ def test_features_ignore_masks_and_are_deterministic():
         torch.testing.assert_close(f, model.features(v), rtol=0, atol=0)
         assert not torch.allclose(f, model.encoder(v, enc).mean(1))
         model.train()  # drop path is active in training only
-        assert not torch.allclose(model.encoder(v), model.encoder(v))
+        torch.manual_seed(0)
+        outs = [model.encoder(v) for _ in range(6)]
+        assert any(not torch.allclose(outs[0], o) for o in outs[1:])
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_mean():
+    torch.manual_seed(0)
+    x = torch.ones(4000, 3, 5)
+    y = drop_path(x, 0.25, training=True)
+    per_sample = y[:, 0, 0]
+    torch.testing.assert_close(torch.unique(y), torch.tensor([0.0, 1 / 0.75]))
+    assert torch.equal(y, per_sample[:, None, None].expand_as(y))  # one draw per sample
+    assert abs(per_sample.mean().item() - 1.0) < 0.05
+    assert torch.equal(drop_path(x, 0.25, training=False), x)
 
 
 def test_grad_checkpointing_matches():
@@ -263,7 +277,7 @@ def test_grad_checkpointing_matches():
     la.backward()
     lb.backward()
     torch.testing.assert_close(la, lb)
-    torch.testing.assert_close(a.encoder.blocks[0].attn.qkv.weight.grad, b.encoder.blocks[0].attn.qkv.weight.grad)
+    torch.testing.assert_close(a.encoder.blocks[0].attn.qkv_weight.grad, b.encoder.blocks[0].attn.qkv_weight.grad)
 
 
 def test_param_groups_skip_decay_on_biases_norms_and_mask_token():
@@ -272,7 +286,7 @@ def test_param_groups_skip_decay_on_biases_norms_and_mask_token():
     ids = {id(p) for p in no_decay["params"]}
     named = dict(model.named_parameters())
     assert id(named["decoder.mask_token"]) in ids and id(named["encoder.blocks.0.attn.q_bias"]) in ids
-    assert id(named["encoder.blocks.0.attn.qkv.weight"]) not in ids
+    assert id(named["encoder.blocks.0.attn.qkv_weight"]) not in ids
     assert len(decay["params"]) + len(no_decay["params"]) == len(named)
 
 
@@ -295,3 +309,18 @@ def test_count_params_matches_real_model():
     model = build_pretraining_model(cfg)
     assert count_params(cfg) == sum(p.numel() for p in model.encoder.parameters())
     assert count_params(cfg, "all") == sum(p.numel() for p in model.parameters())
+
+
+def test_bench_pretrain_runs(capsys):
+    """Smoke run of benchmarks/bench_pretrain.py on a tiny geometry (no timing is asserted)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_pretrain.py"
+    spec = importlib.util.spec_from_file_location("bench_pretrain", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--size", "tiny", "--frames", "4", "--img", "64", "--batch", "2", "--steps", "1",
+                         "--repeats", "2", "--warmup", "0"])
+    assert set(result["ratio"]) == {"ours", "ours+dm"} and all(r > 0 for r in result["ratio"].values())
+    assert "ours+dm" in capsys.readouterr().out

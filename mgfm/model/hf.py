@@ -173,7 +173,7 @@ def encoder_to_hf_state(encoder: VideoEncoder) -> dict[str, torch.Tensor]:
     }
     for i in range(cfg.depth):
         ours, theirs = f"blocks.{i}.", f"encoder.layer.{i}."
-        for name, w in zip(_QKV, sd[ours + "attn.qkv.weight"].chunk(3, dim=0)):
+        for name, w in zip(_QKV, sd[ours + "attn.qkv_weight"].chunk(3, dim=0)):
             out[f"{theirs}attention.attention.{name}.weight"] = w
         if cfg.qv_bias:
             out[theirs + _BIAS_ALIASES["q_bias"][0]] = sd[ours + "attn.q_bias"]
@@ -213,7 +213,7 @@ def hf_to_encoder_state(state: dict[str, torch.Tensor], cfg: ModelConfig,
     out["patch_embed.bias"] = take("embeddings.patch_embeddings.projection.bias")
     for i in range(cfg.depth):
         ours, theirs = f"blocks.{i}.", f"encoder.layer.{i}."
-        out[ours + "attn.qkv.weight"] = torch.cat([take(f"{theirs}attention.attention.{n}.weight") for n in _QKV])
+        out[ours + "attn.qkv_weight"] = torch.cat([take(f"{theirs}attention.attention.{n}.weight") for n in _QKV])
         if cfg.qv_bias:
             for name, aliases in _BIAS_ALIASES.items():
                 present = [theirs + a for a in aliases if theirs + a in remaining]

@@ -222,6 +222,9 @@ def mask_indices(encoder_mask: torch.Tensor,
     in increasing token order. Raises ``ValueError`` if counts differ between samples or the decoder
     mask is not a subset of the encoder mask.
     """
+    encoder_mask = torch.as_tensor(encoder_mask)
+    if decoder_mask is not None:
+        decoder_mask = torch.as_tensor(decoder_mask)
     if encoder_mask.dim() != 2 or encoder_mask.dtype != torch.bool:
         raise ValueError(f"encoder_mask: expected bool (B, N), got {encoder_mask.dtype} {tuple(encoder_mask.shape)}")
     dec = encoder_mask if decoder_mask is None else decoder_mask.to(encoder_mask.device)
@@ -258,12 +261,17 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused ``qkv`` projection, q and v biases (no k bias), SDPA."""
+    """Multi-head self-attention with one fused ``qkv`` projection, q and v biases (no k bias), SDPA.
+
+    ``qkv_weight`` ``(3D, D)`` (rows: q, k, v), ``q_bias``/``v_bias`` ``(D,)`` are parameters of this module
+    itself (not of a child ``Linear``), so ZeRO-3 style parameter gathering sees them in this forward.
+    """
 
     def __init__(self, dim: int, heads: int, qv_bias: bool = True) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.qkv_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        nn.init.xavier_uniform_(self.qkv_weight)
         if qv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.v_bias = nn.Parameter(torch.zeros(dim))
@@ -278,7 +286,7 @@ class Attention(nn.Module):
         bias = None
         if self.q_bias is not None:
             bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias).view(b, n, 3, self.heads, d // self.heads)
+        qkv = F.linear(x, self.qkv_weight, bias).view(b, n, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, n, head_dim)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
