@@ -1,0 +1,102 @@
+"""``python -m mgfm.shards build|verify|merge``: make, check and merge WebDataset shard sets.
+
+    python -m mgfm.shards build --format imigue --index labels.csv --video-dir videos/ --out shards/imigue
+    python -m mgfm.shards build --format csv --index my_clips.csv --out shards/mine --part 0/4
+    python -m mgfm.shards verify shards/imigue
+    python -m mgfm.shards merge shards/imigue      # after copying the parts' shards into one folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mgfm.shards import manifest as mf
+from mgfm.shards.build import BuildConfig, build_shards, parse_part, read_source_index
+from mgfm.shards.verify import verify_shards
+
+FORMATS = ("imigue", "smg", "csv", "json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mgfm.shards", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="cut, re-encode and shard every clip of a clip index")
+    b.add_argument("--format", choices=FORMATS, default=None,
+                   help="clip-index format (default: json for a .json --index, else required)")
+    b.add_argument("--index", required=True, help="annotation file / dataset root / saved ClipIndex json")
+    b.add_argument("--out", required=True, help="output folder, e.g. shards/<name>")
+    b.add_argument("--protocol", default=None, help="iMiGUE protocol.json (default: the official protocol)")
+    b.add_argument("--video-dir", default=None, help="iMiGUE: folder of the source videos")
+    b.add_argument("--video-pattern", default=None, help="iMiGUE: video file name pattern, e.g. {video_id}.mp4")
+    b.add_argument("--short-side", type=int, default=BuildConfig.short_side)
+    b.add_argument("--context", type=int, default=0, help="context frames added before and after each clip")
+    b.add_argument("--shard-mb", type=float, default=BuildConfig.shard_mb, help="target shard size (approximate)")
+    b.add_argument("--shard-samples", type=int, default=None, help="clips per shard (overrides --shard-mb)")
+    b.add_argument("--crf", type=int, default=BuildConfig.crf)
+    b.add_argument("--workers", type=int, default=1, help="processes")
+    b.add_argument("--source-threads", type=int, default=1,
+                   help="decoder threads per source video (0 = auto; useful with --workers 1)")
+    b.add_argument("--part", default="0/1", help="i/N: build only slice i of N (for N machines)")
+    b.add_argument("--splits", default=None, help="comma-separated splits to build (default: all)")
+    b.add_argument("--overwrite", action="store_true", help="replace shards built from another plan")
+
+    v = sub.add_parser("verify", help="decode every sample and check it against the manifest")
+    v.add_argument("shards", help="shard folder")
+    v.add_argument("--no-decode", action="store_true", help="skip decoding (checksums, counts, json only)")
+    v.add_argument("--workers", type=int, default=1)
+
+    m = sub.add_parser("merge", help="rebuild manifest.json from the complete shards in a folder")
+    m.add_argument("shards", help="shard folder")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "build":
+            return _build(args)
+        if args.command == "verify":
+            return _verify(args)
+        manifest = mf.rebuild_manifest(args.shards)
+        print(mf.format_manifest(manifest))
+        return 0 if manifest["complete"] else 2
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _build(args: argparse.Namespace) -> int:
+    fmt = args.format or ("json" if args.index.endswith(".json") else None)
+    if fmt is None:
+        raise ValueError(f"--format is required for {args.index} (one of {', '.join(FORMATS)})")
+    index = read_source_index(fmt, args.index, args.protocol, args.video_dir, args.video_pattern)
+    config = BuildConfig(
+        short_side=args.short_side, context_frames=args.context, shard_mb=args.shard_mb,
+        shard_samples=args.shard_samples, crf=args.crf, workers=args.workers, source_threads=args.source_threads, part=parse_part(args.part),
+        splits=tuple(s.strip() for s in args.splits.split(",")) if args.splits else None,
+    )
+    source = {"format": fmt, "index": str(Path(args.index).resolve())}
+    if args.protocol:
+        source["protocol"] = str(Path(args.protocol).resolve())
+    if args.video_dir:
+        source["video_dir"] = str(Path(args.video_dir).resolve())
+    manifest = build_shards(index, args.out, config, source=source, overwrite=args.overwrite)
+    print(mf.format_manifest(manifest))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    report = verify_shards(args.shards, decode=not args.no_decode, workers=args.workers)
+    for note in report.notes:
+        print(f"note: {note}")
+    for problem in report.problems:
+        print(f"PROBLEM {problem}")
+    print(f"verified {report.shards_checked} shards, {report.samples_checked} samples: "
+          f"{'OK' if report.ok else f'{len(report.problems)} problems'}")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,450 @@
+"""Cut every clip of a clip index out of its source video, re-encode it, write WebDataset shards.
+
+One sample = one clip: ``<clip_id>.mp4`` (H.264, short side ``short_side``, aspect kept, even sizes)
+and ``<clip_id>.json`` (the clip-index row plus ``n_frames``, ``fps``, ``height``, ``width`` and the
+context frames actually added). Train / test / ... go to separate shard series
+(``train-000000.tar``, ...).
+
+How the work is split (the plan, :func:`plan_shards`): clips of a split are sorted by (video, start,
+end) and cut into shards of ``shard_samples`` clips, or of about ``shard_mb`` megabytes using a size
+estimate from the clip length, so the plan is a deterministic function of the index and the config.
+``--part i/N`` builds the shards whose global number is ``i`` modulo ``N``; the parts are disjoint and
+their union is the whole plan. A worker process builds one shard: it reads each source video once,
+decoding sequentially with PyAV up to the last frame any clip in the shard needs, and feeds the frames
+to one encoder per open clip. Finished shards are skipped on a rerun (see :mod:`mgfm.shards.manifest`).
+
+A missing or undecodable source video skips its clips with a warning; they are listed under
+``skipped`` in the manifest.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from tqdm import tqdm
+
+from mgfm.data.clip_index import Clip, ClipIndex
+from mgfm.data.video_io import VideoWriter
+from mgfm.shards import manifest as mf
+
+log = logging.getLogger(__name__)
+
+# Tar member metadata: fixed so rebuilding a shard from the same inputs gives the same bytes.
+_TAR_MTIME = 0.0
+_TAR_OWNER = "mgfm"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """How shards are made. Fields that change the output bytes go into the plan hash."""
+
+    short_side: int = 128  # output short side in pixels; 0 keeps the source size (rounded to even)
+    context_frames: int = 0  # frames of context added before and after every clip (when available)
+    shard_samples: int | None = None  # clips per shard; when None, shard_mb decides
+    shard_mb: float = 64.0  # target shard size in MB (approximate: from a size estimate)
+    est_bytes_per_pixel: float = 0.03  # encoded bytes per output pixel per frame, for shard_mb planning
+    est_aspect: float = 16 / 9  # long/short side ratio assumed when planning by size
+    est_unknown_frames: int = 250  # frames assumed for a clip "to the end" whose length cannot be probed
+    crf: int = 23  # x264 constant rate factor
+    preset: str = "veryfast"
+    source_threads: int = 1  # source decoder threads per process (0 = auto: faster when workers=1)
+    max_buffered_frames: int = 1024  # longer clips stream into their encoder (bounded memory, see _ClipEncoder)
+    workers: int = 1  # processes; each builds one shard at a time
+    part: tuple[int, int] = (0, 1)  # (i, N): build only shards whose number is i modulo N
+    splits: tuple[str, ...] | None = None  # only these splits (default: every split in the index)
+
+    def __post_init__(self) -> None:
+        if self.short_side < 0 or self.short_side % 2:
+            raise ValueError(f"short_side must be an even number >= 0, got {self.short_side}")
+        if self.context_frames < 0:
+            raise ValueError(f"context_frames must be >= 0, got {self.context_frames}")
+        if self.shard_samples is not None and self.shard_samples < 1:
+            raise ValueError(f"shard_samples must be >= 1, got {self.shard_samples}")
+        if self.shard_mb <= 0:
+            raise ValueError(f"shard_mb must be > 0, got {self.shard_mb}")
+        i, n = self.part
+        if not (n >= 1 and 0 <= i < n):
+            raise ValueError(f"part must be i/N with 0 <= i < N, got {i}/{n}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+
+    def output_fields(self) -> dict:
+        """The fields that decide the shards' content (hashed into the plan)."""
+        keep = ("short_side", "context_frames", "shard_samples", "shard_mb", "est_bytes_per_pixel", "est_aspect",
+                "est_unknown_frames", "crf", "preset", "splits")
+        return {k: getattr(self, k) for k in keep}
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``"i/N"`` -> (i, N)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--part expects i/N (e.g. 0/4), got {text!r}") from None
+    return i, n
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+
+def plan_shards(index: ClipIndex, config: BuildConfig) -> dict[str, dict]:
+    """Shard name -> {"split", "clips": [clip rows]} for every shard of the dataset (all parts)."""
+    splits = sorted({c.split for c in index.clips})
+    if config.splits is not None:
+        unknown = set(config.splits) - set(splits)
+        if unknown:
+            log.warning("splits %s have no clips in the index", sorted(unknown))
+        splits = [s for s in splits if s in config.splits]
+    budget = config.shard_mb * 1e6
+    plan: dict[str, dict] = {}
+    lengths: dict[str, int] = {}
+    for split in splits:
+        clips = sorted(index.split(split), key=_clip_order)
+        shard: list[Clip] = []
+        size = 0.0
+        number = 0
+        for clip in clips:
+            est = _estimate_bytes(clip, config, lengths)
+            full = (len(shard) >= config.shard_samples) if config.shard_samples else (shard and size + est > budget)
+            if full:
+                plan[mf.shard_name(split, number)] = {"split": split, "clips": [c.to_row() for c in shard]}
+                number, shard, size = number + 1, [], 0.0
+            shard.append(clip)
+            size += est
+        if shard:
+            plan[mf.shard_name(split, number)] = {"split": split, "clips": [c.to_row() for c in shard]}
+    return plan
+
+
+def plan_hash(plan: dict[str, dict], config: BuildConfig) -> str:
+    payload = json.dumps({"config": config.output_fields(), "shards": plan}, sort_keys=True, default=list)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def part_of(plan: dict[str, dict], part: tuple[int, int]) -> list[str]:
+    """The shard names part ``i`` of ``N`` builds: global shard number modulo N (disjoint, covering)."""
+    i, n = part
+    return [name for k, name in enumerate(plan) if k % n == i]
+
+
+def _clip_order(c: Clip) -> tuple:
+    vid = (0, int(c.video_id), "") if c.video_id.isdigit() else (1, 0, c.video_id)
+    return (vid, c.path, c.start_frame, c.end_frame, c.clip_id)
+
+
+def _estimate_bytes(clip: Clip, config: BuildConfig, lengths: dict[str, int]) -> float:
+    if clip.end_frame >= 0:
+        frames = clip.n_frames + 2 * config.context_frames
+    else:
+        if clip.path not in lengths:
+            lengths[clip.path] = _probe_length(clip.path, config.est_unknown_frames)
+        frames = max(1, lengths[clip.path] - clip.start_frame) + config.context_frames
+    short = config.short_side or 256
+    return frames * short * short * config.est_aspect * config.est_bytes_per_pixel
+
+
+def _probe_length(path: str, default: int) -> int:
+    """Frame count from container metadata (no decoding); ``default`` when unknown."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            if stream.frames:
+                return int(stream.frames)
+            if stream.duration and stream.time_base and stream.average_rate:
+                return int(float(stream.duration * stream.time_base) * float(stream.average_rate))
+    except Exception:  # noqa: BLE001 - a missing/broken video is reported when the shard is built
+        pass
+    return default
+
+
+# -------------------------------------------------------------------------------------------- build
+
+
+def build_shards(index: ClipIndex, out_dir: str | Path, config: BuildConfig | None = None,
+                 source: dict | None = None, overwrite: bool = False) -> dict:
+    """Build (or finish) the shard set of ``index`` in ``out_dir`` and return the manifest dict.
+
+    ``source`` describes where the index came from (format, path; saved in the manifest). A rerun
+    skips complete shards; a plan that differs from the one already in ``out_dir`` (other index or
+    other output settings) is an error unless ``overwrite`` is set, which deletes the old shards.
+    """
+    config = config or BuildConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan_shards(index, config)
+    if not plan:
+        raise ValueError(f"{index.name}: no clips to shard (splits {config.splits})")
+    digest = plan_hash(plan, config)
+    _write_plan(out_dir, index, plan, digest, config, source or {}, overwrite)
+
+    todo = [n for n in part_of(plan, config.part) if not mf.is_complete(out_dir, n, digest)]
+    mine = part_of(plan, config.part)
+    log.info("%s: %d shards planned, part %d/%d has %d, %d to build", out_dir, len(plan), *config.part,
+             len(mine), len(todo))
+    total = sum(len(plan[n]["clips"]) for n in todo)
+    with tqdm(total=total, unit="clip", desc=f"shards {out_dir.name}", disable=total == 0) as bar:
+        if config.workers == 1 or len(todo) <= 1:
+            for name in todo:
+                _build_one(out_dir, name, plan[name]["clips"], config, digest, progress=bar.update)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(min(config.workers, len(todo)), mp_context=ctx) as pool:
+                futures = {pool.submit(_build_one, out_dir, n, plan[n]["clips"], config, digest): n for n in todo}
+                try:
+                    for fut in concurrent.futures.as_completed(futures):
+                        fut.result()
+                        bar.update(len(plan[futures[fut]]["clips"]))
+                except BaseException:
+                    for fut in futures:
+                        fut.cancel()
+                    raise
+    manifest = mf.rebuild_manifest(out_dir)
+    if manifest["skipped"]:
+        log.warning("%d clips skipped (missing or undecodable source video); see %s", len(manifest["skipped"]),
+                    out_dir / mf.MANIFEST)
+    return manifest
+
+
+def _write_plan(out_dir: Path, index: ClipIndex, plan: dict, digest: str, config: BuildConfig, source: dict,
+                overwrite: bool) -> None:
+    old = mf.read_plan(out_dir)
+    if old is not None and old.get("plan_hash") != digest:
+        if not overwrite:
+            raise ValueError(f"{out_dir}: holds shards of a different plan (other index or output settings); "
+                             "use another --out or --overwrite")
+        for name in old.get("shards", {}):
+            (out_dir / name).unlink(missing_ok=True)
+            mf.fragment_path(out_dir, name).unlink(missing_ok=True)
+        (out_dir / mf.MANIFEST).unlink(missing_ok=True)
+    if old is not None and old.get("plan_hash") == digest:
+        return
+    mf.write_json_atomic(mf.plan_path(out_dir), {
+        "plan_hash": digest,
+        "name": index.name,
+        "source": {**source, "name": index.name, "clips": len(index)},
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.output_fields().items()},
+        "class_names": list(index.class_names),
+        "emotion_splits": dict(index.emotion_splits),
+        "shards": plan,
+    })
+
+
+def _build_one(out_dir: Path, name: str, rows: list[dict], config: BuildConfig, digest: str,
+               progress: Callable[[int], object] | None = None) -> dict:
+    """Write shard ``name`` (temp file, fragment, rename) and return its fragment."""
+    from webdataset import TarWriter
+
+    clips = [Clip.from_row(r) for r in rows]
+    tmp = out_dir / f"{name}.tmp"
+    samples: list[dict] = []
+    skipped: list[dict] = []
+    with open(tmp, "wb") as handle:
+        writer = TarWriter(handle, encoder=False, mtime=_TAR_MTIME, user=_TAR_OWNER, group=_TAR_OWNER)
+        try:
+            for clip, result in _cut_clips(clips, config):
+                if isinstance(result, str):
+                    skipped.append({"clip_id": clip.clip_id, "video_id": clip.video_id, "split": clip.split,
+                                    "path": clip.path, "reason": result})
+                    log.warning("skipping clip %s of %s: %s", clip.clip_id, clip.path, result)
+                else:
+                    mp4, meta = result
+                    writer.write({"__key__": clip.clip_id, "mp4": mp4, "json": json.dumps(meta).encode()})
+                    samples.append(meta)
+                if progress is not None:
+                    progress(1)
+        finally:
+            writer.close()  # on an interrupt too: the temp file stays behind and is rewritten next run
+    fragment = {
+        "shard": name,
+        "plan_hash": digest,
+        "split": clips[0].split,
+        "samples": len(samples),
+        "bytes": tmp.stat().st_size,
+        "sha256": mf.sha256_file(tmp),
+        "keys": [m["clip_id"] for m in samples],
+        "labels": _count(str(m["label"]) for m in samples),
+        "subjects": _count(str(m["subject"]) for m in samples),
+        "videos": sorted({m["video_id"] for m in samples}),
+        "skipped": skipped,
+    }
+    mf.write_json_atomic(mf.fragment_path(out_dir, name), fragment)
+    tmp.replace(out_dir / name)
+    return fragment
+
+
+def _count(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+def _cut_clips(clips: list[Clip], config: BuildConfig) -> Iterator[tuple[Clip, tuple[bytes, dict] | str]]:
+    """Yield (clip, (mp4 bytes, json dict)) or (clip, skip reason) for every clip, in order.
+
+    Consecutive clips of one source video share a single sequential decode.
+    """
+    start = 0
+    while start < len(clips):
+        stop = start
+        while stop < len(clips) and clips[stop].path == clips[start].path:
+            stop += 1
+        yield from _cut_video(clips[start].path, clips[start:stop], config)
+        start = stop
+
+
+class _ClipEncoder:
+    """Collects one clip's frames and encodes them when the clip is complete.
+
+    Frames are buffered and encoded in one go, so x264 encoders never interleave: closing one libx264
+    encoder while another is mid-stream perturbs the other's decisions (still a valid video). Even so
+    the bundled libx264 is not strictly bit-reproducible (measured: about 1 clip in 400 differs between
+    identical runs, more with a threaded source decoder alongside), so shard checksums identify one
+    build, not the inputs. A clip longer than ``max_buffered_frames`` switches to streaming into its
+    encoder, which bounds memory for whole-video clips.
+    """
+
+    def __init__(self, fps: float, size: tuple[int, int], config: BuildConfig):
+        self.fps, self.size, self.config = fps, size, config
+        self.frames: list = []
+        self.writer: VideoWriter | None = None
+        self.count = 0
+
+    def _open(self) -> VideoWriter:
+        return VideoWriter(None, self.fps, self.size[0], self.size[1], crf=self.config.crf, preset=self.config.preset)
+
+    def add(self, rgb) -> None:
+        self.count += 1
+        if self.writer is not None:
+            self.writer.write(rgb)
+            return
+        self.frames.append(rgb)
+        if len(self.frames) > self.config.max_buffered_frames:
+            self.writer = self._open()
+            for frame in self.frames:
+                self.writer.write(frame)
+            self.frames = []
+
+    def close(self) -> bytes:
+        writer = self.writer or self._open()
+        for frame in self.frames:
+            writer.write(frame)
+        self.frames = []
+        return writer.close()
+
+
+def _cut_video(path: str, clips: list[Clip], config: BuildConfig) -> Iterator[tuple[Clip, tuple[bytes, dict] | str]]:
+    """Decode ``path`` once (up to the last needed frame) and cut + encode ``clips`` (same video)."""
+    import av
+
+    pad = config.context_frames
+    lo = [max(0, c.start_frame - pad) for c in clips]
+    hi = [c.end_frame + pad if c.end_frame >= 0 else math.inf for c in clips]
+    last_needed = max(hi)
+    open_clips: dict[int, _ClipEncoder] = {}
+    done: dict[int, tuple[bytes, dict] | str] = {}
+    emitted = 0
+    n_seen = 0
+    size: tuple[int, int] | None = None
+    error: str | None = None
+    fps = 0.0
+
+    def finish(j: int, last_frame: int) -> None:
+        encoder = open_clips.pop(j)
+        clip = clips[j]
+        row = clip.to_row()
+        if clip.end_frame < 0:  # "to the end of the video": resolve to the last frame decoded
+            row["end_frame"] = last_frame
+        row.update(n_frames=encoder.count, fps=fps, height=size[0], width=size[1],
+                   context_before=clip.start_frame - lo[j], context_after=max(0, last_frame - row["end_frame"]),
+                   source_frames=[lo[j], last_frame])
+        done[j] = (encoder.close(), row)
+
+    try:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"source video not found: {path}")
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.codec_context.thread_count = config.source_threads
+            if config.source_threads != 1:
+                stream.thread_type = "AUTO"
+            src_fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+            fps = float(clips[0].fps) if clips[0].fps and clips[0].fps > 0 else src_fps
+            opened = 0  # clips are sorted by start, so they open in order
+            for i, frame in enumerate(container.decode(stream)):
+                n_seen = i + 1
+                if i > last_needed:
+                    break
+                if size is None:
+                    size = _output_size(frame.height, frame.width, config.short_side)
+                while opened < len(clips) and lo[opened] <= i:
+                    open_clips[opened] = _ClipEncoder(fps, size, config)
+                    opened += 1
+                if open_clips:
+                    rgb = frame.to_ndarray(format="rgb24", height=size[0], width=size[1])
+                    for j in list(open_clips):
+                        open_clips[j].add(rgb)
+                        if i >= hi[j]:
+                            finish(j, i)
+                while emitted < len(clips) and emitted in done:
+                    yield clips[emitted], done.pop(emitted)
+                    emitted += 1
+    except (OSError, IndexError, ValueError, RuntimeError, av.error.FFmpegError) as err:
+        error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else 'unreadable'}"
+    for j in sorted(open_clips):
+        if error is None:
+            finish(j, n_seen - 1)
+        else:
+            open_clips.pop(j)
+    for j in range(emitted, len(clips)):
+        if j in done:
+            yield clips[j], done.pop(j)
+        elif error is not None:
+            yield clips[j], f"source video unreadable ({error})"
+        else:
+            yield clips[j], f"clip starts at frame {lo[j]} but the video has {n_seen} frames"
+
+
+def _output_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(h, w) with the short side ``short_side`` (0: unchanged), aspect kept, both even."""
+    if short_side == 0:
+        return max(2, height - height % 2), max(2, width - width % 2)
+    scale = short_side / min(height, width)
+
+    def even(x: float) -> int:
+        return max(2, int(round(x / 2)) * 2)
+
+    return (short_side, even(width * scale)) if height <= width else (even(height * scale), short_side)
+
+
+def read_source_index(fmt: str, path: str | Path, protocol: str | None = None, video_dir: str | None = None,
+                      video_pattern: str | None = None) -> ClipIndex:
+    """Read a clip index for the builder via :func:`mgfm.data.readers.read_index`."""
+    from mgfm.data.readers import read_index
+
+    kwargs: dict = {}
+    if fmt == "imigue":
+        kwargs = {"protocol": protocol, "video_dir": video_dir}
+        if video_pattern:
+            kwargs["video_pattern"] = video_pattern
+    elif protocol or video_dir:
+        raise ValueError(f"--protocol/--video-dir only apply to --format imigue, not {fmt}")
+    return read_index(fmt, path, **kwargs)
+
+
+def config_from_dict(values: dict) -> BuildConfig:
+    names = {f.name for f in dataclasses.fields(BuildConfig)}
+    return BuildConfig(**{k: v for k, v in values.items() if k in names})
+
