@@ -14,6 +14,7 @@ from mgfm.model.hf import (
     EncoderFolderError,
     encoder_checksum,
     hf_config_dict,
+    init_encoder_from_hf,
     load_encoder_hf,
     save_encoder_hf,
 )
@@ -138,9 +139,15 @@ def test_pretraining_format_folder_loads_encoder_only(tmp_path):
     v = clip(cfg)
     with torch.no_grad():
         assert (enc.features(v) - hf_features(hf.videomae, v)).abs().max() < 1e-4
-    # the loaded encoder can seed a pretraining run (init_from): same geometry, decoder fresh
-    model = build_pretraining_model(cfg)
-    model.encoder.load_state_dict(enc.state_dict())
+    # the folder can seed a pretraining run (init_from=) at another clip geometry: the decoder stays fresh
+    run_cfg = tiny(frames=8, img_size=16, mlp_ratio=2.0, layer_norm_eps=1e-12, decoder_dim=24, decoder_heads=3)
+    model = build_pretraining_model(run_cfg)
+    decoder_before = model.decoder.head.weight.clone()
+    assert init_encoder_from_hf(model, tmp_path / "pt") == cfg
+    assert torch.equal(model.encoder.blocks[1].attn.v_bias, enc.blocks[1].attn.v_bias)
+    assert torch.equal(model.decoder.head.weight, decoder_before)
+    with pytest.raises(EncoderFolderError, match="encoder has dim=32, the model expects 48"):
+        init_encoder_from_hf(build_pretraining_model(tiny(dim=48, heads=2, mlp_ratio=2.0)), tmp_path / "pt")
 
 
 def test_legacy_q_v_bias_names_and_torch_bin(tmp_path):

@@ -364,6 +364,26 @@ def load_encoder_hf(folder: str | Path, device: str | torch.device = "cpu") -> t
     return encoder.to(device).eval(), cfg
 
 
+def init_encoder_from_hf(model_or_encoder: nn.Module, folder: str | Path) -> ModelConfig:
+    """Copy the encoder of ``folder`` into ``model_or_encoder`` (a run's ``init_from=``); returns its config.
+
+    Widths, patch/tubelet geometry and norm layout must match (one-line :class:`EncoderFolderError`
+    otherwise). Clip length and crop size may differ: the position tables are fixed, not learned.
+    """
+    target = _unwrap_encoder(model_or_encoder)
+    source, cfg = load_encoder_hf(folder)
+    ours = target.cfg
+    for name in ("dim", "depth", "heads", "mlp_dim", "channels", "tubelet", "patch", "qv_bias", "final_norm"):
+        if getattr(cfg, name) != getattr(ours, name):
+            raise EncoderFolderError(folder, f"encoder has {name}={getattr(cfg, name)!r}, the model expects "
+                                             f"{getattr(ours, name)!r}")
+    if (cfg.frames, cfg.img_size) != (ours.frames, ours.img_size):
+        log.info("%s: encoder trained on %dx%d^2 clips, used on %dx%d^2 (fixed position tables)", folder,
+                 cfg.frames, cfg.img_size, ours.frames, ours.img_size)
+    target.load_state_dict(source.state_dict())
+    return cfg
+
+
 def encoder_checksum(folder: str | Path) -> str:
     """sha256 hex digest of ``folder/model.safetensors`` (keys feature caches to the exact encoder)."""
     path = Path(folder) / WEIGHTS_NAME
@@ -376,5 +396,5 @@ def encoder_checksum(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["EncoderFolderError", "save_encoder_hf", "load_encoder_hf", "encoder_checksum", "hf_config_dict",
+__all__ = ["EncoderFolderError", "save_encoder_hf", "load_encoder_hf", "init_encoder_from_hf", "encoder_checksum", "hf_config_dict",
            "config_from_hf", "encoder_to_hf_state", "hf_to_encoder_state", "read_hf_config", "read_hf_weights"]
