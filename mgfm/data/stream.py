@@ -1,0 +1,612 @@
+"""WebDataset streams of MG clips for training and evaluation.
+
+``make_loader(source, split, cfg, mode="train"|"eval", epoch=0) -> (loader, skips)`` returns a
+:class:`torch.utils.data.DataLoader` (already batched) and the :class:`SkipCounter` it fills. A batch is
+a dict::
+
+    video          float32 (B*K, T, 3, S, S)  normalised frames (K = cfg.repeats in train, 1 in eval)
+    encoder_mask   bool    (B*K, N)           True = token hidden from the encoder (tube mask)
+    decoder_mask   bool    (B*K, N)           True = masked token the decoder reconstructs
+    label          int64   (B*K,)             class id, -1 when unlabelled
+    clip_id        list[str] (B*K)
+    meta           list[dict] (B*K)           the shard json (+ "shard": its URL)
+
+with ``N = (T / tubelet) * (S / patch)^2`` tokens in (t, h, w) order (see :mod:`mgfm.data.masking`).
+
+Sources: a local shard folder (its ``manifest.json`` maps split -> shards), a manifest URL or a remote
+folder URL ending in ``/`` (``http(s)://``, ``s3://``, ...), a brace pattern (``shards/train-{000000..000009}.tar``,
+``http://host/train-{000000..000009}.tar``; ``{split}`` is substituted), or a list of URLs. Remote shards
+are opened with :func:`webdataset.gopen.gopen` (``http(s)`` via curl, ``pipe:CMD``); URL schemes in
+``cfg.remote_commands`` are turned into ``pipe:`` commands, e.g. ``s3://b/k`` -> ``pipe:aws s3 cp 's3://b/k' -``.
+
+Splitting across processes. The stream does its own node and worker splitting and the loader must NOT
+be passed through ``accelerator.prepare()``: Accelerate re-shards or broadcasts IterableDatasets
+(``dispatch_batches``), which fights WebDataset's shard-level splitting and can duplicate or drop
+samples. Rank and world come from ``torch.distributed`` when it is initialised (under DeepSpeed on CPU
+``accelerator.num_processes`` can say 1 while the process group has 2 ranks), else env
+``RANK``/``WORLD_SIZE``, else 0/1 (:mod:`mgfm.data.distributed`); they are read once in
+:func:`make_loader` and travel with the dataset into the DataLoader workers. Shards are assigned
+hierarchically: to ranks first (disjoint shard sets whenever there are at least as many shards as ranks,
+balanced by sample count), then to the rank's DataLoader workers. Where a level has fewer shards than
+slots, slots share a shard and keep disjoint samples by index modulo (:func:`assign_shards`).
+
+* ``train``: each epoch permutes the shard list with ``(seed, epoch)`` (the same on every rank, so ranks
+  stay disjoint), each worker loops over its shards endlessly (reshuffled every pass: resampled), shuffles
+  samples in a buffer, and the rank yields exactly ``batches_per_epoch`` full batches, so ranks never wait
+  on each other because of uneven shards.
+* ``eval``: every sample exactly once across all ranks and workers, in a deterministic order, last batch
+  partial; ranks may get different numbers of batches (gather results, do not all-reduce per batch).
+
+Decoding: decord from bytes (``cfg.backend``), with ``cfg.fallback_backend`` (PyAV) tried when it fails.
+Temporal sampling: :mod:`mgfm.data.sampling`; spatial transforms: :mod:`mgfm.data.transforms`. Horizontal
+flip is off by default: flipping swaps the hand a gesture is made with, which a dataset may label or a
+model may use (iMiGUE's and SMG's classes are side-agnostic, so ``flip=True`` is label-safe there).
+Repeated sampling (``repeats=K``) decodes a clip once and yields K crops + masks of it.
+
+Errors: a sample with a bad json, a missing member or an undecodable video is skipped; a shard that
+cannot be opened or is truncated is abandoned where it breaks. Both are counted, never crash, never
+sleep. Counts travel to the main process inside the batches (and a final marker item per worker that
+the loader drops), land in the :class:`SkipCounter`, and are logged when an epoch ends.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import random
+import shlex
+import zlib
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from mgfm.data.distributed import Slot, rank_world, worker_info
+from mgfm.data.masking import MaskGenerator, TokenGrid
+from mgfm.data.sampling import sample_indices
+from mgfm.data.transforms import centre_crop_box, crop_resize, multiscale_crop_box, to_tensor
+from mgfm.data.video_io import VideoDecodeError, decode_frames
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MODES = ("train", "eval")
+# Samples per shard assumed when a shard's size is unknown (only bounds the all-corrupt guard in train).
+_UNKNOWN_SHARD_SAMPLES = 1000
+
+
+@dataclass
+class StreamConfig:
+    """Everything a recipe sets about the clip stream."""
+
+    frames: int = 16  # frames per clip (T)
+    stride_policy: Literal["adaptive", "fixed", "uniform"] = "adaptive"
+    stride: int = 4  # fixed stride, or the largest stride the adaptive policy uses
+    pad: Literal["stretch", "loop", "last"] = "stretch"  # how clips shorter than `frames` are filled
+    img_size: int = 112  # output side S
+    crop_scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)  # train: multi-scale crop sizes (x short side)
+    max_distort: int = 1  # train: how many scale steps crop height and width may differ (aspect jitter)
+    flip: bool = False  # train: random horizontal flip (see the module docstring)
+    eval_crop: float = 1.0  # eval: centre square of this fraction of the short side
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    backend: Literal["decord", "pyav"] = "decord"
+    fallback_backend: Literal["decord", "pyav"] | None = "pyav"
+    masks: bool = True  # add encoder/decoder masks to batches
+    mask_ratio: float = 0.9
+    decoder_keep_ratio: float | None = None  # e.g. 0.5 for running-cell decoder masking
+    tubelet: int = 2  # frames per token
+    patch: int = 16  # pixels per token side
+    repeats: int = 1  # train: crops + masks per decoded clip (K)
+    batch_size: int = 8  # clips per batch (a batch has batch_size * K rows)
+    num_workers: int = 2  # DataLoader worker processes
+    batches_per_epoch: int | None = None  # train, per rank; None: samples / (world * batch_size)
+    shuffle_buffer: int = 256  # train: samples in the shuffle buffer
+    seed: int = 0
+    remote_commands: dict[str, str] = field(default_factory=lambda: {"s3": "aws s3 cp {url} -"})
+    prefetch_factor: int = 2
+    pin_memory: bool = False
+    log_skips: int = 5  # per worker: skipped samples logged as warnings (the rest are counted only)
+
+    def __post_init__(self) -> None:
+        if self.frames % self.tubelet or self.img_size % self.patch:
+            raise ValueError(f"stream: frames {self.frames} / img_size {self.img_size} must be divisible by "
+                             f"tubelet {self.tubelet} / patch {self.patch}")
+        if self.batch_size < 1 or self.repeats < 1 or self.num_workers < 0:
+            raise ValueError("stream: batch_size and repeats must be >= 1, num_workers >= 0")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError("stream: mean and std need 3 values (RGB)")
+
+    @property
+    def grid(self) -> TokenGrid:
+        return TokenGrid.for_clip(self.frames, self.img_size, self.img_size, self.tubelet, self.patch)
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard to read: its URL and sample count (None when unknown)."""
+
+    url: str
+    samples: int | None = None
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """A shard as one slot reads it: keep samples whose index ``k`` has ``k % mod == rem``."""
+
+    shard: ShardRef
+    mod: int = 1
+    rem: int = 0
+
+    @property
+    def expected(self) -> int | None:
+        n = self.shard.samples
+        return None if n is None else len(range(self.rem, n, self.mod))
+
+
+# ----------------------------------------------------------------------------------------- sources
+
+
+def resolve_shards(source: str | Path | Sequence[str], split: str,
+                   remote_commands: dict[str, str] | None = None) -> list[ShardRef]:
+    """The shards of ``split`` in ``source`` (see the module docstring), non-empty ones only."""
+    from webdataset.shardlists import expand_urls
+
+    from mgfm.shards.manifest import MANIFEST, load_manifest
+
+    remote_commands = remote_commands or {}
+    if isinstance(source, (list, tuple)):
+        refs = [ShardRef(_remote(u, remote_commands)) for s in source for u in expand_urls(str(s))]
+    else:
+        text = str(source)
+        is_url = "://" in text or text.startswith("pipe:")
+        local_manifest = not is_url and (Path(text).is_dir() or (text.endswith(".json") and Path(text).exists()))
+        remote_manifest = is_url and (text.endswith("/") or text.endswith(".json"))
+        if local_manifest or remote_manifest:
+            if is_url:
+                manifest_url = text if text.endswith(".json") else text + MANIFEST
+                base = manifest_url.rsplit("/", 1)[0] + "/"
+                manifest = load_manifest(_remote(manifest_url, remote_commands))
+            else:
+                base_dir = Path(text) if Path(text).is_dir() else Path(text).parent
+                manifest = load_manifest(text)
+            if not manifest.get("complete", True):
+                log.warning("%s: shard set is incomplete (%d shards missing); streaming the complete ones",
+                            text, len(manifest.get("missing_shards", [])))
+            if split not in manifest["splits"]:
+                raise ValueError(f"{text}: no split {split!r} in the manifest (has {sorted(manifest['splits'])})")
+            listed = manifest["splits"][split]["shards"]
+            if is_url:
+                refs = [ShardRef(_remote(base + s["name"], remote_commands), s["samples"]) for s in listed]
+            else:
+                refs = [ShardRef(str(base_dir / s["name"]), s["samples"]) for s in listed]
+        else:
+            refs = [ShardRef(_remote(u, remote_commands)) for u in expand_urls(text.replace("{split}", split))]
+    refs = [r for r in refs if r.samples != 0]
+    if not refs:
+        raise ValueError(f"{source}: no non-empty shards for split {split!r}")
+    return refs
+
+
+def _remote(url: str, remote_commands: dict[str, str]) -> str:
+    scheme = urlparse(url).scheme
+    if scheme in remote_commands:
+        return "pipe:" + remote_commands[scheme].format(url=shlex.quote(url))
+    return url
+
+
+# ------------------------------------------------------------------------------------- assignment
+
+
+def split_tasks(tasks: Sequence[ShardTask], groups: int, group: int) -> list[ShardTask]:
+    """The tasks of ``group`` (0-based) when ``tasks`` are divided among ``groups`` readers.
+
+    With at least as many tasks as groups every task goes to one group (greedy, largest expected count
+    to the least loaded group; ties in list order), so groups get disjoint shards. With fewer tasks
+    than groups, group ``g`` reads task ``g % n`` and keeps every ``share``-th of its samples, so the
+    groups sharing a task get disjoint samples and together all of them.
+    """
+    n = len(tasks)
+    if groups < 1 or not 0 <= group < groups:
+        raise ValueError(f"group {group} out of range for {groups} groups")
+    if n == 0:
+        return []
+    if n >= groups:
+        weights = [float(t.expected) if t.expected is not None else 1.0 for t in tasks]
+        loads = [0.0] * groups
+        owner = [0] * n
+        for i in sorted(range(n), key=lambda i: -weights[i]):
+            j = min(range(groups), key=lambda g: (loads[g], g))
+            owner[i] = j
+            loads[j] += weights[i]
+        return [t for i, t in enumerate(tasks) if owner[i] == group]
+    i = group % n
+    share = len(range(i, groups, n))
+    task = tasks[i]
+    return [ShardTask(task.shard, task.mod * share, task.rem + task.mod * (group // n))]
+
+
+def assign_shards(shards: Sequence[ShardRef], slot: Slot, mode: str = "eval", seed: int = 0,
+                  epoch: int = 0) -> list[ShardTask]:
+    """The shard tasks one (rank, worker) slot reads: ranks first, then the rank's workers.
+
+    In ``train`` mode the shard list is first permuted with ``(seed, epoch)``, identically on all ranks.
+    """
+    tasks = [ShardTask(s) for s in shards]
+    if mode == "train":
+        order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(tasks))
+        tasks = [tasks[i] for i in order]
+    mine = split_tasks(tasks, slot.world, slot.rank)
+    return split_tasks(mine, slot.workers, slot.worker)
+
+
+# ---------------------------------------------------------------------------------------- counting
+
+
+class SkipCounter:
+    """What the stream skipped, as seen by the main process: ``samples`` (bad samples, plus the samples
+    a broken shard did not deliver when the manifest says how many it holds) and ``shard_errors``
+    (unopenable / truncated shards), by reason, with the first records kept."""
+
+    def __init__(self, keep: int = 1000):
+        self.samples = 0
+        self.shard_errors = 0
+        self.by_reason: collections.Counter = collections.Counter()
+        self.records: list[dict] = []
+        self.keep = keep
+
+    @property
+    def total(self) -> int:
+        return self.samples + self.shard_errors
+
+    def add(self, records: Iterable[dict]) -> None:
+        for rec in records:
+            count = int(rec.get("count", 1))
+            if rec["kind"] == "shard":
+                self.shard_errors += count
+            else:
+                self.samples += count
+            self.by_reason[rec["reason"].split(":")[0]] += count
+            if len(self.records) < self.keep:
+                self.records.append(rec)
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.by_reason.items()))
+        return f"skipped {self.samples} samples and {self.shard_errors} broken shards ({reasons or 'none'})"
+
+
+class _WorkerState:
+    """Per-iteration state shared by the stages inside one worker: pending skip records, progress."""
+
+    def __init__(self, log_limit: int):
+        self.pending: list[dict] = []
+        self.logged = 0
+        self.log_limit = log_limit
+        self.read = 0  # raw samples read from shards
+        self.failures_in_a_row = 0  # samples skipped since the last good one
+
+    def skip(self, kind: str, shard: str, key: str | None, reason: str, count: int = 1) -> None:
+        rec = {"kind": kind, "shard": shard, "key": key, "reason": reason, "count": count}
+        self.pending.append(rec)
+        if self.logged < self.log_limit:
+            log.warning("stream skip (%s) %s%s: %s", kind, shard, f" key {key}" if key else "", reason)
+            self.logged += 1
+
+    def drain(self) -> list[dict]:
+        out, self.pending = self.pending, []
+        return out
+
+
+# ------------------------------------------------------------------------------------------- dataset
+
+
+class ClipStream(IterableDataset):
+    """The per-process clip stream; build it with :func:`make_loader` (it also sets rank/world)."""
+
+    def __init__(self, shards: Sequence[ShardRef], cfg: StreamConfig, mode: str = "train", epoch: int = 0,
+                 rank: int = 0, world: int = 1, batches_per_epoch: int | None = None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"stream mode must be one of {MODES}, got {mode!r}")
+        if mode == "train" and not batches_per_epoch:
+            raise ValueError("train stream needs batches_per_epoch >= 1")
+        self.shards = list(shards)
+        self.cfg = cfg
+        self.mode = mode
+        self.epoch = epoch
+        self.rank, self.world = rank, world
+        self.batches_per_epoch = batches_per_epoch
+
+    def slot(self) -> Slot:
+        worker, workers = worker_info()
+        return Slot(self.rank, self.world, worker, workers)
+
+    def worker_batches(self, slot: Slot) -> int:
+        """Train: batches this worker yields (the rank's ``batches_per_epoch`` split over workers)."""
+        total = int(self.batches_per_epoch or 0)
+        return total // slot.workers + (1 if slot.worker < total % slot.workers else 0)
+
+    def expected_batches(self, workers: int) -> int | None:
+        """Batches this rank yields in one epoch (None when shard sizes are unknown)."""
+        if self.mode == "train":
+            return int(self.batches_per_epoch)
+        total = 0
+        for w in range(max(1, workers)):
+            tasks = assign_shards(self.shards, Slot(self.rank, self.world, w, max(1, workers)))
+            counts = [t.expected for t in tasks]
+            if any(c is None for c in counts):
+                return None
+            total += -(-sum(counts) // self.cfg.batch_size)
+        return total
+
+    def __iter__(self) -> Iterator[dict]:
+        import webdataset as wds
+
+        slot = self.slot()
+        train = self.mode == "train"
+        state = _WorkerState(self.cfg.log_skips)
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, slot.rank, slot.worker, int(train)])
+        tasks = assign_shards(self.shards, slot, self.mode, self.cfg.seed, self.epoch)
+        stages: list[Any] = [
+            partial(_task_source, tasks=tasks, train=train, rng=rng, state=state),
+            partial(_read_shards, state=state),
+        ]
+        if train and self.cfg.shuffle_buffer > 1:
+            stages.append(wds.filters.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer // 2,
+                                              rng=random.Random(int(rng.integers(2**62)))))
+        known = [t.expected for t in tasks]
+        max_failures = (sum(known) if None not in known else _UNKNOWN_SHARD_SAMPLES * len(tasks)) + self.cfg.shuffle_buffer
+        stages.append(partial(_decode_stage, cfg=self.cfg, train=train, rng=rng, state=state,
+                              max_failures=max_failures))
+        limit = self.worker_batches(slot) if train else None
+        stages.append(partial(_batch_stage, cfg=self.cfg, state=state, limit=limit, partial_last=not train))
+        return iter(wds.DataPipeline(*stages))
+
+
+def _task_source(tasks: list[ShardTask], train: bool, rng: np.random.Generator, state: _WorkerState):
+    """Eval: each task once, in order. Train: endless passes, reshuffled each time; stops when a
+    whole pass read no sample at all (every shard broken) instead of spinning forever."""
+    if not train:
+        yield from tasks
+        return
+    while tasks:
+        before = state.read
+        for i in rng.permutation(len(tasks)):
+            yield tasks[i]
+        if state.read == before:
+            log.error("stream: a full pass over %d shards read no sample; stopping this worker", len(tasks))
+            return
+
+
+def _read_shards(tasks: Iterable[ShardTask], state: _WorkerState) -> Iterator[dict]:
+    """Open each task's shard (gopen), group tar members into samples, keep ``k % mod == rem``."""
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    for task in tasks:
+        url = task.shard.url
+        errors: list[str] = []
+
+        def handler(exn: Exception, errors=errors) -> bool:
+            errors.append(f"{type(exn).__name__}: {str(exn)[:200]}")
+            return True
+
+        stream = None
+        kept = 0
+        try:
+            stream = gopen(url, "rb")
+            files = _with_url(tar_file_iterator(stream, handler=handler), url)
+            for k, sample in enumerate(group_by_keys(files, handler=handler)):
+                if k % task.mod == task.rem:
+                    sample["__shard__"] = url
+                    state.read += 1
+                    kept += 1
+                    yield sample
+        except Exception as exn:  # noqa: BLE001 - any failure of one shard must not end the stream
+            errors.append(f"{type(exn).__name__}: {str(exn)[:200]}")
+        finally:
+            if stream is not None:
+                try:
+                    stream.close()
+                except Exception as exn:  # noqa: BLE001 - e.g. a pipe's non-zero exit status
+                    errors.append(f"{type(exn).__name__}: {str(exn)[:200]}")
+        if errors:
+            state.skip("shard", url, None, f"shard error: {errors[0]}")
+            expected = task.expected
+            if expected is not None and kept < expected:
+                state.skip("sample", url, None, f"lost in broken shard: {expected - kept} of {expected} samples",
+                           count=expected - kept)
+
+
+def _with_url(files: Iterable[dict], url: str) -> Iterator[dict]:
+    for f in files:
+        f["__url__"] = url
+        yield f
+
+
+def _decode_stage(samples: Iterable[dict], cfg: StreamConfig, train: bool, rng: np.random.Generator,
+                  state: _WorkerState, max_failures: int) -> Iterator[list[dict]]:
+    """Raw sample -> list of K items {video (T,3,S,S), encoder_mask, decoder_mask, label, clip_id, meta}.
+
+    Train only: stops after ``max_failures`` bad samples in a row (a stream of nothing but corrupt
+    samples would otherwise loop forever)."""
+    masker = MaskGenerator(cfg.grid, cfg.mask_ratio, cfg.decoder_keep_ratio) if cfg.masks else None
+    repeats = cfg.repeats if train else 1
+    for sample in samples:
+        key, shard = sample.get("__key__"), sample.get("__shard__", "?")
+        try:
+            items = _decode_one(sample, cfg, train, repeats, rng, masker)
+        except _SampleError as err:
+            state.skip("sample", shard, key, str(err))
+            state.failures_in_a_row += 1
+            if train and state.failures_in_a_row > max_failures:
+                log.error("stream: %d samples in a row failed to decode; stopping this worker", max_failures)
+                return
+            continue
+        state.failures_in_a_row = 0
+        yield items
+
+
+class _SampleError(Exception):
+    """A sample that cannot be used (the message starts with a short reason tag)."""
+
+
+def _decode_one(sample: dict, cfg: StreamConfig, train: bool, repeats: int, rng: np.random.Generator,
+                masker: MaskGenerator | None) -> list[dict]:
+    key = sample.get("__key__")
+    missing = [m for m in ("json", "mp4") if m not in sample]
+    if missing:
+        raise _SampleError(f"missing member: no .{missing[0]} (has {sorted(k for k in sample if not k.startswith('__'))})")
+    try:
+        meta = json.loads(sample["json"])
+        label = int(meta.get("label", -1))
+        n_frames = int(meta["n_frames"]) if "n_frames" in meta else None
+    except (ValueError, TypeError, UnicodeDecodeError) as err:
+        raise _SampleError(f"bad json: {err}") from None
+    if not isinstance(meta, dict):
+        raise _SampleError("bad json: not an object")
+    if n_frames is not None and n_frames < 1:
+        raise _SampleError(f"bad json: n_frames={n_frames}")
+    meta["shard"] = sample.get("__shard__")
+    mp4 = sample["mp4"]
+    whole: np.ndarray | None = None
+    if n_frames is None:  # shards not written by mgfm: decode everything once to learn the length
+        whole = _decode(mp4, None, cfg)
+        n_frames = len(whole)
+    views = [sample_indices(n_frames, cfg.frames, cfg.stride_policy, cfg.stride, rng if train else None, cfg.pad)
+             for _ in range(repeats)]
+    if whole is None:
+        lookup = np.unique(np.concatenate(views))
+        frames = _decode(mp4, lookup, cfg)
+        if len(frames) != len(lookup):
+            raise _SampleError(f"decode error: got {len(frames)} frames for {len(lookup)} indices")
+    else:
+        frames, lookup = whole, np.arange(n_frames)
+    clip_id = str(meta.get("clip_id", key))
+    mask_rng = rng if train else np.random.default_rng([cfg.seed, zlib.crc32(clip_id.encode())])
+    items = []
+    _, h, w, _ = frames.shape
+    for view in views:
+        clip = frames[np.searchsorted(lookup, view)]
+        if train:
+            box = multiscale_crop_box(h, w, cfg.crop_scales, rng, cfg.max_distort, 0.5 if cfg.flip else 0.0)
+        else:
+            box = centre_crop_box(h, w, cfg.eval_crop)
+        item = {"video": to_tensor(crop_resize(clip, box, cfg.img_size), cfg.mean, cfg.std), "label": label,
+                "clip_id": clip_id, "meta": meta}
+        if masker is not None:
+            item["encoder_mask"], item["decoder_mask"] = masker(mask_rng)
+        items.append(item)
+    return items
+
+
+def _decode(mp4: bytes, indices: np.ndarray | None, cfg: StreamConfig) -> np.ndarray:
+    try:
+        return decode_frames(mp4, None if indices is None else indices.tolist(), backend=cfg.backend)
+    except VideoDecodeError as first:
+        if not cfg.fallback_backend or cfg.fallback_backend == cfg.backend:
+            raise _SampleError(f"decode error: {first}") from None
+        try:
+            return decode_frames(mp4, None if indices is None else indices.tolist(), backend=cfg.fallback_backend)
+        except VideoDecodeError as second:
+            raise _SampleError(f"decode error: {first}; fallback: {second}") from None
+
+
+def _batch_stage(clips: Iterable[list[dict]], cfg: StreamConfig, state: _WorkerState, limit: int | None,
+                 partial_last: bool) -> Iterator[dict]:
+    """Collate ``batch_size`` clips (K items each) per batch; attach the skip records since the last
+    batch. Stops after ``limit`` batches (train). Ends with a marker carrying leftover skip records."""
+    pending: list[dict] = []
+    emitted = 0
+    if limit == 0:
+        return
+    n_clips = 0
+    for items in clips:
+        pending.extend(items)
+        n_clips += 1
+        if n_clips == cfg.batch_size:
+            yield collate(pending, state.drain())
+            emitted += 1
+            pending, n_clips = [], 0
+            if limit is not None and emitted >= limit:
+                break
+    if pending and partial_last:
+        yield collate(pending, state.drain())
+    if state.pending:
+        yield {"_marker": True, "skipped": state.drain()}
+
+
+def collate(items: list[dict], skipped: list[dict] | None = None) -> dict:
+    """Stack items into a batch dict (see the module docstring for keys and shapes)."""
+    batch: dict[str, Any] = {
+        "video": torch.stack([it["video"] for it in items]),
+        "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
+        "clip_id": [it["clip_id"] for it in items],
+        "meta": [it["meta"] for it in items],
+        "skipped": skipped or [],
+    }
+    if "encoder_mask" in items[0]:
+        batch["encoder_mask"] = torch.from_numpy(np.stack([it["encoder_mask"] for it in items]))
+        batch["decoder_mask"] = torch.from_numpy(np.stack([it["decoder_mask"] for it in items]))
+    return batch
+
+
+# -------------------------------------------------------------------------------------------- loader
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader over a :class:`ClipStream` that moves skip records into a :class:`SkipCounter`,
+    drops the workers' end markers, and logs the skip summary when an epoch ends."""
+
+    def __init__(self, dataset: ClipStream, counter: SkipCounter, **kwargs):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self.counter = counter
+        self._expected = dataset.expected_batches(kwargs.get("num_workers", 0))
+
+    def __iter__(self) -> Iterator[dict]:  # type: ignore[override]
+        for batch in super().__iter__():
+            self.counter.add(batch.pop("skipped", []))
+            if batch.get("_marker"):
+                continue
+            yield batch
+        ds: ClipStream = self.dataset  # type: ignore[assignment]
+        if self.counter.total:
+            log.warning("stream %s epoch %d rank %d: %s", ds.mode, ds.epoch, ds.rank, self.counter.summary())
+        else:
+            log.info("stream %s epoch %d rank %d: no samples skipped", ds.mode, ds.epoch, ds.rank)
+
+    def __len__(self) -> int:
+        if self._expected is None:
+            raise TypeError("stream length unknown (shard sizes are not in a manifest)")
+        return self._expected
+
+
+def make_loader(source: str | Path | Sequence[str], split: str, cfg: StreamConfig, mode: str = "train",
+                epoch: int = 0, rank: int | None = None, world: int | None = None) -> tuple[StreamLoader, SkipCounter]:
+    """A batched DataLoader over the ``split`` shards of ``source`` and the counter of what it skips.
+
+    ``rank``/``world`` default to :func:`mgfm.data.distributed.rank_world`. Create a new loader per
+    epoch (``epoch`` reseeds shard order, shuffling, crops and masks). Do not ``accelerator.prepare`` it.
+    """
+    if rank is None or world is None:
+        rank, world = rank_world()
+    shards = resolve_shards(source, split, cfg.remote_commands)
+    batches = cfg.batches_per_epoch
+    if mode == "train" and batches is None:
+        if any(s.samples is None for s in shards):
+            raise ValueError(f"{source}: shard sizes unknown (no manifest); set batches_per_epoch for training")
+        batches = max(1, sum(s.samples for s in shards) // (world * cfg.batch_size))
+    dataset = ClipStream(shards, cfg, mode, epoch, rank, world, batches)
+    counter = SkipCounter()
+    kwargs: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": cfg.pin_memory}
+    if cfg.num_workers > 0:
+        kwargs["prefetch_factor"] = cfg.prefetch_factor
+    return StreamLoader(dataset, counter, **kwargs), counter
+
