@@ -56,4 +56,21 @@ def size_table(img_size: int = 224, frames: int = 16, sizes: tuple[str, ...] = t
     return rows
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``python -m mgfm.model.flops [--img 224] [--frames 16]``: print the encoder size table."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="encoder parameters and GMACs per clip for each size preset")
+    ap.add_argument("--img", type=int, default=224)
+    ap.add_argument("--frames", type=int, default=16)
+    args = ap.parse_args(argv)
+    print(f"| size | dim / depth / heads | encoder params | GMACs per {args.frames}x{args.img}x{args.img} view |")
+    print("| --- | --- | --- | --- |")
+    for r in size_table(img_size=args.img, frames=args.frames):
+        print(f"| {r['size']} | {r['dim']} / {r['depth']} / {r['heads']} | {r['params_M']:.1f}M | {r['gmacs']:.1f} |")
+
+
 __all__ = ["count_params", "encoder_gmacs", "measured_encoder_gmacs", "size_table"]
+
+if __name__ == "__main__":
+    main()
