@@ -131,6 +131,8 @@ def test_mask_indices_and_validation():
     uneven[0, torch.nonzero(~enc[0])[0]] = True
     with pytest.raises(ValueError, match="same number"):
         mask_indices(uneven)
+    with pytest.raises(ValueError, match="hides every token"):
+        mask_indices(torch.ones_like(enc))
     outside = dec.clone()
     for i in range(B):  # swap one reconstructed token for a visible one: counts stay equal
         outside[i, torch.nonzero(~enc[i])[0]] = True

@@ -237,6 +237,8 @@ def mask_indices(encoder_mask: torch.Tensor,
         raise ValueError(f"encoder_mask: every sample must hide the same number of tokens, got {sorted(set(n_masked))}")
     if len(set(n_target)) != 1:
         raise ValueError(f"decoder_mask: every sample must keep the same number of tokens, got {sorted(set(n_target))}")
+    if n_masked[0] == encoder_mask.shape[1]:
+        raise ValueError("encoder_mask: hides every token, the encoder would see nothing")
     if any(outside):
         raise ValueError("decoder_mask: must be a subset of encoder_mask (True only on hidden tokens)")
     if n_target[0] == 0:
