@@ -1,0 +1,48 @@
+"""The pretraining recipe: one dataclass tree, filled from ``recipes/pretrain/*.yaml`` + overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mgfm.data.stream import StreamConfig
+from mgfm.model.videomae import ModelConfig
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay; ``lr = base_lr * global_batch / 256`` (VideoMAE)."""
+
+    base_lr: float = 1.5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    epochs: int = 20
+    warmup_epochs: float = 1.0
+    grad_accum: int = 1
+    clip_grad: float | None = 1.0
+
+
+@dataclass
+class PretrainRecipe:
+    """Everything a pretraining run needs. The resolved recipe is saved as ``runs/<name>/recipe.yaml``."""
+
+    name: str = "tiny-synthetic"
+    out_dir: str = "runs"
+    # Shards to pretrain on: a folder with manifest.json, a brace pattern or URLs.
+    shards: str = "shards/synthetic"
+    split: str = "train"
+    # When `shards` is missing and this is set, render this synthetic benchmark and shard it first.
+    synthetic_data: str | None = "data/synthetic"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # DeepSpeed ZeRO stage used when the launcher gave no DeepSpeed config (0 = plain Accelerate).
+    zero_stage: int = 0
+    mixed_precision: str = "auto"  # auto: bf16 on a GPU that supports it, else fp32
+    init_from: str | None = None  # a Hugging Face VideoMAE folder to start the encoder from
+    resume: str = "auto"  # auto | never | path to a checkpoint folder
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of every epoch
+    keep_checkpoints: int = 2
+    seed: int = 0
+    # Write the clip ids each rank trained on to runs/<name>/data_audit/rank<R>.txt (to check data splits).
+    audit_data: bool = False

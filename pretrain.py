@@ -1,0 +1,10 @@
+"""Masked video pretraining: `accelerate launch pretrain.py [--recipe FILE] [key=value ...]`.
+
+With no arguments it runs the embedded default (recipes/pretrain/tiny_cpu.yaml): the tiny encoder on the
+synthetic micro-gesture benchmark, building the benchmark and its shards first when they are missing.
+"""
+
+from mgfm.train.pretrain import main
+
+if __name__ == "__main__":
+    main()
