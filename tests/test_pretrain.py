@@ -146,3 +146,21 @@ def test_deepspeed_zero2_two_cpu_ranks(tmp_path, tiny_shards):
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_from_step"] == 10 and summary["steps"] == 12 and summary["world_size"] == 2
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes" / "pretrain").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_load_and_agree(path):
+    from mgfm.config import load_recipe
+    from mgfm.train.pretrain import check_geometry
+    from mgfm.train.recipe import PretrainRecipe
+
+    recipe = load_recipe(PretrainRecipe, path)
+    check_geometry(recipe)
+    assert recipe.optim.betas == (0.9, 0.95) and recipe.optim.weight_decay == 0.05
+    assert recipe.stream.mask_ratio == 0.9
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes" / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_deepspeed_configs_name_their_stage(path):
+    config = json.loads(path.read_text())
+    assert config["zero_optimization"]["stage"] == int(path.stem[-1])
