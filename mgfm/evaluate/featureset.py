@@ -1,0 +1,94 @@
+"""A feature matrix and the clip-index rows it belongs to: what every frozen-encoder evaluation consumes.
+
+On disk (the feature cache): ``<stem>.safetensors`` holds ``features`` float32 ``(N, D)``; ``<stem>.json``
+holds the rows (one clip-index row per feature row, same order) and the cache key. Both are written
+atomically, the JSON last, so a cache with a JSON file is complete.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class FeatureError(ValueError):
+    """Features that do not fit what an evaluation expects (width, count, emptiness)."""
+
+
+@dataclass
+class FeatureSet:
+    """``features`` float32 ``(N, D)``; ``rows[i]`` is the clip-index row (dict) of ``features[i]``."""
+
+    features: np.ndarray
+    rows: list[dict]
+    key: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.features = np.ascontiguousarray(self.features, dtype=np.float32)
+        if self.features.ndim != 2:
+            raise FeatureError(f"features must be a (N, D) matrix, got shape {self.features.shape}")
+        if len(self.rows) != len(self.features):
+            raise FeatureError(f"{len(self.features)} feature rows but {len(self.rows)} clip rows")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int64 ``(N,)`` class ids (-1 = unlabelled)."""
+        return np.array([int(r.get("label", -1)) for r in self.rows], dtype=np.int64)
+
+    @property
+    def clip_ids(self) -> list[str]:
+        return [str(r["clip_id"]) for r in self.rows]
+
+    def labelled(self) -> "FeatureSet":
+        keep = self.labels >= 0
+        return FeatureSet(self.features[keep], [r for r, k in zip(self.rows, keep) if k], dict(self.key))
+
+    def require(self, name: str, dim: int | None = None) -> "FeatureSet":
+        """Raise a one-line :class:`FeatureError` if empty or of the wrong width; return self."""
+        if len(self) == 0:
+            raise FeatureError(f"{name}: no clips (empty split)")
+        if dim is not None and self.dim != dim:
+            raise FeatureError(f"{name}: features are {self.dim}-d, expected {dim}-d")
+        return self
+
+    def save(self, stem: str | Path) -> None:
+        from safetensors.numpy import save_file
+
+        stem = Path(stem)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        tensor_tmp = stem.with_name(stem.name + ".safetensors.tmp")
+        save_file({"features": self.features}, str(tensor_tmp))
+        tensor_tmp.replace(stem.with_name(stem.name + ".safetensors"))
+        json_tmp = stem.with_name(stem.name + ".json.tmp")
+        json_tmp.write_text(json.dumps({"key": self.key, "rows": self.rows}))
+        json_tmp.replace(stem.with_name(stem.name + ".json"))
+
+    @classmethod
+    def load(cls, stem: str | Path) -> "FeatureSet":
+        from safetensors.numpy import load_file
+
+        stem = Path(stem)
+        meta_path, tensor_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
+        if not meta_path.exists() or not tensor_path.exists():
+            raise FileNotFoundError(f"{stem}: no complete feature cache (.json + .safetensors)")
+        meta = json.loads(meta_path.read_text())
+        return cls(load_file(str(tensor_path))["features"], meta["rows"], meta.get("key", {}))
+
+    @classmethod
+    def load_if_key(cls, stem: str | Path, key: dict) -> "FeatureSet | None":
+        """The cached set at ``stem`` if it exists and was made with exactly ``key``; else None."""
+        try:
+            cached = cls.load(stem)
+        except FileNotFoundError:
+            return None
+        return cached if cached.key == key else None
