@@ -1,0 +1,84 @@
+"""Evaluation reports: ``report.json`` (machine-readable) + ``report.md`` in an output folder, and small
+table formatters (markdown for the report, aligned plain text for a CLI's final summary)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with numpy scalars/arrays, paths and tuples turned into JSON types; NaN/inf -> None."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_report(out_dir: str | Path, report: dict, markdown: str, title: str) -> tuple[Path, Path]:
+    """Write ``out_dir/report.json`` (``report`` plus ``"title"``) and ``out_dir/report.md`` (``# title``
+    then ``markdown``), each atomically, JSON last. Returns ``(json_path, md_path)``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md_path, json_path = out / "report.md", out / "report.json"
+    _write_atomic(md_path, f"# {title}\n\n{markdown.rstrip()}\n")
+    payload = {"title": title, **jsonable(report)}
+    _write_atomic(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    return json_path, md_path
+
+
+def _cell(value: Any, floatfmt: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (float, np.floating)):
+        return format(float(value), floatfmt) if math.isfinite(value) else str(float(value))
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], floatfmt: str = ".4f") -> str:
+    """A GitHub markdown table; floats formatted with ``floatfmt``, None as ``-``, ``|`` escaped."""
+    if any(len(r) != len(headers) for r in rows):
+        raise ValueError(f"every row needs {len(headers)} cells (one per header)")
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    out = [line([str(h) for h in headers]), "| " + " | ".join("---" for _ in headers) + " |"]
+    out += [line([_cell(v, floatfmt) for v in r]) for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], floatfmt: str = ".4f") -> str:
+    """Aligned plain-text table (text left-aligned, numbers right-aligned) for a CLI's final print."""
+    if any(len(r) != len(headers) for r in rows):
+        raise ValueError(f"every row needs {len(headers)} cells (one per header)")
+    cells = [[str(h) for h in headers]] + [[_cell(v, floatfmt) for v in r] for r in rows]
+    def is_number(v: Any) -> bool:
+        return isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_))
+
+    numeric = [all(v is None or is_number(v) for v in (r[j] for r in rows)) for j in range(len(headers))]
+    widths = [max(len(row[j]) for row in cells) for j in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)).rstrip()
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]]) + "\n"
