@@ -13,34 +13,22 @@ of batches per epoch, so ranks never wait on each other at an uneven end.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from mgfm.config import RecipeError, load_recipe, recipe_to_dict, save_recipe
+from mgfm.config import save_recipe
 from mgfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mgfm.train.distributed import barrier, is_main_process, rank_world, setup_logging
 from mgfm.train.recipe import PretrainRecipe
 
 log = logging.getLogger("mgfm.pretrain")
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "pretrain" / "tiny_cpu.yaml"
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[Path | None, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", type=Path, default=None,
-                        help=f"YAML recipe (default: {DEFAULT_RECIPE.relative_to(DEFAULT_RECIPE.parents[2])})")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections")
-    args = parser.parse_args(argv)
-    recipe = args.recipe or (DEFAULT_RECIPE if DEFAULT_RECIPE.exists() else None)
-    return recipe, args.overrides
 
 
 def make_accelerator(recipe: PretrainRecipe):
@@ -310,16 +298,12 @@ def _plot_loss(history: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """CLI entry: bad recipes, missing shards or checkpoints end in one ``error:`` line and exit code 2."""
-    from mgfm.model.hf import EncoderFolderError
+    """CLI entry: ``[--recipe FILE] [key=value ...]``; user errors end in one line and exit code 2."""
+    from mgfm.cli import run_cli
 
-    recipe_path, overrides = parse_args(argv)
-    try:
-        recipe = load_recipe(PretrainRecipe, recipe_path, overrides)
-        return run(recipe)
-    except (RecipeError, EncoderFolderError, FileNotFoundError, ValueError) as err:
-        sys.stderr.write(f"pretrain.py: error: {err}\n")
-        raise SystemExit(2) from None
+    return run_cli(PretrainRecipe, run, argv, "pretrain.py", "Masked video pretraining (VideoMAE-style).",
+                   DEFAULT_RECIPE)
 
 
-__all__ = ["PretrainRecipe", "main", "run", "recipe_to_dict"]
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The one command-line shape of every mgfm entry script: ``[--recipe FILE] [key=value ...]``.
+
+Errors a user can fix (a recipe typo, a missing checkpoint or shard set, features of the wrong width)
+end in one ``<prog>: error: ...`` line and exit code 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from mgfm.config import RecipeError, load_recipe
+
+T = TypeVar("T")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from mgfm.evaluate.featureset import FeatureError
+    from mgfm.model.hf import EncoderFolderError
+
+    return RecipeError, EncoderFolderError, FeatureError, FileNotFoundError, ValueError
+
+
+def run_cli(recipe_cls: type[T], action: Callable[[T], object], argv: list[str] | None, prog: str,
+            description: str, default_recipe: Path | None = None):
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--recipe", type=Path, default=None,
+                        help=f"YAML recipe (default: {default_recipe or 'built-in defaults'})")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections (e.g. probe.epochs=50)")
+    args = parser.parse_args(argv)
+    recipe_path = args.recipe or (default_recipe if default_recipe and default_recipe.exists() else None)
+    try:
+        recipe = load_recipe(recipe_cls, recipe_path, args.overrides)
+        return action(recipe)
+    except user_errors() as err:
+        sys.stderr.write(f"{prog}: error: {err}\n")
+        raise SystemExit(2) from None

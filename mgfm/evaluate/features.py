@@ -1,0 +1,178 @@
+"""Frozen-encoder features for every clip of a shard split, cached on disk.
+
+``split_features(encoder_folder, shards, split, stream_cfg)`` returns a :class:`FeatureSet` with one row per
+clip: the mean-pooled last-layer tokens of the unmasked clip (no mask at feature time), averaged over
+``views`` temporal views. Under several processes each rank encodes the clips its eval stream gives it
+(every clip exactly once across ranks and workers), the rows are gathered, checked for duplicates and
+sorted by clip id, so the result is the same whatever the world size.
+
+The cache key holds the encoder's checksum, the shard manifest's checksum and every stream setting that
+changes a pixel; a cache is used only when its key matches exactly, so a retrained encoder, rebuilt
+shards or another crop never reuse stale features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from mgfm.data.distributed import rank_world
+from mgfm.data.stream import StreamConfig, make_loader
+from mgfm.evaluate.featureset import FeatureError, FeatureSet
+
+log = logging.getLogger(__name__)
+
+# Stream settings that change what an eval clip looks like (and so its features).
+EVAL_STREAM_KEYS = ("frames", "stride_policy", "stride", "pad", "img_size", "eval_crop", "mean", "std")
+
+
+class PixelEncoder(nn.Module):
+    """The raw-pixel reference: each of ``frames`` evenly spaced frames average-pooled to ``size x size``.
+
+    ``features``: ``(B, T, C, H, W)`` -> ``(B, frames * C * size * size)``.
+    """
+
+    def __init__(self, frames: int = 8, size: int = 8) -> None:
+        super().__init__()
+        self.frames, self.size = frames, size
+
+    @torch.no_grad()
+    def features(self, video: torch.Tensor) -> torch.Tensor:
+        b, t, c, h, w = video.shape
+        index = torch.linspace(0, t - 1, min(self.frames, t)).round().long()
+        frames = video[:, index].reshape(-1, c, h, w)
+        pooled = nn.functional.adaptive_avg_pool2d(frames, self.size)
+        return pooled.reshape(b, -1)
+
+
+def manifest_checksum(shards: str | Path) -> str:
+    """sha256 of a local shard set's manifest (or of the source string for remote sets)."""
+    path = Path(shards) / "manifest.json"
+    data = path.read_bytes() if path.exists() else str(shards).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def eval_stream_config(cfg: StreamConfig, batch_size: int | None = None, num_workers: int | None = None) -> StreamConfig:
+    """The eval flavour of a stream config: no masks, no repeats."""
+    changes: dict = {"masks": False, "repeats": 1}
+    if batch_size is not None:
+        changes["batch_size"] = batch_size
+    if num_workers is not None:
+        changes["num_workers"] = num_workers
+    return dataclasses.replace(cfg, **changes)
+
+
+def cache_key(encoder_id: str, shards: str | Path, split: str, cfg: StreamConfig, views: int) -> dict:
+    return {
+        "encoder": encoder_id,
+        "manifest": manifest_checksum(shards),
+        "split": split,
+        "views": views,
+        "stream": {k: list(v) if isinstance(v, tuple) else v for k, v in
+                   ((k, getattr(cfg, k)) for k in EVAL_STREAM_KEYS)},
+    }
+
+
+def cache_stem(cache_dir: str | Path, shards: str | Path, split: str, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{Path(str(shards).rstrip('/')).name}-{split}-{digest}"
+
+
+@torch.no_grad()
+def encode_split(features_fn: Callable[[torch.Tensor], torch.Tensor], shards: str | Path, split: str,
+                 cfg: StreamConfig, views: int = 1, device: str | torch.device = "cpu",
+                 progress: bool = True) -> FeatureSet:
+    """Features of every clip of ``split`` (all ranks together; every rank returns the full set).
+
+    ``features_fn``: ``(B, T, C, H, W)`` float -> ``(B, D)``. With ``views > 1`` each clip is encoded at
+    ``views`` temporal offsets (evenly spread over the clip) and the features are averaged.
+    """
+    from tqdm.auto import tqdm
+
+    rank, world = rank_world()
+    rows: dict[str, dict] = {}
+    sums: dict[str, np.ndarray] = {}
+    skipped = 0
+    for view in range(views):
+        loader, skips = make_loader(shards, split, _view_config(cfg, view, views), mode="eval")
+        bar = tqdm(loader, desc=f"features {split} view {view + 1}/{views}", unit="batch",
+                   disable=not progress or rank != 0, leave=False)
+        for batch in bar:
+            feats = features_fn(batch["video"].to(device)).float().cpu().numpy()
+            for clip_id, meta, feat in zip(batch["clip_id"], batch["meta"], feats):
+                if view == 0:
+                    rows[clip_id] = {k: v for k, v in meta.items() if k != "shard"}
+                    sums[clip_id] = feat.astype(np.float64)
+                elif clip_id in sums:
+                    sums[clip_id] += feat
+        skipped = max(skipped, skips.total)
+    local = (list(rows.values()), np.stack([sums[r["clip_id"]] / views for r in rows.values()])
+             if rows else np.zeros((0, 0)))
+    parts = _gather(local, world)
+    all_rows = [r for part_rows, _ in parts for r in part_rows]
+    mats = [m for _, m in parts if len(m)]
+    ids = [r["clip_id"] for r in all_rows]
+    if len(set(ids)) != len(ids):
+        raise RuntimeError(f"{shards} {split}: a clip was encoded twice across ranks; the eval stream split is broken")
+    if not all_rows:
+        raise FeatureError(f"{shards} split {split!r}: no clips (empty split)")
+    order = np.argsort(ids, kind="stable")
+    matrix = np.concatenate(mats)[order].astype(np.float32)
+    if skipped:
+        log.warning("%s %s: %d corrupt samples skipped while extracting features", shards, split, skipped)
+    return FeatureSet(matrix, [all_rows[i] for i in order], {"skipped": skipped})
+
+
+def _view_config(cfg: StreamConfig, view: int, views: int) -> StreamConfig:
+    if views == 1:
+        return cfg
+    if not hasattr(cfg, "eval_view"):
+        raise ValueError("this stream has no eval_view setting; use views=1")
+    return dataclasses.replace(cfg, eval_view=view, eval_views=views)
+
+
+def _gather(local: tuple[list[dict], np.ndarray], world: int) -> list[tuple[list[dict], np.ndarray]]:
+    if world == 1:
+        return [local]
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, local)
+    return parts
+
+
+def split_features(encoder_folder: str | Path | None, shards: str | Path, split: str, cfg: StreamConfig,
+                   cache_dir: str | Path | None = None, views: int = 1, encoder: nn.Module | None = None,
+                   encoder_id: str | None = None, device: str | torch.device = "cpu") -> FeatureSet:
+    """Cached features of ``split`` from the encoder in ``encoder_folder`` (or ``encoder`` + ``encoder_id``).
+
+    Every rank must call it (extraction is collective); the cache is written by rank 0.
+    """
+    from mgfm.model.hf import encoder_checksum, load_encoder_hf
+
+    if encoder is None:
+        encoder, _ = load_encoder_hf(encoder_folder)
+        encoder_id = encoder_checksum(encoder_folder)
+    if encoder_id is None:
+        raise ValueError("split_features: pass encoder_id with an in-memory encoder")
+    key = cache_key(encoder_id, shards, split, cfg, views)
+    stem = cache_stem(cache_dir, shards, split, key) if cache_dir is not None else None
+    if stem is not None:
+        cached = FeatureSet.load_if_key(stem, key)
+        if cached is not None:
+            log.info("features %s %s: cached at %s", Path(str(shards)).name, split, stem)
+            return cached
+    encoder = encoder.to(device).eval()
+    result = encode_split(encoder.features, shards, split, cfg, views, device)
+    result.key = {**key, "skipped": result.key.get("skipped", 0)}
+    if stem is not None and rank_world()[0] == 0:
+        FeatureSet(result.features, result.rows, key).save(stem)
+    return result

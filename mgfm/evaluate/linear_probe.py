@@ -1,0 +1,166 @@
+"""Frozen-encoder recognition: linear probe + k-means on a shard set, with reference rows in the same run.
+
+For the run's encoder, a randomly initialised encoder of the same size, and raw pixels, extract (cached)
+train and test features, fit the linear probe on train, score the test split (top-1/5, mean class
+accuracy, per class, and without the excluded classes, e.g. iMiGUE's "illustrative"), and cluster the test
+features with k-means (Hungarian accuracy, NMI, ARI). Writes ``report.json``, ``report.md`` and a
+confusion-matrix PNG, and prints a short table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mgfm.data.stream import StreamConfig
+from mgfm.evaluate.cluster import kmeans_scores
+from mgfm.evaluate.features import PixelEncoder, eval_stream_config, split_features
+from mgfm.evaluate.featureset import FeatureSet
+from mgfm.evaluate.metrics import classification_metrics, plot_confusion
+from mgfm.evaluate.probe import ProbeConfig, predict, train_probe
+from mgfm.evaluate.report import format_table, markdown_table, write_report
+
+log = logging.getLogger(__name__)
+
+
+class RunError(ValueError):
+    """A run folder that cannot be evaluated (missing, no encoder)."""
+
+
+@dataclass
+class EvalRecipe:
+    """What ``make linear-probe`` / ``eval/linear_probe.py`` evaluate, and how."""
+
+    run: str | None = None  # a run folder (runs/<name>) or an encoder folder; None = newest run in runs_dir
+    runs_dir: str = "runs"
+    shards: str = "shards/synthetic"
+    out: str | None = None  # default: <run>/eval/<shards name>/
+    train_split: str = "train"
+    test_split: str = "test"
+    views: int = 1  # temporal views averaged per clip
+    batch_size: int = 32
+    num_workers: int = 2
+    exclude_classes: list[str] = field(default_factory=lambda: ["illustrative"])
+    references: bool = True  # add random-init and raw-pixel rows
+    kmeans: bool = True
+    seed: int = 0
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+def newest_run(runs_dir: str | Path) -> Path:
+    runs = [p for p in Path(runs_dir).glob("*/encoder/config.json")] if Path(runs_dir).is_dir() else []
+    if not runs:
+        raise RunError(f"{runs_dir}: no run with an encoder/ folder; pretrain first (accelerate launch pretrain.py)")
+    return max(runs, key=lambda p: p.stat().st_mtime).parent.parent
+
+
+def resolve_encoder(recipe: EvalRecipe) -> tuple[Path, Path]:
+    """(run folder, encoder folder) for ``recipe.run``."""
+    run = Path(recipe.run) if recipe.run else newest_run(recipe.runs_dir)
+    if not run.exists():
+        raise RunError(f"{run}: no such run or encoder folder")
+    encoder = run / "encoder" if (run / "encoder").is_dir() else run
+    return (run if encoder != run else run.parent), encoder
+
+
+def stream_for(encoder_cfg, recipe: EvalRecipe) -> StreamConfig:
+    """An eval stream cut for the encoder's clip geometry."""
+    base = StreamConfig(frames=encoder_cfg.frames, img_size=encoder_cfg.img_size, tubelet=encoder_cfg.tubelet,
+                        patch=encoder_cfg.patch, mean=tuple(encoder_cfg.pixel_mean[:3]),
+                        std=tuple(encoder_cfg.pixel_std[:3]), seed=recipe.seed)
+    return eval_stream_config(base, recipe.batch_size, recipe.num_workers)
+
+
+def encoders_to_compare(encoder_folder: Path, recipe: EvalRecipe):
+    """[(row name, encoder module, encoder id)]: the run's encoder, then the references."""
+    from mgfm.model.hf import encoder_checksum, load_encoder_hf
+    from mgfm.model.videomae import build_encoder
+
+    encoder, cfg = load_encoder_hf(encoder_folder)
+    rows = [("pretrained", encoder, encoder_checksum(encoder_folder))]
+    if recipe.references:
+        torch.manual_seed(recipe.seed)
+        rows.append(("random init", build_encoder(cfg), f"random-init:{cfg.size}:{cfg.dim}x{cfg.depth}:seed{recipe.seed}"))
+        pixels = PixelEncoder()
+        rows.append(("raw pixels", pixels, f"pixels:{pixels.frames}x{pixels.size}"))
+    return rows, cfg
+
+
+def probe_scores(train: FeatureSet, test: FeatureSet, class_names: list[str], exclude: list[int],
+                 cfg: ProbeConfig) -> tuple[dict, np.ndarray]:
+    probe = train_probe(train, len(class_names), cfg)
+    test = test.labelled().require("probe test split", train.dim)
+    logits = predict(probe, test)
+    return classification_metrics(logits, test.labels, class_names, exclude), logits
+
+
+def evaluate(recipe: EvalRecipe) -> dict:
+    """Run the whole evaluation; returns the report dict (also written to disk)."""
+    from mgfm.shards.manifest import load_manifest
+
+    run_dir, encoder_folder = resolve_encoder(recipe)
+    manifest = load_manifest(recipe.shards)
+    class_names = list(manifest["class_names"])
+    exclude = [class_names.index(c) for c in recipe.exclude_classes if c in class_names]
+    out = Path(recipe.out) if recipe.out else run_dir / "eval" / Path(recipe.shards.rstrip("/")).name
+    cache = run_dir / "features"
+    encoders, cfg = encoders_to_compare(encoder_folder, recipe)
+    stream = stream_for(cfg, recipe)
+
+    results: dict[str, dict] = {}
+    for name, encoder, encoder_id in encoders:
+        log.info("features for %s", name)
+        feats = {split: split_features(None, recipe.shards, split, stream, cache, recipe.views, encoder=encoder,
+                                       encoder_id=encoder_id) for split in (recipe.train_split, recipe.test_split)}
+        metrics, _ = probe_scores(feats[recipe.train_split], feats[recipe.test_split], class_names, exclude,
+                                  recipe.probe)
+        entry = {"probe": metrics, "feature_dim": feats[recipe.test_split].dim}
+        if recipe.kmeans:
+            test = feats[recipe.test_split].labelled()
+            entry["kmeans"] = kmeans_scores(test.features, test.labels, seed=recipe.seed)
+        results[name] = entry
+        if name == "pretrained":
+            plot_confusion(metrics["confusion"], class_names, out / "confusion_pretrained.png")
+
+    report = {
+        "run": str(run_dir), "encoder": str(encoder_folder), "shards": recipe.shards,
+        "splits": {"train": recipe.train_split, "test": recipe.test_split}, "views": recipe.views,
+        "probe_config": dataclasses.asdict(recipe.probe), "results": results,
+    }
+    headers, rows = summary_rows(results, bool(exclude))
+    markdown = (f"Run `{run_dir}`, shards `{recipe.shards}` (train on `{recipe.train_split}`, test on "
+                f"`{recipe.test_split}`), {recipe.views} temporal view(s) per clip.\n\n## Linear probe and k-means\n\n"
+                + markdown_table(headers, rows)
+                + "\n\n![confusion matrix](confusion_pretrained.png)\n\n## Per-class accuracy (pretrained)\n\n"
+                + per_class_table(results["pretrained"]["probe"]))
+    write_report(out, report, markdown, "Frozen-encoder recognition")
+    print(format_table(headers, rows))
+    print(f"report: {out / 'report.md'}")
+    return report
+
+
+def summary_rows(results: dict[str, dict], has_without: bool) -> tuple[list[str], list[list]]:
+    headers = ["encoder", "top1", "top5", "mean class acc"]
+    if has_without:
+        headers += ["top1 w/o excl.", "mean class acc w/o excl."]
+    headers += ["k-means acc", "NMI", "ARI"]
+    rows = []
+    for name, entry in results.items():
+        probe = entry["probe"]
+        row = [name, probe["top1"], probe["top5"], probe["mean_class_accuracy"]]
+        if has_without:
+            row += [probe["without"]["top1"], probe["without"]["mean_class_accuracy"]]
+        km = entry.get("kmeans") or {}
+        row += [km.get("clustering_accuracy"), km.get("nmi"), km.get("ari")]
+        rows.append(row)
+    return headers, rows
+
+
+def per_class_table(probe: dict) -> str:
+    rows = [[name, v["support"], v["accuracy"]] for name, v in probe["per_class"].items()]
+    return markdown_table(["class", "test clips", "accuracy"], rows)
