@@ -8,9 +8,10 @@ TORCH_SPEC ?= torch==2.13.0
 DATA ?= data/synthetic
 SHARDS ?= shards/synthetic
 RUN ?=
+ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test shards pretrain linear-probe finetune retrieval emotion bench clean
+.PHONY: setup demo test shards pretrain linear-probe bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +23,21 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m mgfm.demo --data $(DATA)
+	$(PY) -m mgfm.demo --data $(DATA) --shards $(SHARDS) $(ARGS)
+
+shards: setup
+	$(PY) -m mgfm.demo --data $(DATA) --shards $(SHARDS) --until shards
+
+pretrain: setup
+	$(VENV)/bin/accelerate launch --config_file recipes/accelerate/single_cpu.yaml pretrain.py shards=$(SHARDS) $(ARGS)
+
+linear-probe: setup
+	$(PY) eval/linear_probe.py $(if $(RUN),run=$(RUN)) shards=$(SHARDS) $(ARGS)
+
+bench: setup
+	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/bench_pretrain.py
+	$(PY) benchmarks/bench_retrieval.py
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
