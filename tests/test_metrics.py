@@ -16,7 +16,7 @@ NAMES = ["c0", "c1", "c2", "c3", "c4", "c5"]
 LABELS = np.array([0, 0, 1, 1, 2, 5])
 SCORES = np.array([
     [0.90, 0.02, 0.02, 0.02, 0.02, 0.02],  # true 0: rank 0, predicted 0
-    [0.10, 0.50, 0.10, 0.10, 0.10, 0.10],  # true 0: only c1 ahead (ties with c2..c5 rank after c0) -> rank 1, predicted 1
+    [0.10, 0.50, 0.10, 0.10, 0.10, 0.10],  # true 0: c1 ahead; ties c2..c5 rank after c0 -> rank 1, pred 1
     [0.00, 0.60, 0.10, 0.10, 0.10, 0.10],  # true 1: rank 0
     [0.50, 0.00, 0.10, 0.10, 0.10, 0.20],  # true 1: all 5 others ahead -> rank 5 (top-5 miss), predicted 0
     [0.30, 0.30, 0.30, 0.05, 0.05, 0.00],  # true 2: tied with c0, c1 (lower ids win) -> rank 2, predicted 0

@@ -71,7 +71,8 @@ def clustering_scores(assign: np.ndarray, labels: np.ndarray) -> dict:
     if assign.shape != labels.shape or assign.ndim != 1 or len(labels) == 0:
         raise FeatureError(f"assignments {assign.shape} and labels {labels.shape} must be equal non-empty (N,)")
     if (labels < 0).any():
-        raise FeatureError(f"{int((labels < 0).sum())} unlabelled samples (label -1): drop them first (FeatureSet.labelled())")
+        raise FeatureError(f"{int((labels < 0).sum())} unlabelled samples (label -1): "
+                           "drop them first (FeatureSet.labelled())")
     clusters, a = np.unique(assign, return_inverse=True)
     classes, y = np.unique(labels, return_inverse=True)
     table = np.zeros((len(clusters), len(classes)), dtype=np.int64)
@@ -100,7 +101,8 @@ def kmeans_scores(features: np.ndarray, labels: np.ndarray, n_clusters: int | No
     if features.ndim != 2 or len(features) != len(labels):
         raise FeatureError(f"features {features.shape} and labels {labels.shape} must have the same N")
     if (labels < 0).any():
-        raise FeatureError(f"{int((labels < 0).sum())} unlabelled samples (label -1): drop them first (FeatureSet.labelled())")
+        raise FeatureError(f"{int((labels < 0).sum())} unlabelled samples (label -1): "
+                           "drop them first (FeatureSet.labelled())")
     k = int(n_clusters) if n_clusters is not None else int(len(np.unique(labels)))
     assign = kmeans_assign(features, k, seed=seed, n_init=n_init, n_iter=n_iter, spherical=spherical)
     out = clustering_scores(assign, labels)
