@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mgfm.data.masking import TokenGrid
+from mgfm.model.contrastive import ClipContrast
 
 IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
@@ -90,6 +91,9 @@ class ModelConfig:
     pixel_mean: tuple[float, ...] = IMAGENET_MEAN
     pixel_std: tuple[float, ...] = IMAGENET_STD
     grad_checkpointing: bool = False
+    # Pretraining only (not part of the exported encoder): weight of the clip-contrast term (0 = pure VideoMAE).
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.1
 
     def __post_init__(self) -> None:
         size = self.size.upper() if self.size.lower() in ("s", "b", "l", "h") else self.size
@@ -443,6 +447,8 @@ class PretrainOutput:
     target: torch.Tensor
     target_index: torch.Tensor
     visible_index: torch.Tensor = field(repr=False)
+    reconstruction_loss: torch.Tensor | None = None
+    contrastive_loss: torch.Tensor | None = None
 
 
 class MaskedVideoModel(nn.Module):
@@ -453,9 +459,13 @@ class MaskedVideoModel(nn.Module):
         self.cfg = cfg
         self.encoder = VideoEncoder(cfg)
         self.decoder = PixelDecoder(cfg)
+        self.contrast = None
+        if cfg.contrastive_weight > 0:
+            self.contrast = ClipContrast(cfg.dim, temperature=cfg.contrastive_temperature)
 
     def forward(self, video: torch.Tensor, encoder_mask: torch.Tensor,
-                decoder_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, PretrainOutput]:
+                decoder_mask: torch.Tensor | None = None,
+                group: torch.Tensor | None = None) -> tuple[torch.Tensor, PretrainOutput]:
         """One pretraining forward.
 
         Args:
@@ -463,10 +473,13 @@ class MaskedVideoModel(nn.Module):
             encoder_mask: bool ``(B, N)``, True = hidden from the encoder; equal count per sample.
             decoder_mask: bool ``(B, N)``, True = masked token to reconstruct (subset of
                 ``encoder_mask``, equal count per sample); None = every encoder-masked token.
+            group: int ``(B,)`` clip identity of each row (views of one clip share it); used by the
+                contrastive term when ``cfg.contrastive_weight > 0`` (see :mod:`mgfm.model.contrastive`).
 
         Returns:
             ``(loss, out)``: scalar fp32 MSE over the ``Nt`` reconstructed tokens (all of their
-            ``P = C*tubelet*patch*patch`` values), and a :class:`PretrainOutput`.
+            ``P = C*tubelet*patch*patch`` values), plus ``contrastive_weight`` x the contrastive loss
+            when enabled, and a :class:`PretrainOutput`.
         """
         patches = self.encoder.patchify(video)
         visible, target_index = mask_indices(encoder_mask.to(patches.device),
@@ -475,8 +488,14 @@ class MaskedVideoModel(nn.Module):
         pred = self.decoder(tokens, visible, target_index)
         with torch.no_grad():
             target = pixel_targets(_gather_tokens(patches, target_index), self.cfg)
-        loss = F.mse_loss(pred.float(), target)
-        return loss, PretrainOutput(pred=pred, target=target, target_index=target_index, visible_index=visible)
+        reconstruction = F.mse_loss(pred.float(), target)
+        loss, contrastive = reconstruction, None
+        if self.contrast is not None and group is not None:
+            contrastive = self.contrast(tokens, group.to(tokens.device))
+            loss = reconstruction + self.cfg.contrastive_weight * contrastive
+        return loss, PretrainOutput(pred=pred, target=target, target_index=target_index, visible_index=visible,
+                                    reconstruction_loss=reconstruction.detach(),
+                                    contrastive_loss=None if contrastive is None else contrastive.detach())
 
     def features(self, video: torch.Tensor) -> torch.Tensor:
         """``(B, T, C, H, W)`` -> ``(B, D)``; see :meth:`VideoEncoder.features`."""

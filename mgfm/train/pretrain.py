@@ -103,6 +103,7 @@ def ensure_default_data(recipe: PretrainRecipe) -> None:
 def run(recipe: PretrainRecipe) -> Path:
     """Pretrain as the recipe says; returns the run directory."""
     from mgfm.data.stream import make_loader
+    from mgfm.model.contrastive import group_ids
     from mgfm.model.hf import init_encoder_from_hf, save_encoder_hf
     from mgfm.model.videomae import build_pretraining_model, param_groups
 
@@ -178,9 +179,9 @@ def run(recipe: PretrainRecipe) -> Path:
             video = batch["video"].to(device, non_blocking=True)
             enc_mask = batch["encoder_mask"].to(device)
             dec_mask = batch["decoder_mask"].to(device) if batch.get("decoder_mask") is not None else None
+            group = group_ids(batch["clip_id"], device)
             with accelerator.accumulate(model):
-                loss = model(video, enc_mask, dec_mask)
-                loss = loss[0] if isinstance(loss, tuple) else loss
+                loss, out = model(video, enc_mask, dec_mask, group)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
                 accelerator.backward(loss)
@@ -207,6 +208,9 @@ def run(recipe: PretrainRecipe) -> Path:
                 writer.add_scalar("train/loss", loss_value, step)
                 writer.add_scalar("train/lr", lr, step)
                 writer.add_scalar("train/clips_per_s", rate, step)
+                if out.contrastive_loss is not None:
+                    writer.add_scalar("train/reconstruction_loss", out.reconstruction_loss.item(), step)
+                    writer.add_scalar("train/contrastive_loss", out.contrastive_loss.item(), step)
                 history.append({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr})
                 _append_history(run_dir / "metrics.jsonl", history[-1])
             if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step < total_steps:

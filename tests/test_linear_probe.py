@@ -1,0 +1,191 @@
+"""Frozen-encoder features (cache, exactly once under 2 processes), the linear probe, the probe report,
+and one-line errors for bad runs, widths and splits."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mgfm.data.stream import StreamConfig
+from mgfm.evaluate.features import eval_stream_config, split_features
+from mgfm.evaluate.featureset import FeatureError, FeatureSet
+from mgfm.evaluate.probe import ProbeConfig, predict, train_probe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny_encoder_folder(folder: Path) -> Path:
+    from mgfm.model.hf import save_encoder_hf
+    from mgfm.model.videomae import ModelConfig, build_encoder
+
+    torch.manual_seed(0)
+    encoder = build_encoder(ModelConfig(size="custom", img_size=32, frames=4, dim=32, depth=1, heads=2,
+                                        decoder_dim=16, decoder_depth=1, decoder_heads=1))
+    save_encoder_hf(encoder, folder)
+    return folder
+
+
+def _stream() -> StreamConfig:
+    return eval_stream_config(StreamConfig(frames=4, img_size=32), batch_size=2, num_workers=0)
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"clip_id": f"c{i}", "label": i % 2} for i in range(n)]
+
+
+def test_probe_separates_a_linearly_separable_problem():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)
+    centres = np.array([[5.0, 0, 0, 0], [0, 5.0, 0, 0], [0, 0, 5.0, 0]])
+    x = centres[labels] + rng.normal(0, 0.5, (300, 4))
+    rows = [{"clip_id": f"c{i}", "label": int(y)} for i, y in enumerate(labels)]
+    train, test = FeatureSet(x[:200], rows[:200]), FeatureSet(x[200:], rows[200:])
+    probe = train_probe(train, 3, ProbeConfig(epochs=30, lr=0.05))
+    assert (predict(probe, test).argmax(1) == test.labels).mean() == 1.0
+
+
+def test_probe_hand_checked_tiny_case():
+    """Two 1-d clusters at -1 and +1: the probe must put the boundary between them."""
+    x = np.array([[-1.0], [-1.1], [-0.9], [1.0], [1.1], [0.9]])
+    rows = [{"clip_id": str(i), "label": int(i >= 3)} for i in range(6)]
+    probe = train_probe(FeatureSet(x, rows), 2, ProbeConfig(epochs=200, lr=0.1, batch_size=6))
+    test = FeatureSet(np.array([[-2.0], [-0.5], [0.5], [2.0]]), [{"clip_id": str(i), "label": 0} for i in range(4)])
+    assert predict(probe, test).argmax(1).tolist() == [0, 0, 1, 1]
+
+
+def test_balanced_weighting_helps_the_rare_class():
+    rng = np.random.default_rng(1)
+    labels = np.array([0] * 190 + [1] * 10)
+    x = np.where(labels[:, None] == 1, 0.8, 0.0) + rng.normal(0, 0.5, (200, 2))
+    rows = [{"clip_id": str(i), "label": int(y)} for i, y in enumerate(labels)]
+    train = FeatureSet(x, rows)
+    plain = train_probe(train, 2, ProbeConfig(epochs=50))
+    balanced = train_probe(train, 2, ProbeConfig(epochs=50, class_weighting="balanced"))
+    rare = FeatureSet(x[labels == 1], [r for r in rows if r["label"] == 1])
+    assert (predict(balanced, rare).argmax(1) == 1).mean() > (predict(plain, rare).argmax(1) == 1).mean()
+
+
+def test_featureset_errors_are_one_line():
+    with pytest.raises(FeatureError, match="empty split"):
+        FeatureSet(np.zeros((0, 4)), []).require("test split")
+    with pytest.raises(FeatureError, match="features are 4-d, expected 8-d"):
+        FeatureSet(np.zeros((2, 4)), _rows(2)).require("test split", 8)
+    with pytest.raises(FeatureError, match="2 feature rows but 3 clip rows"):
+        FeatureSet(np.zeros((2, 4)), _rows(3))
+    with pytest.raises(ValueError, match="class_weighting"):
+        train_probe(FeatureSet(np.zeros((4, 2)), _rows(4)), 2, ProbeConfig(class_weighting="inverse"))
+
+
+def test_features_are_cached_by_encoder_and_never_stale(tmp_path, tiny_shards):
+    folder = _tiny_encoder_folder(tmp_path / "encoder")
+    first = split_features(folder, tiny_shards, "train", _stream(), tmp_path / "cache")
+    assert len(first) == 6 and first.dim == 32
+    assert first.clip_ids == sorted(first.clip_ids)
+    cached = list((tmp_path / "cache").glob("*.json"))
+    assert len(cached) == 1
+    again = split_features(folder, tiny_shards, "train", _stream(), tmp_path / "cache")
+    np.testing.assert_array_equal(first.features, again.features)
+
+    # A retrained encoder (other weights, other checksum) must not reuse the cache.
+    from mgfm.model.hf import load_encoder_hf, save_encoder_hf
+
+    encoder, _ = load_encoder_hf(folder)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(0.05)
+    save_encoder_hf(encoder, folder)
+    changed = split_features(folder, tiny_shards, "train", _stream(), tmp_path / "cache")
+    assert not np.allclose(changed.features, first.features)
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+WORKER = """
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from mgfm.data.stream import StreamConfig
+from mgfm.evaluate.features import encode_split, eval_stream_config
+from mgfm.model.hf import load_encoder_hf
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+encoder, _ = load_encoder_hf({encoder!r})
+seen = []
+def features(video):
+    return encoder.features(video)
+cfg = eval_stream_config(StreamConfig(frames=4, img_size=32), batch_size=2, num_workers=1)
+from mgfm.data.stream import make_loader
+loader, _ = make_loader({shards!r}, "test", cfg, mode="eval")
+local = [c for batch in loader for c in batch["clip_id"]]
+result = encode_split(features, {shards!r}, "test", cfg, progress=False)
+json.dump({{"local": local, "all": result.clip_ids, "sum": float(result.features.sum())}}, open({out!r} + str(rank), "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_features_exactly_once_under_two_processes(tmp_path, tiny_shards):
+    folder = _tiny_encoder_folder(tmp_path / "encoder")
+    out = str(tmp_path / "rank")
+    script = WORKER.format(tests=str(REPO / "tests"), port=_free_port(), encoder=str(folder), shards=str(tiny_shards),
+                           out=out)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], cwd=REPO) for r in (0, 1)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    results = [json.loads(Path(out + str(r)).read_text()) for r in (0, 1)]
+    local0, local1 = set(results[0]["local"]), set(results[1]["local"])
+    assert local0 and local1 and not local0 & local1, "each rank must encode different clips"
+
+    single = split_features(folder, tiny_shards, "test", _stream())
+    for r in results:
+        assert r["all"] == single.clip_ids, "every clip exactly once, same order as one process"
+        assert abs(r["sum"] - float(single.features.sum())) < 1e-3
+    assert set(single.clip_ids) == local0 | local1
+
+
+def test_linear_probe_report_and_references(tmp_path, tiny_shards):
+    from mgfm.evaluate.linear_probe import EvalRecipe, evaluate
+
+    run = tmp_path / "run"
+    _tiny_encoder_folder(run / "encoder")
+    report = evaluate(EvalRecipe(run=str(run), shards=str(tiny_shards), num_workers=0, batch_size=4,
+                                 probe=ProbeConfig(epochs=5)))
+    assert set(report["results"]) == {"pretrained", "random init", "raw pixels"}
+    probe = report["results"]["pretrained"]["probe"]
+    assert probe["n"] == 6 and 0.0 <= probe["top1"] <= 1.0
+    out = run / "eval" / tiny_shards.name
+    assert json.loads((out / "report.json").read_text())["results"]["pretrained"]["probe"]["n"] == 6
+    assert "Linear probe" in (out / "report.md").read_text()
+    assert (out / "confusion_pretrained.png").stat().st_size > 1000
+
+
+def _probe_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "eval/linear_probe.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_not_an_encoder_is_one_line_error(tmp_path, tiny_shards):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hello")
+    result = _probe_cli(f"run={tmp_path / 'junk'}", f"shards={tiny_shards}")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("eval/linear_probe.py: error:") and "junk" in last
+
+
+def test_empty_split_is_one_line_error(tmp_path, tiny_shards):
+    run = tmp_path / "run"
+    _tiny_encoder_folder(run / "encoder")
+    result = _probe_cli(f"run={run}", f"shards={tiny_shards}", "test_split=val", "num_workers=0")
+    assert result.returncode == 2
+    assert "val" in result.stderr.strip().splitlines()[-1]
