@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from mgfm.evaluate.pixel_baseline import (clip_features, fit_and_score, mean_class_accuracy, pixel_features,
-                                          sample_indices)
+from mgfm.evaluate.pixel_baseline import (clip_features, fit_and_score, mean_class_accuracy, motion_features,
+                                          pixel_features, sample_indices)
 
 
 def test_pixel_features_shape_range_and_sampling():
@@ -23,6 +23,17 @@ def test_pixel_features_shape_range_and_sampling():
     with pytest.raises(ValueError, match="T, H, W, 3"):
         pixel_features(np.zeros((4, 8, 8), np.uint8))
     assert list(sample_indices(10, 3)) == [0, 4, 9]
+
+
+def test_motion_features_see_movement_not_appearance():
+    still = np.full((10, 32, 32, 3), 200, np.uint8)
+    assert motion_features(still).shape == (7 * 16 * 16,) and not motion_features(still).any()
+    moving = still.copy()
+    for t in range(10):
+        moving[t, 8:16, 2 * t:2 * t + 8] = 0
+    m = motion_features(moving)
+    recoloured = moving // 2  # another look, same movement: the same map
+    assert m.max() == pytest.approx(1.0) and np.allclose(m, motion_features(recoloured), atol=0.05)
 
 
 def test_clip_features_decode_the_clip_span_and_skip_broken_videos(tiny_index, tmp_path):

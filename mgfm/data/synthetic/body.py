@@ -238,11 +238,12 @@ class Skeleton:
         self.look = lk
         self.torso_roll = r = pose.torso_roll
         c, s = math.cos(r), math.sin(r)
-        bx, by = 0.35 * pose.torso_dx, 0.0
-        top = lk.torso_len
-        nx = bx - s * -top + pose.torso_dx * 0.65
-        ny = by + c * -top + pose.torso_dy
-        self.base = (bx, by)
+        # The trunk pivots about its base (which slides a little with the sway); the neck base sits
+        # torso_len above it, rotated by the roll, plus the rest of the sway and the vertical shift.
+        bx = 0.35 * pose.torso_dx
+        self.base = (bx, 0.0)
+        nx = bx + s * lk.torso_len + 0.65 * pose.torso_dx
+        ny = -c * lk.torso_len + pose.torso_dy
         self.neck_base = (nx, ny)
         half = lk.shoulder_half * (1.0 + pose.chest)
         self.shoulders = (

@@ -46,7 +46,7 @@ CSV_COLUMNS = ("video_id", "label_id", "start_time", "start_frame", "end_time", 
 
 @dataclass
 class GenerationStats:
-    """What one :func:`generate_with_stats` call did. Times are seconds; *_s sums are over all workers."""
+    """What one :func:`generate_with_stats` call did. ``render_s``/``encode_s``: CPU seconds summed over workers."""
 
     csv_path: Path
     videos_rendered: int = 0
@@ -63,7 +63,7 @@ class GenerationStats:
         core_render = self.frames / max(self.render_s, 1e-9)
         core_total = self.frames / max(self.render_s + self.encode_s, 1e-9)
         return (f"rendered {self.frames} frames ({self.videos_rendered} videos) in {self.wall_s:.1f} s with "
-                f"{self.workers} worker(s) = {self.frames / max(self.wall_s, 1e-9):.0f} frames/s; per core: render "
+                f"{self.workers} worker(s) = {self.frames / max(self.wall_s, 1e-9):.0f} frames/s; per CPU core: render "
                 f"{core_render:.0f} frames/s, render+encode {core_total:.0f} frames/s "
                 f"(encode share {self.encode_s / max(self.render_s + self.encode_s, 1e-9):.0%})")
 
@@ -92,7 +92,10 @@ def render_frames(video: VideoPlan, look: SubjectLook, config: SyntheticConfig) 
 
 
 def render_video(video: VideoPlan, look: SubjectLook, config: SyntheticConfig, path: Path) -> tuple[int, float, float]:
-    """Render and encode one video to ``path`` (atomic) -> (frames, render seconds, encode seconds)."""
+    """Render and encode one video to ``path`` (atomic) -> (frames, render CPU seconds, encode CPU seconds).
+
+    CPU time of this process, so the per-core speed it gives is not skewed by other load on the machine.
+    """
     import cv2
 
     from mgfm.data.video_io import VideoWriter
@@ -102,19 +105,20 @@ def render_video(video: VideoPlan, look: SubjectLook, config: SyntheticConfig, p
     writer = VideoWriter(path, config.fps, config.height, config.frame_width, crf=config.crf)
     frames = render_frames(video, look, config)
     n = 0
+    clock = time.process_time
     while True:
-        t0 = time.perf_counter()
+        t0 = clock()
         frame = next(frames, None)
-        t1 = time.perf_counter()
+        t1 = clock()
         render_s += t1 - t0
         if frame is None:
             break
         writer.write(frame)
-        encode_s += time.perf_counter() - t1
+        encode_s += clock() - t1
         n += 1
-    t0 = time.perf_counter()
+    t0 = clock()
     writer.close()
-    encode_s += time.perf_counter() - t0
+    encode_s += clock() - t0
     return n, render_s, encode_s
 
 

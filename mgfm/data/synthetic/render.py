@@ -54,16 +54,19 @@ class FigureRenderer:
         self.bg = self._background(rng, gain)
         self.fg, mask, self.fg_y0 = self._foreground(gain)
         self.fg_where = mask[:, :, None] > 0  # (H, W, 1) bool
-        self.px = lambda v: max(1, int(round(v * self.s)))
-        self.arm_px = self.px(lk.arm_w)
-        self.fore_px = self.px(lk.arm_w * 0.85)
-        self.neck_px = self.px(lk.neck_w)
+        self.arm_px = self._px(lk.arm_w)
+        self.fore_px = self._px(lk.arm_w * 0.85)
+        self.neck_px = self._px(lk.neck_w)
         self.finger_px = max(1, int(round(self.s * 0.06)))
 
     # ------------------------------------------------------------------ coordinates
     def p(self, x: float, y: float) -> tuple[int, int]:
         """Body units -> fixed-point pixel coordinates (for ``shift=SHIFT``)."""
         return int(round((self.ox + self.s * x) * ONE)), int(round((self.oy + self.s * y) * ONE))
+
+    def _px(self, v: float) -> int:
+        """A length in units -> whole pixels (>= 1), for line thickness."""
+        return max(1, int(round(v * self.s)))
 
     def axes(self, a: float, b: float) -> tuple[int, int]:
         return max(ONE, int(round(a * self.s * ONE))), max(ONE, int(round(b * self.s * ONE)))
