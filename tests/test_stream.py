@@ -28,7 +28,8 @@ from mgfm.data.sampling import sample_indices
 from mgfm.data.stream import (IMAGENET_MEAN, IMAGENET_STD, ShardRef, ShardTask, StreamConfig, assign_shards, make_loader,
                               resolve_shards, split_tasks)
 from mgfm.data.video_io import decode_frames
-from mgfm.data.transforms import CropBox, centre_crop_box, crop_resize, multiscale_crop_box, to_tensor
+from mgfm.data.transforms import (CropBox, centre_crop_box, crop_resize, crop_resize_planar, multiscale_crop_box,
+                                  normalise_into, normalise_video, to_planar, to_tensor)
 from mgfm.shards import BuildConfig, build_shards
 
 TRAIN_KEYS = sorted(f"{v}_{s:07d}_{e:07d}" for v, s, e, _ in TINY_CLIPS if v in ("v0", "v1"))
@@ -87,12 +88,23 @@ def test_crops_resize_and_normalise():
     assert out.shape == (4, 16, 16, 3) and out.min() == 200
     flipped = crop_resize(frames, CropBox(0, 16, 48, 32, flip=True), 16)
     assert flipped[0, 0, -1, 0] == 200 and flipped[0, 0, 0, 0] == 0
-    long_clip = np.repeat(frames, 50, axis=0)  # 200 frames x 3 channels: resized in chunks
-    assert crop_resize(long_clip, CropBox(0, 0, 48, 48), 24).shape == (200, 24, 24, 3)
+    assert crop_resize(frames, CropBox(0, 0, 48, 48), 24).shape == (4, 24, 24, 3)  # shrinking 2x: area
+    noisy = np.random.default_rng(3).integers(0, 256, (5, 48, 64, 3), dtype=np.uint8)
+    for box in (CropBox(3, 7, 40, 36), CropBox(0, 8, 48, 48, flip=True), CropBox(8, 8, 32, 32)):
+        picks = [4, 0, 2]
+        planar = crop_resize_planar(noisy, box, 32, np.empty((3, 3, 32, 32), np.uint8), picks)
+        assert np.array_equal(planar, to_planar(crop_resize(noisy[picks], box, 32)))
     x = to_tensor(out, IMAGENET_MEAN, IMAGENET_STD)
     assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32
     expected = (200 / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     assert np.allclose(x[0, :, 0, 0].numpy(), expected, atol=1e-5)
+    noisy = np.random.default_rng(2).integers(0, 256, (2, 4, 8, 10, 3), dtype=np.uint8)
+    planar = np.stack([to_planar(clip) for clip in noisy])
+    assert planar.shape == (2, 4, 3, 8, 10) and planar.flags.c_contiguous
+    out = normalise_into(planar, np.empty(planar.shape, np.float32), IMAGENET_MEAN, IMAGENET_STD)
+    for k in range(2):
+        assert np.allclose(out[k], to_tensor(noisy[k], IMAGENET_MEAN, IMAGENET_STD).numpy(), atol=1e-5)
+    assert np.allclose(normalise_video(torch.from_numpy(planar), IMAGENET_MEAN, IMAGENET_STD).numpy(), out, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- assignment
@@ -190,6 +202,14 @@ def _members(path: Path) -> dict[str, dict[str, bytes]]:
             key, _, ext = member.name.partition(".")
             out.setdefault(key, {})[ext] = tar.extractfile(member).read()
     return out
+
+
+def test_uint8_video_normalised_later_equals_float_video(tiny_shards):
+    floats = list(make_loader(tiny_shards, "test", small_cfg(), mode="eval", rank=0, world=1)[0])
+    raw = list(make_loader(tiny_shards, "test", small_cfg(video_dtype="uint8"), mode="eval", rank=0, world=1)[0])
+    for f, r in zip(floats, raw):
+        assert r["video"].dtype == torch.uint8 and r["video"].shape == f["video"].shape
+        assert torch.allclose(normalise_video(r["video"], IMAGENET_MEAN, IMAGENET_STD), f["video"], atol=1e-5)
 
 
 def test_eval_with_workers_is_exact_and_deterministic(tiny_shards):
@@ -366,3 +386,46 @@ def test_two_process_eval_stream_yields_each_sample_exactly_once(tiny_index, tmp
 def test_loader_length_and_index_helpers(tiny_shards):
     loader, _ = make_loader(tiny_shards, "train", small_cfg(batch_size=4, num_workers=2), mode="eval", rank=0, world=1)
     assert len(loader) == 2 == len(list(loader))  # one shard per worker, 3 clips -> batches of 3
+
+
+def test_unexpected_error_in_a_sample_is_counted_not_raised(tiny_shards, monkeypatch, caplog):
+    import mgfm.data.stream as stream_mod
+
+    real = stream_mod.crop_resize_planar
+    calls = {"n": 0}
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise TypeError("boom")
+        return real(*args)
+
+    monkeypatch.setattr(stream_mod, "crop_resize_planar", flaky)
+    keys, skips = eval_keys(tiny_shards, "test")
+    assert len(keys) == len(TEST_KEYS) - 1 and skips.samples == 1
+    assert skips.by_reason["unexpected error"] == 1 and "Traceback" in caplog.text
+
+
+def test_tar_reader_matches_tarfile_on_pax_gnu_and_truncated_tars():
+    from mgfm.data.stream import tar_members
+
+    members = [("a" * 120 + ".json", b"x" * 10), ("dir/" + "é" * 5 + ".mp4", b"y" * 700), ("__meta__", b"m"),
+               ("k.json", b"")]
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            for name, payload in members:
+                if fmt == tarfile.USTAR_FORMAT and len(name) > 100:
+                    name = "p" * 60 + "/" + name[:80]  # ustar: long names go through the prefix field
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+            folder = tarfile.TarInfo("folder")
+            folder.type = tarfile.DIRTYPE
+            tar.addfile(folder)
+        data = buf.getvalue()
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg() and m.name != "__meta__"]
+        assert [(m["fname"], m["data"]) for m in tar_members(io.BytesIO(data))] == expected
+        with pytest.raises(EOFError):
+            list(tar_members(io.BytesIO(data[:1500])))

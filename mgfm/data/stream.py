@@ -4,14 +4,17 @@
 :class:`torch.utils.data.DataLoader` (already batched) and the :class:`SkipCounter` it fills. A batch is
 a dict::
 
-    video          float32 (B*K, T, 3, S, S)  normalised frames (K = cfg.repeats in train, 1 in eval)
+    video          float32 (B*K, T, 3, S, S)  normalised frames (K = cfg.repeats in train, 1 in eval);
+                                              uint8 unnormalised with cfg.video_dtype="uint8"
     encoder_mask   bool    (B*K, N)           True = token hidden from the encoder (tube mask)
     decoder_mask   bool    (B*K, N)           True = masked token the decoder reconstructs
     label          int64   (B*K,)             class id, -1 when unlabelled
     clip_id        list[str] (B*K)
     meta           list[dict] (B*K)           the shard json (+ "shard": its URL)
 
-with ``N = (T / tubelet) * (S / patch)^2`` tokens in (t, h, w) order (see :mod:`mgfm.data.masking`).
+with ``N = (T / tubelet) * (S / patch)^2`` tokens in (t, h, w) order (see :mod:`mgfm.data.masking`);
+the K views of one clip are adjacent rows. ``cfg.batch_size`` counts clips, so a batch has
+``batch_size * K`` rows.
 
 Sources: a local shard folder (its ``manifest.json`` maps split -> shards), a manifest URL or a remote
 folder URL ending in ``/`` (``http(s)://``, ``s3://``, ...), a brace pattern (``shards/train-{000000..000009}.tar``,
@@ -43,6 +46,14 @@ flip is off by default: flipping swaps the hand a gesture is made with, which a 
 model may use (iMiGUE's and SMG's classes are side-agnostic, so ``flip=True`` is label-safe there).
 Repeated sampling (``repeats=K``) decodes a clip once and yields K crops + masks of it.
 
+Where the time goes (see ``benchmarks/bench_loader.py``; decoding is ~80% of it): a worker decodes a
+batch's clips back to back (the decoder is faster with warm caches), then crops and resizes them
+straight into a planar uint8 batch buffer. Batches cross the process boundary as uint8 and the main
+process converts them to normalised float32 (shared memory for 4x the bytes costs more than the
+conversion); with ``video_dtype="uint8"`` that step is left to the accelerator
+(:func:`mgfm.data.transforms.normalise_video`), which also moves 4x less over PCIe. In train mode the
+DataLoader takes batches from whichever worker is ready first (``in_order=False``).
+
 Errors: a sample with a bad json, a missing member or an undecodable video is skipped; a shard that
 cannot be opened or is truncated is abandoned where it breaks. Both are counted, never crash, never
 sleep. Counts travel to the main process inside the batches (and a final marker item per worker that
@@ -52,6 +63,8 @@ the loader drops), land in the :class:`SkipCounter`, and are logged when an epoc
 from __future__ import annotations
 
 import collections
+import inspect
+import itertools
 import json
 import logging
 import random
@@ -70,7 +83,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from mgfm.data.distributed import Slot, rank_world, worker_info
 from mgfm.data.masking import MaskGenerator, TokenGrid
 from mgfm.data.sampling import sample_indices
-from mgfm.data.transforms import centre_crop_box, crop_resize, multiscale_crop_box, to_tensor
+from mgfm.data.transforms import centre_crop_box, crop_resize_planar, multiscale_crop_box, normalise_into
 from mgfm.data.video_io import VideoDecodeError, decode_frames
 
 log = logging.getLogger(__name__)
@@ -97,6 +110,7 @@ class StreamConfig:
     eval_crop: float = 1.0  # eval: centre square of this fraction of the short side
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    video_dtype: Literal["float32", "uint8"] = "float32"  # uint8: unnormalised, 4x less to move (see finish_batch)
     backend: Literal["decord", "pyav"] = "decord"
     fallback_backend: Literal["decord", "pyav"] | None = "pyav"
     masks: bool = True  # add encoder/decoder masks to batches
@@ -111,7 +125,7 @@ class StreamConfig:
     shuffle_buffer: int = 256  # train: samples in the shuffle buffer
     seed: int = 0
     remote_commands: dict[str, str] = field(default_factory=lambda: {"s3": "aws s3 cp {url} -"})
-    prefetch_factor: int = 2
+    prefetch_factor: int = 4  # batches each worker may have ready ahead (uint8 frames: ~5 MB each at defaults)
     pin_memory: bool = False
     log_skips: int = 5  # per worker: skipped samples logged as warnings (the rest are counted only)
 
@@ -291,6 +305,7 @@ class _WorkerState:
         self.log_limit = log_limit
         self.read = 0  # raw samples read from shards
         self.failures_in_a_row = 0  # samples skipped since the last good one
+        self.unexpected = 0  # errors that are not a known kind of bad sample (logged with a traceback)
 
     def skip(self, kind: str, shard: str, key: str | None, reason: str, count: int = 1) -> None:
         rec = {"kind": kind, "shard": shard, "key": key, "reason": reason, "count": count}
@@ -366,7 +381,8 @@ class ClipStream(IterableDataset):
         stages.append(partial(_decode_stage, cfg=self.cfg, train=train, rng=rng, state=state,
                               max_failures=max_failures))
         limit = self.worker_batches(slot) if train else None
-        stages.append(partial(_batch_stage, cfg=self.cfg, state=state, limit=limit, partial_last=not train))
+        stages.append(partial(_batch_stage, cfg=self.cfg, train=train, rng=rng, state=state, limit=limit,
+                              partial_last=not train))
         return iter(wds.DataPipeline(*stages))
 
 
@@ -388,7 +404,7 @@ def _task_source(tasks: list[ShardTask], train: bool, rng: np.random.Generator, 
 def _read_shards(tasks: Iterable[ShardTask], state: _WorkerState) -> Iterator[dict]:
     """Open each task's shard (gopen), group tar members into samples, keep ``k % mod == rem``."""
     from webdataset.gopen import gopen
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+    from webdataset.tariterators import group_by_keys
 
     for task in tasks:
         url = task.shard.url
@@ -402,7 +418,7 @@ def _read_shards(tasks: Iterable[ShardTask], state: _WorkerState) -> Iterator[di
         kept = 0
         try:
             stream = gopen(url, "rb")
-            files = _with_url(tar_file_iterator(stream, handler=handler), url)
+            files = _with_url(tar_members(stream), url)
             for k, sample in enumerate(group_by_keys(files, handler=handler)):
                 if k % task.mod == task.rem:
                     sample["__shard__"] = url
@@ -431,35 +447,107 @@ def _with_url(files: Iterable[dict], url: str) -> Iterator[dict]:
         yield f
 
 
+_BLOCK = 512
+
+
+def tar_members(stream) -> Iterator[dict]:
+    """Regular files of a tar stream as ``{"fname", "data"}`` dicts, in order (what
+    ``webdataset.tariterators.tar_file_iterator`` yields, ~20x cheaper per member in pure Python).
+
+    Reads ustar/GNU headers sequentially from any file-like (local file, pipe, HTTP); honours PAX
+    ``path`` and GNU long-name records, skips directories, links and ``__meta__`` files. A stream that
+    ends inside a header or a member raises ``EOFError`` (a truncated shard)."""
+    long_name: str | None = None
+    while True:
+        header = _read_exact(stream, _BLOCK, allow_eof=True)
+        if header is None or header == bytes(_BLOCK):
+            return
+        try:
+            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        except ValueError:
+            raise ValueError(f"not a tar header (size field {header[124:136]!r})") from None
+        kind = header[156:157]
+        data = _read_exact(stream, size)
+        _read_exact(stream, -size % _BLOCK)
+        if kind == b"L":  # GNU long name for the next member
+            long_name = data.rstrip(b"\0").decode("utf-8")
+            continue
+        if kind == b"x":  # PAX extended header for the next member
+            long_name = _pax_path(data) or long_name
+            continue
+        name = long_name
+        long_name = None
+        if name is None:
+            name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
+            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
+            name = f"{prefix}/{name}" if prefix else name
+        if kind not in (b"0", b"\0", b"7") or (name.startswith("__") and name.endswith("__")):
+            continue
+        yield {"fname": name, "data": data}
+
+
+def _read_exact(stream, n: int, allow_eof: bool = False) -> bytes | None:
+    data = stream.read(n) if n else b""
+    while len(data) < n:
+        more = stream.read(n - len(data))
+        if not more:
+            if allow_eof and not data:
+                return None
+            raise EOFError(f"unexpected end of tar data ({len(data)} of {n} bytes)")
+        data += more
+    return data
+
+
+def _pax_path(data: bytes) -> str | None:
+    for record in data.split(b"\n"):
+        _, _, kv = record.partition(b" ")
+        key, eq, value = kv.partition(b"=")
+        if eq and key == b"path":
+            return value.decode("utf-8")
+    return None
+
+
 def _decode_stage(samples: Iterable[dict], cfg: StreamConfig, train: bool, rng: np.random.Generator,
-                  state: _WorkerState, max_failures: int) -> Iterator[list[dict]]:
-    """Raw sample -> list of K items {video (T,3,S,S), encoder_mask, decoder_mask, label, clip_id, meta}.
+                  state: _WorkerState, max_failures: int) -> Iterator[dict]:
+    """Raw sample -> decoded clip {frames uint8 (U,H,W,3), lookup (U,), views [K x (T,)], label, clip_id,
+    meta}: the union of the K views' frame indices decoded once.
 
     Train only: stops after ``max_failures`` bad samples in a row (a stream of nothing but corrupt
     samples would otherwise loop forever)."""
-    masker = MaskGenerator(cfg.grid, cfg.mask_ratio, cfg.decoder_keep_ratio) if cfg.masks else None
     repeats = cfg.repeats if train else 1
     for sample in samples:
-        key, shard = sample.get("__key__"), sample.get("__shard__", "?")
-        try:
-            items = _decode_one(sample, cfg, train, repeats, rng, masker)
-        except _SampleError as err:
-            state.skip("sample", shard, key, str(err))
-            state.failures_in_a_row += 1
-            if train and state.failures_in_a_row > max_failures:
-                log.error("stream: %d samples in a row failed to decode; stopping this worker", max_failures)
-                return
+        decoded = _guarded(state, sample.get("__key__"), sample.get("__shard__", "?"), _decode_one, sample, cfg,
+                           train, repeats, rng)
+        if decoded is not None:
+            state.failures_in_a_row = 0
+            yield decoded
             continue
-        state.failures_in_a_row = 0
-        yield items
+        state.failures_in_a_row += 1
+        if train and state.failures_in_a_row > max_failures:
+            log.error("stream: %d samples in a row failed; stopping this worker", max_failures)
+            return
+
+
+def _guarded(state: _WorkerState, key: str | None, shard: str, fn, *args):
+    """``fn(*args)``, or None after recording a skip: a sample must never end the stream. Errors that
+    are not a known kind of bad sample are also logged with a traceback (the first one per worker)."""
+    try:
+        return fn(*args)
+    except _SampleError as err:
+        state.skip("sample", shard, key, str(err))
+    except Exception as err:  # noqa: BLE001
+        if not state.unexpected:
+            log.exception("stream: unexpected error on sample %s of %s", key, shard)
+        state.unexpected += 1
+        state.skip("sample", shard, key, f"unexpected error: {type(err).__name__}: {str(err)[:200]}")
+    return None
 
 
 class _SampleError(Exception):
     """A sample that cannot be used (the message starts with a short reason tag)."""
 
 
-def _decode_one(sample: dict, cfg: StreamConfig, train: bool, repeats: int, rng: np.random.Generator,
-                masker: MaskGenerator | None) -> list[dict]:
+def _decode_one(sample: dict, cfg: StreamConfig, train: bool, repeats: int, rng: np.random.Generator) -> dict:
     key = sample.get("__key__")
     missing = [m for m in ("json", "mp4") if m not in sample]
     if missing:
@@ -468,43 +556,26 @@ def _decode_one(sample: dict, cfg: StreamConfig, train: bool, repeats: int, rng:
         meta = json.loads(sample["json"])
         label = int(meta.get("label", -1))
         n_frames = int(meta["n_frames"]) if "n_frames" in meta else None
-    except (ValueError, TypeError, UnicodeDecodeError) as err:
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as err:
         raise _SampleError(f"bad json: {err}") from None
-    if not isinstance(meta, dict):
-        raise _SampleError("bad json: not an object")
     if n_frames is not None and n_frames < 1:
         raise _SampleError(f"bad json: n_frames={n_frames}")
     meta["shard"] = sample.get("__shard__")
     mp4 = sample["mp4"]
-    whole: np.ndarray | None = None
     if n_frames is None:  # shards not written by mgfm: decode everything once to learn the length
-        whole = _decode(mp4, None, cfg)
-        n_frames = len(whole)
-    views = [sample_indices(n_frames, cfg.frames, cfg.stride_policy, cfg.stride, rng if train else None, cfg.pad)
-             for _ in range(repeats)]
-    if whole is None:
+        frames = _decode(mp4, None, cfg)
+        lookup = np.arange(len(frames))
+        views = [sample_indices(len(frames), cfg.frames, cfg.stride_policy, cfg.stride, rng if train else None,
+                                cfg.pad) for _ in range(repeats)]
+    else:
+        views = [sample_indices(n_frames, cfg.frames, cfg.stride_policy, cfg.stride, rng if train else None, cfg.pad)
+                 for _ in range(repeats)]
         lookup = np.unique(np.concatenate(views))
         frames = _decode(mp4, lookup, cfg)
         if len(frames) != len(lookup):
             raise _SampleError(f"decode error: got {len(frames)} frames for {len(lookup)} indices")
-    else:
-        frames, lookup = whole, np.arange(n_frames)
-    clip_id = str(meta.get("clip_id", key))
-    mask_rng = rng if train else np.random.default_rng([cfg.seed, zlib.crc32(clip_id.encode())])
-    items = []
-    _, h, w, _ = frames.shape
-    for view in views:
-        clip = frames[np.searchsorted(lookup, view)]
-        if train:
-            box = multiscale_crop_box(h, w, cfg.crop_scales, rng, cfg.max_distort, 0.5 if cfg.flip else 0.0)
-        else:
-            box = centre_crop_box(h, w, cfg.eval_crop)
-        item = {"video": to_tensor(crop_resize(clip, box, cfg.img_size), cfg.mean, cfg.std), "label": label,
-                "clip_id": clip_id, "meta": meta}
-        if masker is not None:
-            item["encoder_mask"], item["decoder_mask"] = masker(mask_rng)
-        items.append(item)
-    return items
+    return {"frames": frames, "lookup": lookup, "views": views, "label": label,
+            "clip_id": str(meta.get("clip_id", key)), "meta": meta}
 
 
 def _decode(mp4: bytes, indices: np.ndarray | None, cfg: StreamConfig) -> np.ndarray:
@@ -519,34 +590,72 @@ def _decode(mp4: bytes, indices: np.ndarray | None, cfg: StreamConfig) -> np.nda
             raise _SampleError(f"decode error: {first}; fallback: {second}") from None
 
 
-def _batch_stage(clips: Iterable[list[dict]], cfg: StreamConfig, state: _WorkerState, limit: int | None,
-                 partial_last: bool) -> Iterator[dict]:
-    """Collate ``batch_size`` clips (K items each) per batch; attach the skip records since the last
-    batch. Stops after ``limit`` batches (train). Ends with a marker carrying leftover skip records."""
-    pending: list[dict] = []
+def _make_views(clip: dict, cfg: StreamConfig, train: bool, rng: np.random.Generator,
+                masker: MaskGenerator | None, rows: np.ndarray) -> list[dict]:
+    """Decoded clip -> K views: frames cropped and resized into ``rows`` uint8 (K, T, 3, S, S) (rows of
+    the batch), and K items {encoder_mask, decoder_mask, label, clip_id, meta}."""
+    frames, lookup = clip["frames"], clip["lookup"]
+    mask_rng = rng if train else np.random.default_rng([cfg.seed, zlib.crc32(clip["clip_id"].encode())])
+    _, h, w, _ = frames.shape
+    items = []
+    for row, view in zip(rows, clip["views"]):
+        if train:
+            box = multiscale_crop_box(h, w, cfg.crop_scales, rng, cfg.max_distort, 0.5 if cfg.flip else 0.0)
+        else:
+            box = centre_crop_box(h, w, cfg.eval_crop)
+        crop_resize_planar(frames, box, cfg.img_size, row, np.searchsorted(lookup, view))
+        item = {"label": clip["label"], "clip_id": clip["clip_id"], "meta": clip["meta"]}
+        if masker is not None:
+            item["encoder_mask"], item["decoder_mask"] = masker(mask_rng)
+        items.append(item)
+    return items
+
+
+def _batch_stage(clips: Iterator[dict], cfg: StreamConfig, train: bool, rng: np.random.Generator,
+                 state: _WorkerState, limit: int | None, partial_last: bool) -> Iterator[dict]:
+    """Group ``batch_size`` decoded clips, crop their K views straight into the batch's frame buffer,
+    collate; attach the skip records since the last batch. Stops after ``limit`` batches (train). Ends
+    with a marker carrying leftover skip records.
+
+    The clips of a batch are decoded back to back and transformed afterwards: the decoder runs
+    measurably faster when crops and copies do not evict its caches between clips."""
+    masker = MaskGenerator(cfg.grid, cfg.mask_ratio, cfg.decoder_keep_ratio) if cfg.masks else None
+    repeats = cfg.repeats if train else 1
+    rows = cfg.batch_size * repeats
+    clips = iter(clips)
     emitted = 0
-    if limit == 0:
-        return
-    n_clips = 0
-    for items in clips:
-        pending.extend(items)
-        n_clips += 1
+    exhausted = limit == 0
+    buffer, items, n_clips = None, [], 0
+    while not exhausted:
+        if buffer is None:
+            buffer = np.empty((rows, cfg.frames, 3, cfg.img_size, cfg.img_size), dtype=np.uint8)
+        group = list(itertools.islice(clips, cfg.batch_size - n_clips))
+        exhausted = len(group) < cfg.batch_size - n_clips
+        for clip in group:
+            made = _guarded(state, clip["clip_id"], clip["meta"].get("shard", "?"), _make_views, clip, cfg, train, rng,
+                            masker, buffer[n_clips * repeats:(n_clips + 1) * repeats])
+            if made is not None:
+                items.extend(made)
+                n_clips += 1
         if n_clips == cfg.batch_size:
-            yield collate(pending, state.drain())
+            yield collate(items, buffer, state.drain())
             emitted += 1
-            pending, n_clips = [], 0
+            buffer, items, n_clips = None, [], 0
             if limit is not None and emitted >= limit:
                 break
-    if pending and partial_last:
-        yield collate(pending, state.drain())
+    if items and partial_last:
+        yield collate(items, buffer[: len(items)], state.drain())
     if state.pending:
         yield {"_marker": True, "skipped": state.drain()}
 
 
-def collate(items: list[dict], skipped: list[dict] | None = None) -> dict:
-    """Stack items into a batch dict (see the module docstring for keys and shapes)."""
+def collate(items: list[dict], frames: np.ndarray, skipped: list[dict] | None = None) -> dict:
+    """A worker-side batch: ``frames`` uint8 (N, T, 3, S, S) (already filled) plus the items' keys.
+
+    Frames cross the process boundary as uint8: mapping 4x more shared memory for float32 costs more
+    than converting in the main process (:func:`finish_batch`)."""
     batch: dict[str, Any] = {
-        "video": torch.stack([it["video"] for it in items]),
+        "frames": torch.from_numpy(frames),
         "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
         "clip_id": [it["clip_id"] for it in items],
         "meta": [it["meta"] for it in items],
@@ -555,6 +664,20 @@ def collate(items: list[dict], skipped: list[dict] | None = None) -> dict:
     if "encoder_mask" in items[0]:
         batch["encoder_mask"] = torch.from_numpy(np.stack([it["encoder_mask"] for it in items]))
         batch["decoder_mask"] = torch.from_numpy(np.stack([it["decoder_mask"] for it in items]))
+    return batch
+
+
+def finish_batch(batch: dict, cfg: StreamConfig) -> dict:
+    """Main process: ``frames`` uint8 (N,T,3,S,S) -> ``video``: float32 normalised with ``cfg.mean``/
+    ``cfg.std`` (into a fresh tensor), or the uint8 frames themselves when ``cfg.video_dtype == "uint8"``
+    (normalise on the accelerator with :func:`mgfm.data.transforms.normalise_video`)."""
+    frames = batch.pop("frames")
+    if cfg.video_dtype == "uint8":
+        batch["video"] = frames
+        return batch
+    video = torch.empty(frames.shape, dtype=torch.float32)
+    normalise_into(frames.numpy(), video.numpy(), cfg.mean, cfg.std)
+    batch["video"] = video
     return batch
 
 
@@ -575,7 +698,7 @@ class StreamLoader(DataLoader):
             self.counter.add(batch.pop("skipped", []))
             if batch.get("_marker"):
                 continue
-            yield batch
+            yield finish_batch(batch, self.dataset.cfg)
         ds: ClipStream = self.dataset  # type: ignore[assignment]
         if self.counter.total:
             log.warning("stream %s epoch %d rank %d: %s", ds.mode, ds.epoch, ds.rank, self.counter.summary())
@@ -586,6 +709,10 @@ class StreamLoader(DataLoader):
         if self._expected is None:
             raise TypeError("stream length unknown (shard sizes are not in a manifest)")
         return self._expected
+
+
+def _as_is(batch: dict) -> dict:
+    return batch
 
 
 def make_loader(source: str | Path | Sequence[str], split: str, cfg: StreamConfig, mode: str = "train",
@@ -605,8 +732,13 @@ def make_loader(source: str | Path | Sequence[str], split: str, cfg: StreamConfi
         batches = max(1, sum(s.samples for s in shards) // (world * cfg.batch_size))
     dataset = ClipStream(shards, cfg, mode, epoch, rank, world, batches)
     counter = SkipCounter()
-    kwargs: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": cfg.pin_memory}
+    # collate_fn: batches are made in the dataset; skip DataLoader's recursive conversion of them.
+    kwargs: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": cfg.pin_memory, "collate_fn": _as_is}
     if cfg.num_workers > 0:
         kwargs["prefetch_factor"] = cfg.prefetch_factor
+        # Train: take whichever worker's batch is ready (the order is random anyway), so one worker
+        # that the OS descheduled does not stall the others. Eval keeps the deterministic order.
+        if "in_order" in inspect.signature(DataLoader.__init__).parameters:  # torch >= 2.6
+            kwargs["in_order"] = mode != "train"
     return StreamLoader(dataset, counter, **kwargs), counter
 

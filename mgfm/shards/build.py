@@ -40,7 +40,7 @@ from mgfm.shards import manifest as mf
 log = logging.getLogger(__name__)
 
 # Tar member metadata: fixed so rebuilding a shard from the same inputs gives the same bytes.
-_TAR_MTIME = 0.0
+_TAR_MTIME = 0  # an int: a float mtime makes tarfile add a PAX header to every member
 _TAR_OWNER = "mgfm"
 
 
