@@ -204,14 +204,15 @@ def rss_child(args: argparse.Namespace) -> None:
 def peak_rss(shards: Path, batches: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--rss-child", "--shards", str(shards), "--rss-batches", str(batches),
            "--workers", str(args.workers), "--frames", str(args.frames), "--img-size", str(args.img_size),
-           "--batch-size", str(args.batch_size)]
+           "--batch-size", str(args.batch_size), "--video-dtype", args.video_dtype]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def stream_config(args: argparse.Namespace) -> StreamConfig:
     return StreamConfig(frames=args.frames, img_size=args.img_size, batch_size=args.batch_size,
-                        num_workers=args.workers, decoder_keep_ratio=0.5, seed=0, log_skips=0)
+                        num_workers=args.workers, decoder_keep_ratio=0.5, seed=0, log_skips=0,
+                        video_dtype=args.video_dtype)
 
 
 def main() -> None:
@@ -224,6 +225,8 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=112)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=0, help="worker processes on both sides (0: in-process)")
+    parser.add_argument("--video-dtype", choices=("float32", "uint8"), default="float32",
+                        help="stream output: normalised float32 (default) or uint8 left for the accelerator")
     parser.add_argument("--batches", type=int, default=24, help="batches per timed stream run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed runs per side")
     parser.add_argument("--rss-batches", type=int, default=20, help="batches of the 1x memory run")
@@ -264,6 +267,7 @@ def main() -> None:
         f"{args.workers} worker processes on both sides, alternating rounds"
     print(f"shard set: {len(clips)} clips, mean {mean_frames:.1f} frames; sampling {args.frames} frames "
           f"({cfg.stride_policy}, max stride {cfg.stride}); crop {args.img_size}; batch {args.batch_size}; "
+          f"video {args.video_dtype}; "
           f"{how}; {args.rounds} rounds of {n_clips} clips")
     print(f"{'side':<34}{'clips/s (median)':>18}   per round")
     print(f"{'raw decord decode (reference)':<34}{ref_rate:>18.1f}   " + ", ".join(f"{r['ref']:.1f}" for r in rounds))

@@ -67,6 +67,7 @@ import inspect
 import itertools
 import json
 import logging
+import mmap
 import random
 import shlex
 import zlib
@@ -667,15 +668,22 @@ def collate(items: list[dict], frames: np.ndarray, skipped: list[dict] | None = 
     return batch
 
 
-def finish_batch(batch: dict, cfg: StreamConfig) -> dict:
+def finish_batch(batch: dict, cfg: StreamConfig, own_pages: bool = False) -> dict:
     """Main process: ``frames`` uint8 (N,T,3,S,S) -> ``video``: float32 normalised with ``cfg.mean``/
     ``cfg.std`` (into a fresh tensor), or the uint8 frames themselves when ``cfg.video_dtype == "uint8"``
-    (normalise on the accelerator with :func:`mgfm.data.transforms.normalise_video`)."""
+    (normalise on the accelerator with :func:`mgfm.data.transforms.normalise_video`).
+
+    ``own_pages``: allocate the float tensor in its own memory mapping, returned to the OS when the
+    batch is dropped. With DataLoader workers the glibc heap otherwise keeps growing by hundreds of MB
+    (measured: +530 MB, 261 -> 794 MB, before it levels off), at ~0.15 ms/clip of page faults."""
     frames = batch.pop("frames")
     if cfg.video_dtype == "uint8":
         batch["video"] = frames
         return batch
-    video = torch.empty(frames.shape, dtype=torch.float32)
+    if own_pages:
+        video = torch.frombuffer(mmap.mmap(-1, frames.numel() * 4), dtype=torch.float32).view(frames.shape)
+    else:
+        video = torch.empty(frames.shape, dtype=torch.float32)
     normalise_into(frames.numpy(), video.numpy(), cfg.mean, cfg.std)
     batch["video"] = video
     return batch
@@ -698,7 +706,7 @@ class StreamLoader(DataLoader):
             self.counter.add(batch.pop("skipped", []))
             if batch.get("_marker"):
                 continue
-            yield finish_batch(batch, self.dataset.cfg)
+            yield finish_batch(batch, self.dataset.cfg, own_pages=self.num_workers > 0)
         ds: ClipStream = self.dataset  # type: ignore[assignment]
         if self.counter.total:
             log.warning("stream %s epoch %d rank %d: %s", ds.mode, ds.epoch, ds.rank, self.counter.summary())
