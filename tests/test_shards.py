@@ -134,6 +134,7 @@ def test_rebuild_with_other_settings_needs_overwrite(tiny_index, tmp_path):
     assert manifest["complete"] and (meta["height"], meta["width"]) == (16, 22)
 
 
+@pytest.mark.slow  # part 0 builds with a 2-process pool
 def test_parts_are_disjoint_and_union_to_the_whole(tiny_index, tiny_shards, tmp_path):
     planned = set(plan_shards(tiny_index, TINY_CONFIG))
     built: dict[str, set[str]] = {}

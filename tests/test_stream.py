@@ -212,12 +212,14 @@ def test_uint8_video_normalised_later_equals_float_video(tiny_shards):
         assert torch.allclose(normalise_video(r["video"], IMAGENET_MEAN, IMAGENET_STD), f["video"], atol=1e-5)
 
 
+@pytest.mark.slow  # DataLoader worker processes
 def test_eval_with_workers_is_exact_and_deterministic(tiny_shards):
     keys, skips = eval_keys(tiny_shards, "train", num_workers=2)
     again, _ = eval_keys(tiny_shards, "train", num_workers=2)
     assert sorted(keys) == TRAIN_KEYS and keys == again and skips.total == 0
 
 
+@pytest.mark.slow  # DataLoader worker processes
 def test_train_stream_fixed_batches_repeats_and_fresh_masks(tiny_shards):
     cfg = small_cfg(repeats=2, batches_per_epoch=5, num_workers=2, mask_ratio=0.5, decoder_keep_ratio=0.5, flip=True)
     loader, skips = make_loader(tiny_shards, "train", cfg, mode="train", epoch=0, rank=0, world=1)
@@ -237,6 +239,7 @@ def test_train_stream_fixed_batches_repeats_and_fresh_masks(tiny_shards):
     assert len(order0) == 6 // 2 and order0 != order1
 
 
+@pytest.mark.slow  # DataLoader worker processes
 def test_train_ranks_read_disjoint_shards(tiny_index, tmp_path, monkeypatch):
     build_shards(tiny_index, tmp_path, BuildConfig(short_side=32, shard_samples=1, crf=12, splits=("train",)))
     seen = []
@@ -276,7 +279,7 @@ def corrupt_copy(tiny_shards: Path, dest: Path) -> tuple[str, str]:
     return garbled, name.split(".")[0]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_stream_survives_corrupt_sample_and_truncated_tar(tiny_shards, tmp_path, caplog, workers):
     garbled, truncated = corrupt_copy(tiny_shards, tmp_path / "bad")
     keys, skips = eval_keys(tmp_path / "bad", "test", num_workers=workers)
@@ -383,7 +386,8 @@ def test_two_process_eval_stream_yields_each_sample_exactly_once(tiny_index, tmp
     assert results[0]["keys"] and results[1]["keys"] and results[0]["skipped"] == results[1]["skipped"] == 0
 
 
-def test_loader_length_and_index_helpers(tiny_shards):
+@pytest.mark.slow  # DataLoader worker processes
+def test_loader_length_counts_batches_per_worker(tiny_shards):
     loader, _ = make_loader(tiny_shards, "train", small_cfg(batch_size=4, num_workers=2), mode="eval", rank=0, world=1)
     assert len(loader) == 2 == len(list(loader))  # one shard per worker, 3 clips -> batches of 3
 
