@@ -47,7 +47,7 @@ def test_probe_separates_a_linearly_separable_problem():
     x = centres[labels] + rng.normal(0, 0.5, (300, 4))
     rows = [{"clip_id": f"c{i}", "label": int(y)} for i, y in enumerate(labels)]
     train, test = FeatureSet(x[:200], rows[:200]), FeatureSet(x[200:], rows[200:])
-    probe = train_probe(train, 3, ProbeConfig(epochs=30, lr=0.05))
+    probe = train_probe(train, 3, ProbeConfig(C=1.0))
     assert (predict(probe, test).argmax(1) == test.labels).mean() == 1.0
 
 
@@ -55,7 +55,7 @@ def test_probe_hand_checked_tiny_case():
     """Two 1-d clusters at -1 and +1: the probe must put the boundary between them."""
     x = np.array([[-1.0], [-1.1], [-0.9], [1.0], [1.1], [0.9]])
     rows = [{"clip_id": str(i), "label": int(i >= 3)} for i in range(6)]
-    probe = train_probe(FeatureSet(x, rows), 2, ProbeConfig(epochs=200, lr=0.1, batch_size=6))
+    probe = train_probe(FeatureSet(x, rows), 2, ProbeConfig(C=10.0))
     test = FeatureSet(np.array([[-2.0], [-0.5], [0.5], [2.0]]), [{"clip_id": str(i), "label": 0} for i in range(4)])
     assert predict(probe, test).argmax(1).tolist() == [0, 0, 1, 1]
 
@@ -66,10 +66,25 @@ def test_balanced_weighting_helps_the_rare_class():
     x = np.where(labels[:, None] == 1, 0.8, 0.0) + rng.normal(0, 0.5, (200, 2))
     rows = [{"clip_id": str(i), "label": int(y)} for i, y in enumerate(labels)]
     train = FeatureSet(x, rows)
-    plain = train_probe(train, 2, ProbeConfig(epochs=50))
-    balanced = train_probe(train, 2, ProbeConfig(epochs=50, class_weighting="balanced"))
+    plain = train_probe(train, 2, ProbeConfig(C=1.0))
+    balanced = train_probe(train, 2, ProbeConfig(C=1.0, class_weighting="balanced"))
     rare = FeatureSet(x[labels == 1], [r for r in rows if r["label"] == 1])
     assert (predict(balanced, rare).argmax(1) == 1).mean() > (predict(plain, rare).argmax(1) == 1).mean()
+
+
+def test_c_is_chosen_by_subject_grouped_cv():
+    """Each subject has its own offset that also predicts the class inside the train split: a weak
+    probe would memorise it; grouped CV must prefer the strong regularisation that generalises."""
+    rng = np.random.default_rng(2)
+    rows, x = [], []
+    for subject in range(6):
+        for i in range(40):
+            label = i % 2
+            rows.append({"clip_id": f"{subject}-{i}", "label": label, "subject": str(subject)})
+            x.append(np.concatenate([[label * 1.0 + rng.normal(0, 0.7)], rng.normal(0, 1, 20)]))
+    probe = train_probe(FeatureSet(np.array(x), rows), 2, ProbeConfig(c_grid=[1e-3, 1e-1, 10.0]))
+    assert set(probe.cv_scores) == {1e-3, 1e-1, 10.0}
+    assert probe.C == max(probe.cv_scores, key=lambda c: (probe.cv_scores[c], -c))
 
 
 def test_featureset_errors_are_one_line():
@@ -159,7 +174,7 @@ def test_linear_probe_report_and_references(tmp_path, tiny_shards):
     run = tmp_path / "run"
     _tiny_encoder_folder(run / "encoder")
     report = evaluate(EvalRecipe(run=str(run), shards=str(tiny_shards), num_workers=0, batch_size=4,
-                                 probe=ProbeConfig(epochs=5)))
+                                 probe=ProbeConfig(c_grid=[0.01, 1.0])))
     assert set(report["results"]) == {"pretrained", "random init", "raw pixels"}
     probe = report["results"]["pretrained"]["probe"]
     assert probe["n"] == 6 and 0.0 <= probe["top1"] <= 1.0

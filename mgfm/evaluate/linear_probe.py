@@ -96,7 +96,10 @@ def probe_scores(train: FeatureSet, test: FeatureSet, class_names: list[str], ex
     probe = train_probe(train, len(class_names), cfg)
     test = test.labelled().require("probe test split", train.dim)
     logits = predict(probe, test)
-    return classification_metrics(logits, test.labels, class_names, exclude), logits
+    metrics = classification_metrics(logits, test.labels, class_names, exclude)
+    metrics["C"] = probe.C
+    metrics["cv_scores"] = {str(c): v for c, v in probe.cv_scores.items()}
+    return metrics, logits
 
 
 def evaluate(recipe: EvalRecipe) -> dict:

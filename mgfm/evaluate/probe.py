@@ -1,44 +1,88 @@
-"""Linear probe on frozen features, MAE style: BatchNorm without affine parameters, then one Linear layer.
+"""Linear probe on frozen features, MAE style: standardise the features (BatchNorm without affine
+parameters, with the train split's statistics), then one linear classifier.
 
-The BatchNorm (no learnable scale/shift) only standardises the features, so the classifier stays linear
-in them; it makes one learning rate work for encoders whose feature scales differ wildly (random init vs
-pretrained vs raw pixels), which keeps the comparison rows of a report fair.
+The classifier is a multinomial logistic regression (scikit-learn, L-BFGS). Its L2 strength decides
+most of a probe's score on small, cross-subject datasets: a weakly regularised probe memorises the
+train subjects and lands below the majority class on new ones. So ``C=None`` (the default) picks C from
+``c_grid`` by cross-validation over groups of train *subjects* (never clips of one subject on both sides),
+the same generalisation the test split asks for, and refits on the whole train split.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch import nn
 
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 
 
 @dataclass
 class ProbeConfig:
-    epochs: int = 100
-    batch_size: int = 256
-    lr: float = 1e-2
-    weight_decay: float = 1e-4
-    # "none" | "balanced": cross-entropy weighted by inverse class frequency (long-tailed data)
+    C: float | None = None  # inverse L2 strength; None = chosen by subject-grouped CV from c_grid
+    c_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    cv_folds: int = 4
+    # "none" | "balanced": loss weighted by inverse class frequency (long-tailed data)
     class_weighting: str = "none"
-    seed: int = 0
+    max_iter: int = 300
 
 
-class LinearProbe(nn.Module):
-    """``(N, D)`` features -> ``(N, C)`` logits."""
+@dataclass
+class LinearProbe:
+    """A fitted probe: feature standardisation + linear classifier over ``num_classes`` columns."""
 
-    def __init__(self, dim: int, num_classes: int) -> None:
-        super().__init__()
-        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
-        self.head = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.01)
-        nn.init.zeros_(self.head.bias)
+    mean: np.ndarray
+    scale: np.ndarray
+    model: object  # sklearn LogisticRegression
+    num_classes: int
+    C: float
+    cv_scores: dict[float, float] = field(default_factory=dict)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(x))
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """``(N, D)`` -> ``(N, num_classes)`` float32; classes absent from the train split get -inf."""
+        x = (np.asarray(features, dtype=np.float64) - self.mean) / self.scale
+        scores = self.model.decision_function(x)
+        if scores.ndim == 1:  # two classes present: sklearn returns the positive-class margin only
+            scores = np.stack([-scores, scores], axis=1)
+        out = np.full((len(x), self.num_classes), -np.inf, dtype=np.float32)
+        out[:, self.model.classes_] = scores
+        return out
+
+
+def _fit(x: np.ndarray, y: np.ndarray, C: float, cfg: ProbeConfig):
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=C, max_iter=cfg.max_iter,
+                               class_weight="balanced" if cfg.class_weighting == "balanced" else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return model.fit(x, y)
+
+
+def _choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, cfg: ProbeConfig) -> tuple[float, dict]:
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import GroupKFold
+
+    folds = min(cfg.cv_folds, len(np.unique(groups)))
+    if folds < 2:
+        return cfg.c_grid[len(cfg.c_grid) // 2], {}
+    scores = {}
+    for C in cfg.c_grid:
+        fold_scores = []
+        for train_idx, val_idx in GroupKFold(folds).split(x, y, groups):
+            model = _fit(x[train_idx], y[train_idx], C, cfg)
+            pred = model.predict(x[val_idx])
+            metric = balanced_accuracy_score if cfg.class_weighting == "balanced" else _accuracy
+            fold_scores.append(metric(y[val_idx], pred))
+        scores[C] = float(np.mean(fold_scores))
+    return max(scores, key=lambda c: (scores[c], -c)), scores
+
+
+def _accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    return float(np.mean(y_true == y_pred))
 
 
 def train_probe(train: FeatureSet, num_classes: int, cfg: ProbeConfig | None = None) -> LinearProbe:
@@ -47,39 +91,23 @@ def train_probe(train: FeatureSet, num_classes: int, cfg: ProbeConfig | None = N
     if cfg.class_weighting not in ("none", "balanced"):
         raise ValueError(f"probe class_weighting: expected 'none' or 'balanced', got {cfg.class_weighting!r}")
     train = train.labelled().require("probe train split")
-    labels = torch.from_numpy(train.labels)
-    if int(labels.max()) >= num_classes:
-        raise FeatureError(f"probe train split: label {int(labels.max())} >= num_classes {num_classes}")
-    if len(train) < 2:
-        raise FeatureError("probe train split: needs at least 2 labelled clips")
-    generator = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    probe = LinearProbe(train.dim, num_classes)
-    weight = None
-    if cfg.class_weighting == "balanced":
-        counts = torch.bincount(labels, minlength=num_classes).float()
-        weight = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
-    loss_fn = nn.CrossEntropyLoss(weight=weight)
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    x = torch.from_numpy(train.features)
-    steps_per_epoch = max(1, -(-len(x) // cfg.batch_size))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs * steps_per_epoch)
-    probe.train()
-    for _ in range(cfg.epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            if len(idx) < 2:  # BatchNorm needs two samples
-                continue
-            loss = loss_fn(probe(x[idx]), labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    return probe.eval()
+    y = train.labels
+    if int(y.max()) >= num_classes:
+        raise FeatureError(f"probe train split: label {int(y.max())} >= num_classes {num_classes}")
+    if len(np.unique(y)) < 2:
+        raise FeatureError("probe train split: needs clips of at least 2 classes")
+    mean = train.features.mean(axis=0, dtype=np.float64)
+    scale = train.features.std(axis=0, dtype=np.float64)
+    scale[scale < 1e-6] = 1.0
+    x = (train.features - mean) / scale
+    scores: dict[float, float] = {}
+    C = cfg.C
+    if C is None:
+        groups = np.array([str(r.get("subject", i)) for i, r in enumerate(train.rows)])
+        C, scores = _choose_c(x, y, groups, cfg)
+    return LinearProbe(mean, scale, _fit(x, y, C, cfg), num_classes, C, scores)
 
 
-@torch.no_grad()
 def predict(probe: LinearProbe, features: FeatureSet) -> np.ndarray:
     """Logits ``(N, C)`` float32."""
-    return probe(torch.from_numpy(features.features)).numpy()
+    return probe.logits(features.features)
