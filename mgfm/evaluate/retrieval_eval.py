@@ -270,7 +270,7 @@ def eval_clip(source: bytes | str | Path, cfg: StreamConfig, start: int = 0, end
     frames = decoded[np.searchsorted(lookup, indices)]
     frames = crop_resize(frames, centre_crop_box(frames.shape[1], frames.shape[2], cfg.eval_crop), cfg.img_size)
     video = np.empty((len(frames), 3, cfg.img_size, cfg.img_size), dtype=np.float32)
-    normalise_into(frames, video, cfg.mean, cfg.std)
+    normalise_into(np.ascontiguousarray(frames.transpose(0, 3, 1, 2)), video, cfg.mean, cfg.std)
     return frames, video
 
 
