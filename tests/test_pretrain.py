@@ -164,3 +164,11 @@ def test_shipped_recipes_load_and_agree(path):
 def test_deepspeed_configs_name_their_stage(path):
     config = json.loads(path.read_text())
     assert config["zero_optimization"]["stage"] == int(path.stem[-1])
+
+
+def test_uint8_batches_are_normalised_by_the_trainer(tmp_path, tiny_shards):
+    result = _pretrain(["--recipe", str(_recipe(tmp_path, tiny_shards)), "stream.video_dtype=uint8", "optim.epochs=1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [m["loss"] for m in _metrics(tmp_path / "runs" / "tiny")]
+    # Un-normalised 0..255 pixels through the pixel loss would give losses in the thousands.
+    assert losses and all(loss < 10 for loss in losses)

@@ -26,6 +26,7 @@ from torch import nn
 
 from mgfm.data.distributed import rank_world
 from mgfm.data.stream import StreamConfig, make_loader
+from mgfm.data.transforms import normalise_video
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,10 @@ def encode_split(features_fn: Callable[[torch.Tensor], torch.Tensor], shards: st
         bar = tqdm(loader, desc=f"features {split} view {view + 1}/{views}", unit="batch",
                    disable=not progress or rank != 0, leave=False)
         for batch in bar:
-            feats = features_fn(batch["video"].to(device)).float().cpu().numpy()
+            video = batch["video"].to(device)
+            if video.dtype == torch.uint8:  # stream.video_dtype=uint8: normalise on the device
+                video = normalise_video(video, cfg.mean, cfg.std)
+            feats = features_fn(video).float().cpu().numpy()
             for clip_id, meta, feat in zip(batch["clip_id"], batch["meta"], feats):
                 if view == 0:
                     rows[clip_id] = {k: v for k, v in meta.items() if k != "shard"}

@@ -103,6 +103,7 @@ def ensure_default_data(recipe: PretrainRecipe) -> None:
 def run(recipe: PretrainRecipe) -> Path:
     """Pretrain as the recipe says; returns the run directory."""
     from mgfm.data.stream import make_loader
+    from mgfm.data.transforms import normalise_video
     from mgfm.model.contrastive import group_ids
     from mgfm.model.hf import init_encoder_from_hf, save_encoder_hf
     from mgfm.model.videomae import build_pretraining_model, param_groups
@@ -177,6 +178,8 @@ def run(recipe: PretrainRecipe) -> Path:
             if done_in_epoch >= steps_per_epoch or step >= total_steps:
                 break
             video = batch["video"].to(device, non_blocking=True)
+            if video.dtype == torch.uint8:  # stream.video_dtype=uint8: normalise on the accelerator
+                video = normalise_video(video, recipe.stream.mean, recipe.stream.std)
             enc_mask = batch["encoder_mask"].to(device)
             dec_mask = batch["decoder_mask"].to(device) if batch.get("decoder_mask") is not None else None
             group = group_ids(batch["clip_id"], device)
