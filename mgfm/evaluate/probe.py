@@ -20,8 +20,8 @@ from mgfm.evaluate.featureset import FeatureError, FeatureSet
 @dataclass
 class ProbeConfig:
     C: float | None = None  # inverse L2 strength; None = chosen by subject-grouped CV from c_grid
-    c_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
-    cv_folds: int = 4
+    c_grid: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0])
+    cv_folds: int = 3
     # "none" | "balanced": loss weighted by inverse class frequency (long-tailed data)
     class_weighting: str = "none"
     max_iter: int = 300

@@ -31,3 +31,5 @@ def setup_logging(level: int = logging.INFO) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+    for chatty in ("faiss.loader", "matplotlib", "accelerate.accelerator", "accelerate.checkpointing"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)

@@ -110,8 +110,6 @@ def run(recipe: PretrainRecipe) -> Path:
 
     accelerator = make_accelerator(recipe)
     setup_logging()
-    for noisy in ("accelerate.accelerator", "accelerate.checkpointing", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     rank, world = rank_world()
     torch.manual_seed(recipe.seed + rank)
     ensure_default_data(recipe)
@@ -228,8 +226,15 @@ def run(recipe: PretrainRecipe) -> Path:
                                f"{steps_per_epoch} steps in epoch {epoch}")
     if progress is not None:
         progress.close()
+    if writer is not None:
+        writer.close()
+    if audit is not None:
+        audit.close()
 
     barrier()
+    if resumed_step is not None and resumed_step >= total_steps and (run_dir / "encoder" / "config.json").exists():
+        log.info("%s is already complete (%d steps); nothing to do", run_dir, step)
+        return run_dir
     state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; collective
     if is_main_process():
         unwrapped = accelerator.unwrap_model(model)
@@ -243,10 +248,6 @@ def run(recipe: PretrainRecipe) -> Path:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         log.info("done: %d steps, final loss %s, %.1f clips/s, %d corrupt samples skipped, encoder at %s",
                  step, summary["final_loss"], summary["clips_per_s"], skipped_total, run_dir / "encoder")
-    if writer is not None:
-        writer.close()
-    if audit is not None:
-        audit.close()
     barrier()
     return run_dir
 
