@@ -33,22 +33,28 @@ class RunError(ValueError):
 
 
 @dataclass
-class EvalRecipe:
-    """What ``make linear-probe`` / ``eval/linear_probe.py`` evaluate, and how."""
+class EncoderEvalRecipe:
+    """What every frozen-encoder evaluation needs: which encoder, which shards, how to read them."""
 
     run: str | None = None  # a run folder (runs/<name>) or an encoder folder; None = newest run in runs_dir
     runs_dir: str = "runs"
     shards: str = "shards/synthetic"
-    out: str | None = None  # default: <run>/eval/<shards name>/
-    train_split: str = "train"
-    test_split: str = "test"
+    out: str | None = None  # default: a folder under the run, named after the evaluation and the shards
     views: int = 1  # temporal views averaged per clip
     batch_size: int = 32
     num_workers: int = 2
-    exclude_classes: list[str] = field(default_factory=lambda: ["illustrative"])
     references: bool = True  # add random-init and raw-pixel rows
-    kmeans: bool = True
     seed: int = 0
+
+
+@dataclass
+class EvalRecipe(EncoderEvalRecipe):
+    """What ``make linear-probe`` / ``eval/linear_probe.py`` evaluate, and how."""
+
+    train_split: str = "train"
+    test_split: str = "test"
+    exclude_classes: list[str] = field(default_factory=lambda: ["illustrative"])
+    kmeans: bool = True
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
@@ -59,7 +65,7 @@ def newest_run(runs_dir: str | Path) -> Path:
     return max(runs, key=lambda p: p.stat().st_mtime).parent.parent
 
 
-def resolve_encoder(recipe: EvalRecipe) -> tuple[Path, Path]:
+def resolve_encoder(recipe: EncoderEvalRecipe) -> tuple[Path, Path]:
     """(run folder, encoder folder) for ``recipe.run``."""
     run = Path(recipe.run) if recipe.run else newest_run(recipe.runs_dir)
     if not run.exists():
@@ -68,7 +74,7 @@ def resolve_encoder(recipe: EvalRecipe) -> tuple[Path, Path]:
     return (run if encoder != run else run.parent), encoder
 
 
-def stream_for(encoder_cfg, recipe: EvalRecipe) -> StreamConfig:
+def stream_for(encoder_cfg, recipe: EncoderEvalRecipe) -> StreamConfig:
     """An eval stream cut for the encoder's clip geometry."""
     base = StreamConfig(frames=encoder_cfg.frames, img_size=encoder_cfg.img_size, tubelet=encoder_cfg.tubelet,
                         patch=encoder_cfg.patch, mean=tuple(encoder_cfg.pixel_mean[:3]),
@@ -76,7 +82,7 @@ def stream_for(encoder_cfg, recipe: EvalRecipe) -> StreamConfig:
     return eval_stream_config(base, recipe.batch_size, recipe.num_workers)
 
 
-def encoders_to_compare(encoder_folder: Path, recipe: EvalRecipe):
+def encoders_to_compare(encoder_folder: Path, recipe: EncoderEvalRecipe):
     """[(row name, encoder module, encoder id)]: the run's encoder, then the references."""
     from mgfm.model.hf import encoder_checksum, load_encoder_hf
     from mgfm.model.videomae import build_encoder

@@ -20,6 +20,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix
 
 from mgfm.evaluate.featureset import FeatureError
+from mgfm.evaluate.report import save_figure
 
 TOP_K = 5
 
@@ -160,9 +161,4 @@ def plot_confusion(conf: np.ndarray | list, class_names: Sequence[str], path: st
         ax.text(j, i, str(conf[i, j]), ha="center", va="center", fontsize=font - 1,
                 color="white" if frac[i, j] > 0.5 else "black")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

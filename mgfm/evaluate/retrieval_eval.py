@@ -34,8 +34,8 @@ from mgfm.data.transforms import centre_crop_box, crop_resize, normalise_into
 from mgfm.data.video_io import VideoDecodeError, decode_frames, probe
 from mgfm.evaluate.features import cache_key, cache_stem, split_features
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
-from mgfm.evaluate.linear_probe import encoders_to_compare, resolve_encoder, stream_for
-from mgfm.evaluate.report import format_table, markdown_table, write_report
+from mgfm.evaluate.linear_probe import EncoderEvalRecipe, encoders_to_compare, resolve_encoder, stream_for
+from mgfm.evaluate.report import format_table, markdown_table, save_figure, write_report
 from mgfm.evaluate.retrieval import KINDS, RetrievalIndex, retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -48,18 +48,12 @@ class QueryError(ValueError):
 
 
 @dataclass
-class RetrievalRecipe:
-    """What ``make retrieval`` / ``eval/retrieval.py`` evaluate or query, and how."""
+class RetrievalRecipe(EncoderEvalRecipe):
+    """What ``make retrieval`` / ``eval/retrieval.py`` evaluate or query, and how (``out`` default:
+    <run>/retrieval/<shards name>/)."""
 
-    run: str | None = None  # a run folder (runs/<name>) or an encoder folder; None = newest run in runs_dir
-    runs_dir: str = "runs"
-    shards: str = "shards/synthetic"
-    out: str | None = None  # default: <run>/retrieval/<shards name>/
     database_split: str = "train"  # indexed
     query_split: str = "test"  # its labelled clips are the evaluation queries
-    views: int = 1  # temporal views averaged per clip
-    batch_size: int = 32
-    num_workers: int = 2
     device: str = "auto"  # encoder device: auto (cuda when available) | cpu | cuda | cuda:N
     index: str = "flat"  # flat | ivf | hnsw
     nlist: int | None = None  # ivf lists (default ~4 sqrt(N))
@@ -68,9 +62,7 @@ class RetrievalRecipe:
     ef_search: int = 128
     use_gpu: bool | str = "auto"  # faiss index on a GPU: auto | true | false
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
-    references: bool = True  # add random-init and raw-pixel rows
     selfcheck: int = 8  # queries searched on the built and on the reloaded index (must agree)
-    seed: int = 0
     index_dir: str | None = None  # where the index is saved / read; default <out>/index (rebuilt when stale)
     query: str | None = None  # a video file: search the index with it instead of evaluating
     query_start: int = 0  # first frame of the query span
@@ -368,12 +360,7 @@ def write_montage(path: str | Path, strips: Sequence[tuple[np.ndarray | None, st
         ax.set_title(caption, fontsize=8, loc="left")
         ax.axis("off")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def query_video(recipe: RetrievalRecipe) -> dict:

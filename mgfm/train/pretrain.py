@@ -290,19 +290,18 @@ def _append_history(path: Path, row: dict) -> None:
 def _plot_loss(history: list[dict], path: Path) -> None:
     if not history:
         return
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mgfm.evaluate.report import save_figure
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5), dpi=120)
+    ax = fig.add_subplot()
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("masked reconstruction loss")
+    ax.set_ylabel("pretraining loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> Path:
