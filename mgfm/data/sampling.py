@@ -23,11 +23,16 @@ PAD_MODES = ("stretch", "loop", "last")
 
 
 def sample_indices(n_frames: int, num_frames: int, policy: str = "adaptive", stride: int = 4,
-                   rng: np.random.Generator | None = None, pad: str = "stretch") -> np.ndarray:
+                   rng: np.random.Generator | None = None, pad: str = "stretch",
+                   position: float = 0.5) -> np.ndarray:
     """Frame indices (num_frames,) int64 in ``[0, n_frames)``, non-decreasing.
 
-    ``rng=None`` means evaluation: deterministic, centred.
+    ``rng=None`` means evaluation: deterministic, the window placed at ``position`` of the free room
+    (0 = start, 0.5 = centred, 1 = end; with ``uniform``, that point of every segment). Multi-view
+    evaluation uses ``position = (v + 0.5) / V`` for view ``v`` of ``V``.
     """
+    if not 0.0 <= position <= 1.0:
+        raise ValueError(f"position must be in [0, 1], got {position}")
     if n_frames < 1:
         raise ValueError(f"a clip needs at least one frame, got n_frames={n_frames}")
     if num_frames < 1 or stride < 1:
@@ -41,7 +46,7 @@ def sample_indices(n_frames: int, num_frames: int, policy: str = "adaptive", str
     if policy == "uniform":
         edges = np.linspace(0, n_frames, num_frames + 1)
         if rng is None:
-            picks = (edges[:-1] + edges[1:]) / 2
+            picks = edges[:-1] + position * (edges[1:] - edges[:-1])
         else:
             picks = edges[:-1] + rng.random(num_frames) * (edges[1:] - edges[:-1])
         return np.clip(np.floor(picks).astype(np.int64), 0, n_frames - 1)
@@ -50,7 +55,7 @@ def sample_indices(n_frames: int, num_frames: int, policy: str = "adaptive", str
     step = max(1, min(step, fits))
     window = (num_frames - 1) * step + 1
     slack = n_frames - window
-    start = slack // 2 if rng is None else int(rng.integers(0, slack + 1))
+    start = int(slack * position) if rng is None else int(rng.integers(0, slack + 1))
     return start + step * np.arange(num_frames, dtype=np.int64)
 
 

@@ -109,6 +109,8 @@ class StreamConfig:
     max_distort: int = 1  # train: how many scale steps crop height and width may differ (aspect jitter)
     flip: bool = False  # train: random horizontal flip (see the module docstring)
     eval_crop: float = 1.0  # eval: centre square of this fraction of the short side
+    eval_views: int = 1  # eval: temporal views per clip (features average them; see eval_view)
+    eval_view: int = 0  # eval: which of the eval_views windows this stream samples, spread evenly over the clip
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     video_dtype: Literal["float32", "uint8"] = "float32"  # uint8: unnormalised, 4x less to move (see finish_batch)
@@ -138,6 +140,8 @@ class StreamConfig:
             raise ValueError("stream: batch_size and repeats must be >= 1, num_workers >= 0")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError("stream: mean and std need 3 values (RGB)")
+        if not 0 <= self.eval_view < self.eval_views:
+            raise ValueError(f"stream: eval_view {self.eval_view} must be in [0, eval_views={self.eval_views})")
 
     @property
     def grid(self) -> TokenGrid:
@@ -548,6 +552,14 @@ class _SampleError(Exception):
     """A sample that cannot be used (the message starts with a short reason tag)."""
 
 
+def _sample_views(n_frames: int, cfg: StreamConfig, train: bool, rng: np.random.Generator,
+                  repeats: int) -> list[np.ndarray]:
+    """``repeats`` frame-index windows: random in train, the ``eval_view``-th of ``eval_views`` in eval."""
+    position = (cfg.eval_view + 0.5) / cfg.eval_views
+    return [sample_indices(n_frames, cfg.frames, cfg.stride_policy, cfg.stride, rng if train else None, cfg.pad,
+                           position) for _ in range(repeats)]
+
+
 def _decode_one(sample: dict, cfg: StreamConfig, train: bool, repeats: int, rng: np.random.Generator) -> dict:
     key = sample.get("__key__")
     missing = [m for m in ("json", "mp4") if m not in sample]
@@ -566,11 +578,9 @@ def _decode_one(sample: dict, cfg: StreamConfig, train: bool, repeats: int, rng:
     if n_frames is None:  # shards not written by mgfm: decode everything once to learn the length
         frames = _decode(mp4, None, cfg)
         lookup = np.arange(len(frames))
-        views = [sample_indices(len(frames), cfg.frames, cfg.stride_policy, cfg.stride, rng if train else None,
-                                cfg.pad) for _ in range(repeats)]
+        views = _sample_views(len(frames), cfg, train, rng, repeats)
     else:
-        views = [sample_indices(n_frames, cfg.frames, cfg.stride_policy, cfg.stride, rng if train else None, cfg.pad)
-                 for _ in range(repeats)]
+        views = _sample_views(n_frames, cfg, train, rng, repeats)
         lookup = np.unique(np.concatenate(views))
         frames = _decode(mp4, lookup, cfg)
         if len(frames) != len(lookup):

@@ -32,7 +32,8 @@ from mgfm.evaluate.featureset import FeatureError, FeatureSet
 log = logging.getLogger(__name__)
 
 # Stream settings that change what an eval clip looks like (and so its features).
-EVAL_STREAM_KEYS = ("frames", "stride_policy", "stride", "pad", "img_size", "eval_crop", "mean", "std")
+EVAL_STREAM_KEYS = ("frames", "stride_policy", "stride", "pad", "img_size", "eval_crop", "eval_views", "eval_view", "mean",
+                    "std")
 
 
 class PixelEncoder(nn.Module):
@@ -138,10 +139,10 @@ def encode_split(features_fn: Callable[[torch.Tensor], torch.Tensor], shards: st
 
 
 def _view_config(cfg: StreamConfig, view: int, views: int) -> StreamConfig:
-    if views == 1:
+    if views < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
+    if views == 1:  # a single view: the config's own eval_view / eval_views decide the window
         return cfg
-    if not hasattr(cfg, "eval_view"):
-        raise ValueError("this stream has no eval_view setting; use views=1")
     return dataclasses.replace(cfg, eval_view=view, eval_views=views)
 
 
