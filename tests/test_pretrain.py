@@ -65,6 +65,13 @@ def test_single_process_run_writes_everything(tmp_path, tiny_shards):
     model = VideoMAEModel.from_pretrained(run / "encoder")
     assert model.config.hidden_size == 32
 
+    # Rerunning a finished run changes nothing (make demo reruns every stage).
+    weights = (run / "encoder" / "model.safetensors").read_bytes()
+    again = _pretrain(["--recipe", str(_recipe(tmp_path, tiny_shards))])
+    assert again.returncode == 0 and "already complete" in again.stderr
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert (run / "encoder" / "model.safetensors").read_bytes() == weights
+
 
 def test_typo_in_override_is_one_line_error(tmp_path, tiny_shards):
     result = _pretrain(["--recipe", str(_recipe(tmp_path, tiny_shards)), "optim.base_rl=1e-3"])
