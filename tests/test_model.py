@@ -326,3 +326,24 @@ def test_bench_pretrain_runs(capsys):
                          "--repeats", "2", "--warmup", "0"])
     assert set(result["ratio"]) == {"ours", "ours+dm"} and all(r > 0 for r in result["ratio"].values())
     assert "ours+dm" in capsys.readouterr().out
+
+
+def test_motion_term_adds_the_frame_difference_error():
+    from mgfm.model.videomae import ModelConfig, build_pretraining_model, motion_loss
+
+    cfg = ModelConfig(size="custom", img_size=32, frames=4, dim=32, depth=1, heads=2, decoder_dim=16,
+                      decoder_depth=1, decoder_heads=1)
+    video = torch.randn(2, 4, 3, 32, 32)
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[:, [0, 1, 4, 5]] = True
+    torch.manual_seed(0)
+    plain = build_pretraining_model(cfg)
+    torch.manual_seed(0)
+    with_motion = build_pretraining_model(ModelConfig(**{**cfg.to_dict(), "motion_weight": 2.0}))
+    loss0, out = plain(video, mask)
+    loss2, _ = with_motion(video, mask)
+    expected = motion_loss(out.pred, out.target, cfg)
+    assert expected > 0
+    torch.testing.assert_close(loss2, loss0 + 2.0 * expected)
+    # A prediction that copies the target has no motion error.
+    assert motion_loss(out.target, out.target, cfg) == 0

@@ -94,6 +94,9 @@ class ModelConfig:
     # Pretraining only (not part of the exported encoder): weight of the clip-contrast term (0 = pure VideoMAE).
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
+    # Pretraining only: weight of an extra MSE between the predicted and the target frame-to-frame
+    # differences inside each tubelet (0 = off). It singles out what moves, which MG recognition needs.
+    motion_weight: float = 0.0
 
     def __post_init__(self) -> None:
         size = self.size.upper() if self.size.lower() in ("s", "b", "l", "h") else self.size
@@ -200,6 +203,17 @@ def pixel_targets(patches: torch.Tensor, cfg: ModelConfig, eps: float = 1e-6) ->
         return (x * std_c + mean_c).reshape(b, n, p)
     var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=1)
     return ((x - mean) / (var.sqrt() + eps / std_c)).reshape(b, n, p)
+
+
+def motion_loss(pred: torch.Tensor, target: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """MSE between predicted and target frame-to-frame differences inside each tubelet.
+
+    ``pred``/``target``: ``(B, Nt, P)`` patch vectors ordered ``(C, tubelet, patch, patch)``. Static
+    background has zero target difference, so this term only rewards getting the moving parts right.
+    """
+    shape = (*target.shape[:2], cfg.channels, cfg.tubelet, -1)
+    p, t = pred.float().reshape(shape), target.reshape(shape)
+    return F.mse_loss(p[:, :, :, 1:] - p[:, :, :, :-1], t[:, :, :, 1:] - t[:, :, :, :-1])
 
 
 def sinusoid_table(n_positions: int, dim: int) -> torch.Tensor:
@@ -478,8 +492,8 @@ class MaskedVideoModel(nn.Module):
 
         Returns:
             ``(loss, out)``: scalar fp32 MSE over the ``Nt`` reconstructed tokens (all of their
-            ``P = C*tubelet*patch*patch`` values), plus ``contrastive_weight`` x the contrastive loss
-            when enabled, and a :class:`PretrainOutput`.
+            ``P = C*tubelet*patch*patch`` values), plus ``motion_weight`` x :func:`motion_loss` and
+            ``contrastive_weight`` x the contrastive loss when enabled, and a :class:`PretrainOutput`.
         """
         patches = self.encoder.patchify(video)
         visible, target_index = mask_indices(encoder_mask.to(patches.device),
@@ -489,6 +503,8 @@ class MaskedVideoModel(nn.Module):
         with torch.no_grad():
             target = pixel_targets(_gather_tokens(patches, target_index), self.cfg)
         reconstruction = F.mse_loss(pred.float(), target)
+        if self.cfg.motion_weight > 0:
+            reconstruction = reconstruction + self.cfg.motion_weight * motion_loss(pred, target, self.cfg)
         loss, contrastive = reconstruction, None
         if self.contrast is not None and group is not None:
             contrastive = self.contrast(tokens, group.to(tokens.device))
