@@ -10,6 +10,7 @@ shard folder (``shutil.copytree``) before changing it.
 from __future__ import annotations
 
 import csv
+import tarfile
 from pathlib import Path
 from typing import Callable
 
@@ -62,6 +63,16 @@ def read_time_code(frames: np.ndarray) -> np.ndarray:
         out = out * 2 + (level > 128)
     return out
 
+
+
+def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {ext: bytes} for every member of a shard tar (plain tarfile, no mgfm code)."""
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            out.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return out
 
 @pytest.fixture(scope="session")
 def tiny_video_factory(tmp_path_factory) -> Callable[..., Path]:

@@ -9,7 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import TINY_CLIPS, read_time_code
+from conftest import TINY_CLIPS, read_tar, read_time_code
 
 from mgfm.data.clip_index import Clip, ClipIndex
 from mgfm.data.video_io import decode_frames
@@ -19,16 +19,6 @@ from mgfm.shards.__main__ import main as shards_cli
 from mgfm.shards.manifest import fragment_path, load_manifest
 
 TINY_CONFIG = BuildConfig(short_side=32, shard_samples=3, crf=12)
-
-
-def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
-    """key -> {ext: bytes} for every member of a tar."""
-    out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            out.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return out
 
 
 def all_samples(shard_dir: Path) -> dict[str, dict[str, bytes]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CLIPS, read_time_code
+from conftest import TINY_CLIPS, read_tar, read_time_code
 
 from mgfm.data.distributed import Slot, rank_world
 from mgfm.data.sampling import sample_indices
@@ -181,7 +181,7 @@ def test_eval_stream_yields_every_clip_once_with_metadata(tiny_shards, tiny_inde
 def test_eval_frames_are_the_sampled_source_frames(tiny_shards):
     cfg = small_cfg(masks=False, batch_size=1)
     loader, _ = make_loader(tiny_shards, "train", cfg, mode="eval", rank=0, world=1)
-    mp4s = {key: m["mp4"] for path in tiny_shards.glob("train-*.tar") for key, m in _members(path).items()}
+    mp4s = {key: m["mp4"] for path in tiny_shards.glob("train-*.tar") for key, m in read_tar(path).items()}
     n = 0
     for batch in loader:
         assert "encoder_mask" not in batch
@@ -193,15 +193,6 @@ def test_eval_frames_are_the_sampled_source_frames(tiny_shards):
         assert torch.allclose(batch["video"][0], expected, atol=1e-6)
         n += 1
     assert n == len(TRAIN_KEYS)
-
-
-def _members(path: Path) -> dict[str, dict[str, bytes]]:
-    out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            key, _, ext = member.name.partition(".")
-            out.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return out
 
 
 def test_uint8_video_normalised_later_equals_float_video(tiny_shards):
