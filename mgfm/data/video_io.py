@@ -38,9 +38,12 @@ class VideoWriter:
         self.stream = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         self.stream.height, self.stream.width = height, width
         self.stream.pix_fmt = "yuv420p"
-        # One thread: parallelism comes from processes, and threaded x264 changes output bytes.
+        # Same frames -> same bytes (the synthetic benchmark and shard rebuilds rely on it): one thread, as
+        # parallelism comes from processes and threaded x264 changes output; and no MB-tree, whose
+        # lookahead reads uninitialised memory on some frame sizes (measured: 80x64 and 96x64 frames
+        # encoded 80 times gave up to 6 different files with it, 1 without).
         self.stream.codec_context.thread_count = 1
-        self.stream.options = {"crf": str(crf), "preset": preset, "threads": "1"}
+        self.stream.options = {"crf": str(crf), "preset": preset, "threads": "1", "x264-params": "no-mbtree=1"}
         self.frames = 0
         self.data = b""
 
