@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mgfm.data.masking import TokenGrid
 from mgfm.model.contrastive import ClipContrast
+from mgfm.model.motion_map import MotionMapHead
 
 IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
@@ -97,6 +98,10 @@ class ModelConfig:
     # Pretraining only: weight of an extra MSE between the predicted and the target frame-to-frame
     # differences inside each tubelet (0 = off). It singles out what moves, which MG recognition needs.
     motion_weight: float = 0.0
+    # Pretraining only: weight of the motion-map term (0 = off): a linear head on the pooled features of the
+    # unmasked clip regresses where the clip moved (see mgfm.model.motion_map); motion_map_grid cells per side.
+    motion_map_weight: float = 0.0
+    motion_map_grid: int = 8
 
     def __post_init__(self) -> None:
         size = self.size.upper() if self.size.lower() in ("s", "b", "l", "h") else self.size
@@ -135,6 +140,9 @@ class ModelConfig:
             if len(getattr(self, name)) != self.channels:
                 raise ValueError(f"model.{name}: expected {self.channels} values (one per channel), "
                                  f"got {len(getattr(self, name))}")
+        if self.motion_map_weight < 0 or self.motion_map_grid <= 0:
+            raise ValueError(f"model.motion_map_weight/motion_map_grid: expected >= 0 / > 0, got "
+                             f"{self.motion_map_weight}/{self.motion_map_grid}")
         if any(s <= 0 for s in self.pixel_std):
             raise ValueError(f"model.pixel_std: expected positive values, got {self.pixel_std}")
 
@@ -463,6 +471,7 @@ class PretrainOutput:
     visible_index: torch.Tensor = field(repr=False)
     reconstruction_loss: torch.Tensor | None = None
     contrastive_loss: torch.Tensor | None = None
+    motion_map_loss: torch.Tensor | None = None
 
 
 class MaskedVideoModel(nn.Module):
@@ -476,6 +485,9 @@ class MaskedVideoModel(nn.Module):
         self.contrast = None
         if cfg.contrastive_weight > 0:
             self.contrast = ClipContrast(cfg.dim, temperature=cfg.contrastive_temperature)
+        self.motion_map = None
+        if cfg.motion_map_weight > 0:
+            self.motion_map = MotionMapHead(cfg.dim, cfg.frames, cfg.tubelet, cfg.motion_map_grid)
 
     def forward(self, video: torch.Tensor, encoder_mask: torch.Tensor,
                 decoder_mask: torch.Tensor | None = None,
@@ -493,7 +505,8 @@ class MaskedVideoModel(nn.Module):
         Returns:
             ``(loss, out)``: scalar fp32 MSE over the ``Nt`` reconstructed tokens (all of their
             ``P = C*tubelet*patch*patch`` values), plus ``motion_weight`` x :func:`motion_loss` and
-            ``contrastive_weight`` x the contrastive loss when enabled, and a :class:`PretrainOutput`.
+            ``contrastive_weight`` x the contrastive loss and ``motion_map_weight`` x the motion-map loss
+            (on one unmasked view per clip) when enabled, and a :class:`PretrainOutput`.
         """
         patches = self.encoder.patchify(video)
         visible, target_index = mask_indices(encoder_mask.to(patches.device),
@@ -508,14 +521,29 @@ class MaskedVideoModel(nn.Module):
         loss, contrastive = reconstruction, None
         if self.contrast is not None and group is not None:
             contrastive = self.contrast(tokens, group.to(tokens.device))
-            loss = reconstruction + self.cfg.contrastive_weight * contrastive
+            loss = loss + self.cfg.contrastive_weight * contrastive
+        motion = None
+        if self.motion_map is not None:
+            rows = first_views(group) if group is not None else slice(None)
+            pooled = self.encoder.forward_patches(patches[rows]).mean(dim=1)
+            motion = self.motion_map(pooled, video[rows], self.cfg.pixel_mean, self.cfg.pixel_std)
+            loss = loss + self.cfg.motion_map_weight * motion
         return loss, PretrainOutput(pred=pred, target=target, target_index=target_index, visible_index=visible,
                                     reconstruction_loss=reconstruction.detach(),
-                                    contrastive_loss=None if contrastive is None else contrastive.detach())
+                                    contrastive_loss=None if contrastive is None else contrastive.detach(),
+                                    motion_map_loss=None if motion is None else motion.detach())
 
     def features(self, video: torch.Tensor) -> torch.Tensor:
         """``(B, T, C, H, W)`` -> ``(B, D)``; see :meth:`VideoEncoder.features`."""
         return self.encoder.features(video)
+
+
+def first_views(group: torch.Tensor) -> torch.Tensor:
+    """Row indices ``(G,)`` of the first row of each clip in ``group`` ``(B,)`` (one view per clip)."""
+    _, inverse = torch.unique(group, return_inverse=True)
+    rows = torch.arange(len(group), device=group.device)
+    first = torch.full((int(inverse.max()) + 1,), len(group), dtype=torch.long, device=group.device)
+    return first.scatter_reduce(0, inverse, rows, reduce="amin")
 
 
 def build_encoder(cfg: ModelConfig) -> VideoEncoder:
