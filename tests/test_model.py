@@ -347,3 +347,44 @@ def test_motion_term_adds_the_frame_difference_error():
     torch.testing.assert_close(loss2, loss0 + 2.0 * expected)
     # A prediction that copies the target has no motion error.
     assert motion_loss(out.target, out.target, cfg) == 0
+
+
+def test_motion_map_marks_where_and_when_the_clip_moved():
+    from mgfm.model.motion_map import motion_map
+
+    cfg = tiny(frames=8, img_size=32)
+    still = torch.zeros(1, cfg.frames, 3, 32, 32)
+    assert motion_map(still, cfg.tubelet, 4, IMAGENET_MEAN, IMAGENET_STD).abs().max() == 0
+    moving = still.clone()
+    moving[0, 4:, :, 0:8, 24:32] = 1.0  # from frame 4 on, the top-right cell changes
+    m = motion_map(moving, cfg.tubelet, 4, IMAGENET_MEAN, IMAGENET_STD).reshape(3, 4, 4)  # 3 = 8 / 2 - 1
+    assert m[0].abs().max() == 0  # frame 2 still equals frame 0
+    expected = torch.zeros(2, 4, 4)
+    expected[:, 0, 3] = 1.0  # frames 4 and 6: the top-right cell only, scaled to max 1
+    torch.testing.assert_close(m[1:], expected)
+
+
+def test_motion_map_term_trains_the_unmasked_pooled_feature_on_one_view_per_clip():
+    from mgfm.model.motion_map import motion_map
+    from mgfm.model.videomae import first_views
+
+    group = torch.tensor([0, 0, 1, 1, 2])
+    assert first_views(group).tolist() == [0, 2, 4]
+    assert first_views(torch.tensor([5, 3, 5, 3])).tolist() == [1, 0]  # first row of each clip, clip order by id
+
+    cfg = tiny(motion_map_weight=0.5, motion_map_grid=2)
+    model = build_pretraining_model(cfg)
+    v = video(cfg)
+    enc, dec = masks(cfg)
+    loss, out = model(v, enc, dec, torch.tensor([7, 7]))  # two views of one clip: one motion-map row
+    pooled = model.encoder(v[:1]).mean(dim=1)
+    target = motion_map(v[:1], cfg.tubelet, 2, cfg.pixel_mean, cfg.pixel_std)
+    expected = F.mse_loss(model.motion_map.head(pooled), target) / target.pow(2).mean()
+    torch.testing.assert_close(out.motion_map_loss, expected.detach())
+    torch.testing.assert_close(loss, out.reconstruction_loss + 0.5 * expected.detach())
+    # The head reads the unmasked clip: its gradient reaches the patch embedding of masked tokens' pixels too.
+    model.zero_grad()
+    (model.motion_map(pooled, v[:1], cfg.pixel_mean, cfg.pixel_std)).backward()
+    assert model.encoder.patch_embed.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="motion_map"):
+        tiny(motion_map_grid=0)

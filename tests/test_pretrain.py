@@ -120,7 +120,9 @@ def test_sigkill_mid_training_then_resume_continues(tmp_path, tiny_shards):
 
 @pytest.mark.slow
 def test_deepspeed_zero2_two_cpu_ranks(tmp_path, tiny_shards):
-    recipe = _recipe(tmp_path, tiny_shards, audit_data=True)
+    # Also the motion-PCA start (computed per rank, broadcast from rank 0) with a frozen embedding.
+    recipe = _recipe(tmp_path, tiny_shards, audit_data=True, patch_init="motion_pca", patch_init_clips=4,
+                     freeze_patch_embed=True)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               "recipes/accelerate/multi_cpu_deepspeed.yaml", "pretrain.py", "--recipe", str(recipe)]
     first = subprocess.run([*launch, "optim.epochs=10"], cwd=REPO, env=_env(), capture_output=True, text=True,
@@ -153,6 +155,10 @@ def test_deepspeed_zero2_two_cpu_ranks(tmp_path, tiny_shards):
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_from_step"] == 10 and summary["steps"] == 12 and summary["world_size"] == 2
+    from mgfm.model.hf import read_hf_weights
+
+    w = read_hf_weights(run / "encoder")["embeddings.patch_embeddings.projection.weight"]
+    assert w.abs().sum() > 0 and bool((w[:, :, 0] == -w[:, :, 1]).all())  # still the frozen motion-PCA start
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes" / "pretrain").glob("*.yaml")), ids=lambda p: p.name)

@@ -13,6 +13,7 @@ of batches per epoch, so ranks never wait on each other at an uneven end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -100,6 +101,38 @@ def ensure_default_data(recipe: PretrainRecipe) -> None:
     barrier()
 
 
+def init_patch_embed(encoder, recipe: PretrainRecipe, patches_per_clip: int = 128) -> None:
+    """Start ``encoder``'s tubelet embedding from motion PCA of unlabelled train clips (rank 0's, broadcast)."""
+    from mgfm.data.stream import make_loader
+    from mgfm.data.transforms import normalise_video
+    from mgfm.model.motion_init import frame_differences, init_patch_embed_from_motion
+    from mgfm.model.videomae import patchify
+
+    cfg = encoder.cfg
+    stream = dataclasses.replace(recipe.stream, masks=False, repeats=1)
+    loader, _ = make_loader(recipe.shards, recipe.split, stream, mode="train", epoch=999_999)  # not a training epoch
+    gen = torch.Generator().manual_seed(recipe.seed)
+    diffs, clips = [], 0
+    for batch in loader:
+        video = batch["video"]
+        if video.dtype == torch.uint8:
+            video = normalise_video(video, recipe.stream.mean, recipe.stream.std)
+        patches = patchify(video, cfg.tubelet, cfg.patch)  # (B, N, P)
+        pick = torch.randint(patches.shape[1], (len(patches), min(patches_per_clip, patches.shape[1])), generator=gen)
+        rows = torch.gather(patches, 1, pick[..., None].expand(-1, -1, patches.shape[2])).flatten(0, 1)
+        diffs.append(frame_differences(rows, cfg.channels, cfg.tubelet))
+        clips += len(video)
+        if clips >= recipe.patch_init_clips:
+            break
+    if not diffs:
+        raise ValueError(f"patch_init=motion_pca: no clips in {recipe.shards} split {recipe.split!r}")
+    rows_set = init_patch_embed_from_motion(encoder.patch_embed, torch.cat(diffs), cfg.channels, cfg.tubelet)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for tensor in (encoder.patch_embed.weight, encoder.patch_embed.bias):
+            torch.distributed.broadcast(tensor.data, src=0)
+    log.info("tubelet embedding: %d of %d rows from motion PCA of %d clips", rows_set, cfg.dim, clips)
+
+
 def run(recipe: PretrainRecipe) -> Path:
     """Pretrain as the recipe says; returns the run directory."""
     from mgfm.data.stream import make_loader
@@ -125,6 +158,10 @@ def run(recipe: PretrainRecipe) -> Path:
     if recipe.init_from:
         init_encoder_from_hf(model.encoder, recipe.init_from)
         log.info("encoder initialised from %s", recipe.init_from)
+    elif recipe.patch_init == "motion_pca" and (recipe.resume != "auto" or latest_checkpoint(ckpt_root) is None):
+        init_patch_embed(model.encoder, recipe)
+    if recipe.freeze_patch_embed:
+        model.encoder.patch_embed.requires_grad_(False)
 
     loader, skips = make_loader(recipe.shards, recipe.split, recipe.stream, mode="train", epoch=0)
     steps_per_epoch = len(loader) // recipe.optim.grad_accum
@@ -209,10 +246,12 @@ def run(recipe: PretrainRecipe) -> Path:
                 writer.add_scalar("train/loss", loss_value, step)
                 writer.add_scalar("train/lr", lr, step)
                 writer.add_scalar("train/clips_per_s", rate, step)
-                if out.contrastive_loss is not None:
-                    writer.add_scalar("train/reconstruction_loss", out.reconstruction_loss.item(), step)
-                    writer.add_scalar("train/contrastive_loss", out.contrastive_loss.item(), step)
-                history.append({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr})
+                terms = {name: value.item() for name, value in (
+                    ("reconstruction_loss", out.reconstruction_loss), ("contrastive_loss", out.contrastive_loss),
+                    ("motion_map_loss", out.motion_map_loss)) if value is not None}
+                for name, value in terms.items():
+                    writer.add_scalar(f"train/{name}", value, step)
+                history.append({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, **terms})
                 _append_history(run_dir / "metrics.jsonl", history[-1])
             if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step < total_steps:
                 save_checkpoint(accelerator, ckpt_root, step, {"epoch": epoch}, recipe.keep_checkpoints)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from mgfm.data.stream import StreamConfig
 from mgfm.model.videomae import ModelConfig
@@ -40,6 +41,12 @@ class PretrainRecipe:
     zero_stage: int = 0
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that supports it, else fp32
     init_from: str | None = None  # a Hugging Face VideoMAE folder to start the encoder from
+    # How a fresh run starts the tubelet embedding: "random", or "motion_pca" = whitened principal components
+    # of in-tubelet frame differences of `patch_init_clips` unlabelled train clips (mgfm/model/motion_init.py).
+    patch_init: Literal["random", "motion_pca"] = "random"
+    patch_init_clips: int = 256
+    # Keep the tubelet embedding fixed during training (as MoCo v3 does with its random patch projection).
+    freeze_patch_embed: bool = False
     resume: str = "auto"  # auto | never | path to a checkpoint folder
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of every epoch
     keep_checkpoints: int = 2
