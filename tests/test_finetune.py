@@ -276,3 +276,13 @@ def test_two_cpu_ranks_under_accelerate_launch(tmp_path, tiny_shards, tiny_encod
     # 6 labelled clips over 2 ranks x 2 clips -> 2 steps per epoch; every test clip scored exactly once
     assert report["world_size"] == 2 and report["steps"] == 6 and report["test_clips"] == 6
     assert (tmp_path / "ft" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes" / "finetune").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_load(path):
+    from mgfm.config import load_recipe
+    from mgfm.train.finetune_recipe import FinetuneRecipe
+
+    recipe = load_recipe(FinetuneRecipe, path)
+    assert 0 < recipe.label_fraction <= 1 and recipe.optim.layer_decay < 1 and recipe.drop_path > 0
+    assert (recipe.cache_side or 0) >= (recipe.img_size or 0)
