@@ -11,7 +11,7 @@ RUN ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test shards pretrain linear-probe retrieval bench clean
+.PHONY: setup demo test shards pretrain linear-probe finetune retrieval bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ pretrain: setup
 
 linear-probe: setup
 	$(PY) eval/linear_probe.py $(if $(RUN),run=$(RUN)) shards=$(SHARDS) $(ARGS)
+
+finetune: setup
+	$(PY) eval/finetune.py $(if $(RUN),run=$(RUN)) shards=$(SHARDS) $(ARGS)
 
 retrieval: setup
 	$(PY) eval/retrieval.py $(if $(RUN),run=$(RUN)) shards=$(SHARDS) $(ARGS)

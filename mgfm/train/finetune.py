@@ -1,0 +1,548 @@
+"""Supervised and semi-supervised fine-tuning for MG recognition: ``python eval/finetune.py [key=value ...]``
+(or under ``accelerate launch``).
+
+The pretrained encoder (or a random one, ``init=random``) plus mean pooling, ``fc_norm`` and a linear head
+(:mod:`mgfm.model.classifier`) is trained end to end on a seeded stratified ``label_fraction`` of the
+train split (:mod:`mgfm.data.subset`) with the usual video recipe: AdamW with layer-wise lr decay, drop
+path, label smoothing, linear warmup + cosine, optional mixup, and a class-imbalance option
+(``balance=sampler``: class-balanced sampling of labelled clips; ``balance=logit_adjust``: the
+logit-adjusted loss of Menon et al., training logits + tau * log(class prior), plain logits at test).
+
+``semi.method=fixmatch`` also uses every train clip unlabelled: per step ``semi.ratio`` x batch unlabelled
+clips get a pseudo-label from the model (eval mode, no gradient) on a weak view, and the clips whose
+confidence reaches ``semi.threshold`` are trained on a strong view (:mod:`mgfm.data.clip_augment`) with
+weight ``semi.weight``.
+
+Data: each split is decoded once through the eval stream into memory (:mod:`mgfm.data.clip_cache`);
+every rank caches and trains on its own disjoint part. Test: ``views`` temporal windows per clip, softmax
+scores averaged (multi-view test). The random draws of a step are seeded by ``(seed, rank, step)``, so a
+resumed run sees the data an uninterrupted run would have seen.
+
+Outputs (``out`` = ``<run>/finetune/<name>``): ``report.json``/``report.md`` (top-1, top-5, mean class
+accuracy, per class, confusion PNG), ``metrics.jsonl``, resumable ``checkpoints/`` and ``model/``, a Hugging
+Face ``VideoMAEForVideoClassification`` folder with the label names. ``compare=true`` runs
+{random, pretrained} x {supervised, semi-supervised} at each of ``compare_fractions`` into
+``out/labels-<f>/<init>-<sup|semi>/`` and writes the summary table to ``out/report.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mgfm.config import recipe_to_dict, save_recipe
+from mgfm.data.clip_augment import crop_resize, normalise, strong_jitter
+from mgfm.data.clip_cache import ClipCache, cache_split
+from mgfm.data.subset import stratified_subset
+from mgfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mgfm.train.distributed import barrier, is_main_process, rank_world
+from mgfm.train.finetune_recipe import FinetuneRecipe
+
+log = logging.getLogger("mgfm.finetune")
+DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "finetune" / "tiny_cpu.yaml"
+DEFAULT_CHECKPOINT_EPOCHS = 10  # checkpoint_every=0: a checkpoint every this many epochs
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class FinetuneData:
+    """What every variant of a run trains and tests on (this rank's part of each split).
+
+    ``train``: every train clip (the unlabelled pool), ``labelled``: the labelled subset of it,
+    ``test``: the test clips (``views`` windows each), ``class_names``, ``labelled_ids``: the global
+    labelled subset, ``class_counts``: labelled clips per class over all ranks."""
+
+    train: ClipCache
+    labelled: ClipCache
+    test: ClipCache
+    class_names: list[str]
+    labelled_ids: list[str]
+    class_counts: np.ndarray
+    n_train: int
+    fraction: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def model_geometry(recipe: FinetuneRecipe):
+    """The encoder folder (None for a random init without a run) and the model config of the run."""
+    from mgfm.evaluate.linear_probe import RunError, newest_run
+    from mgfm.model.hf import config_from_hf, read_hf_config
+
+    run = Path(recipe.run) if recipe.run else newest_run(recipe.runs_dir)
+    if not run.exists():
+        raise RunError(f"{run}: no such run or encoder folder")
+    encoder = run / "encoder" if (run / "encoder").is_dir() else run
+    cfg = config_from_hf(read_hf_config(encoder), encoder)
+    changes = {"drop_path": recipe.drop_path}
+    if recipe.frames is not None:
+        changes["frames"] = recipe.frames
+    if recipe.img_size is not None:
+        changes["img_size"] = recipe.img_size
+    try:
+        cfg = dataclasses.replace(cfg, **changes)
+    except ValueError as err:
+        raise ValueError(f"frames/img_size/drop_path do not fit the encoder: {err}") from None
+    return encoder, (run if encoder != run else run.parent), cfg
+
+
+def stream_configs(recipe: FinetuneRecipe, cfg) -> tuple:
+    """(train cache stream, test stream): the recipe's decoding settings cut to the model's geometry."""
+    side = recipe.cache_side or cfg.img_size
+    if side < cfg.img_size:
+        raise ValueError(f"cache_side={side} is smaller than img_size={cfg.img_size}")
+    # no masks are made, so the token geometry is irrelevant here (patch=1 lets cache_side be any size)
+    common = dict(frames=cfg.frames, tubelet=cfg.tubelet, patch=1, masks=False, repeats=1,
+                  mean=tuple(cfg.pixel_mean[:3]), std=tuple(cfg.pixel_std[:3]), seed=recipe.seed)
+    train = dataclasses.replace(recipe.stream, img_size=side, eval_crop=1.0, **common)
+    test = dataclasses.replace(recipe.stream, img_size=cfg.img_size, **common)
+    return train, test
+
+
+def _gather_objects(local):
+    _, world = rank_world()
+    if world == 1:
+        return [local]
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, local)
+    return parts
+
+
+def load_data(recipe: FinetuneRecipe, cfg, fraction: float, cached: FinetuneData | None = None) -> FinetuneData:
+    """Decode (or reuse ``cached``'s) splits and choose the labelled subset for ``fraction``."""
+    from mgfm.shards.manifest import load_manifest
+
+    if cached is None:
+        class_names = list(load_manifest(recipe.shards)["class_names"])
+        train_cfg, test_cfg = stream_configs(recipe, cfg)
+        train = cache_split(recipe.shards, recipe.train_split, train_cfg, recipe.train_views,
+                            desc=f"decode {recipe.train_split}")
+        test = cache_split(recipe.shards, recipe.test_split, test_cfg, recipe.views, desc=f"decode {recipe.test_split}")
+    else:
+        class_names, train, test = cached.class_names, cached.train, cached.test
+    pairs = [p for part in _gather_objects(list(zip(train.clip_ids, train.labels.tolist()))) for p in part]
+    if not pairs:
+        raise ValueError(f"{recipe.shards}: split {recipe.train_split!r} has no clips")
+    ids, labels = zip(*pairs)
+    labelled_ids = stratified_subset(ids, labels, fraction, recipe.seed, class_names)
+    lab = dict(pairs)
+    counts = np.bincount([lab[c] for c in labelled_ids], minlength=len(class_names))
+    labelled = train.select(labelled_ids)
+    log.info("label_fraction %g: %d of %d train clips labelled (%d classes, %d-%d per class)", fraction,
+             len(labelled_ids), len(pairs), len(class_names), counts.min(), counts.max())
+    return FinetuneData(train, labelled, test, class_names, labelled_ids, counts, len(pairs), fraction,
+                        tuple(cfg.pixel_mean), tuple(cfg.pixel_std))
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+@dataclass
+class StepBatch:
+    """One micro-batch: labelled ``video`` float ``(B, T, 3, S, S)`` + ``labels`` ``(B,)``; for FixMatch the
+    unlabelled ``weak`` and ``strong`` views ``(B*mu, T, 3, S, S)`` of the same clips (+ their true
+    labels ``unlabelled_labels`` for diagnostics only, -1 where unknown)."""
+
+    video: torch.Tensor
+    labels: torch.Tensor
+    weak: torch.Tensor | None = None
+    strong: torch.Tensor | None = None
+    unlabelled_labels: torch.Tensor | None = None
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
+    """The generator of one micro-batch's draws (deterministic, so resume replays the same data)."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{rank}:{step}:{micro}".encode()))
+
+
+def labelled_indices(n: int, labels: torch.Tensor, batch: int, step: int, micro: int, grad_accum: int,
+                     balance: str, seed: int, rank: int) -> torch.Tensor:
+    """Indices of this micro-batch's labelled clips: epoch-wise permutations (every clip once per
+    ``n`` clips drawn), or, with ``balance="sampler"``, class-balanced draws (each class equally likely,
+    then a clip of it)."""
+    if balance == "sampler":
+        counts = torch.bincount(labels, minlength=int(labels.max()) + 1).float()
+        weights = 1.0 / counts[labels]
+        return torch.multinomial(weights, batch, replacement=True, generator=step_generator(seed, rank, step, micro))
+    start = (step * grad_accum + micro) * batch
+    out = []
+    for k in range(start, start + batch):
+        epoch, pos = divmod(k, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(zlib.crc32(f"{seed}:{rank}:e{epoch}".encode())))
+        out.append(int(perm[pos]))
+    return torch.tensor(out, dtype=torch.long)
+
+
+def make_batch(data: FinetuneData, recipe: FinetuneRecipe, img_size: int, step: int, micro: int,
+               semi: bool) -> StepBatch:
+    """Augmented tensors of one micro-batch (weak views for labelled clips)."""
+    rank, _ = rank_world()
+    gen = step_generator(recipe.seed, rank, step, micro)
+    b = recipe.stream.batch_size
+    mean, std = data.mean, data.std
+    idx = labelled_indices(len(data.labelled), data.labelled.labels, b, step, micro, recipe.optim.grad_accum,
+                           recipe.balance, recipe.seed, rank)
+    video = _pick_views(data.labelled, idx, gen)
+    out = StepBatch(normalise(crop_resize(video, img_size, recipe.crop_scales, recipe.flip, gen), mean, std),
+                    data.labelled.labels[idx])
+    if semi:
+        uidx = torch.randint(len(data.train), (b * recipe.semi.ratio,), generator=gen)
+        clips = _pick_views(data.train, uidx, gen)
+        weak = crop_resize(clips, img_size, recipe.crop_scales, recipe.flip, gen)
+        strong = strong_jitter(crop_resize(clips, img_size, recipe.crop_scales, recipe.flip, gen),
+                               recipe.semi.strong, gen)
+        out.weak, out.strong = normalise(weak, mean, std), normalise(strong, mean, std)
+        out.unlabelled_labels = data.train.labels[uidx]
+    return out
+
+
+def _pick_views(cache: ClipCache, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """uint8 ``(B, T, 3, S0, S0)``: one random cached temporal window of each clip ``idx``."""
+    views = torch.randint(cache.views, (len(idx),), generator=gen)
+    return cache.video[idx, views]
+
+
+# -------------------------------------------------------------------------------------------- losses
+
+
+def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float,
+                    log_prior: torch.Tensor | None = None, mix: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """Label-smoothed cross-entropy of ``logits`` ``(B, C)``; ``log_prior`` ``(C,)`` (scaled by tau) is
+    added to the logits first (logit adjustment); ``mix = (labels_b, lam)`` for mixup targets."""
+    if log_prior is not None:
+        logits = logits + log_prior.to(logits.dtype)
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+    if mix is not None:
+        other, lam = mix
+        loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), other, label_smoothing=smoothing)
+    return loss
+
+
+def compute_loss(model, batch: StepBatch, recipe: FinetuneRecipe, log_prior: torch.Tensor | None,
+                 semi_weight: float, gen: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """The step's loss (scalar) and stats: supervised loss on the labelled clips, plus for FixMatch
+    ``semi_weight`` x the masked cross-entropy of the strong views against the weak views'
+    confident pseudo-labels (computed without gradient, model in eval mode)."""
+    device = next(model.parameters()).device
+    video, labels = batch.video.to(device), batch.labels.to(device)
+    mix = None
+    if recipe.optim.mixup > 0:
+        lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen))).beta(
+            recipe.optim.mixup, recipe.optim.mixup))
+        perm = torch.randperm(len(video), generator=gen).to(device)
+        video = lam * video + (1 - lam) * video[perm]
+        mix = (labels[perm], lam)
+    stats: dict = {}
+    if batch.strong is None:
+        loss = supervised_loss(model(video), labels, recipe.optim.label_smoothing, log_prior, mix)
+        stats["loss_l"] = float(loss.detach())
+        return loss, stats
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(batch.weak.to(device)).float(), dim=-1)
+    model.train(was_training)
+    conf, pseudo = probs.max(dim=-1)
+    mask = (conf >= recipe.semi.threshold).float()
+    logits = model(torch.cat([video, batch.strong.to(device)]))
+    n = len(video)
+    loss_l = supervised_loss(logits[:n], labels, recipe.optim.label_smoothing, log_prior, mix)
+    loss_u = (F.cross_entropy(logits[n:].float(), pseudo, reduction="none") * mask).mean()
+    loss = loss_l + semi_weight * loss_u
+    stats.update(loss_l=float(loss_l.detach()), loss_u=float(loss_u.detach()), mask_rate=float(mask.mean()))
+    known = batch.unlabelled_labels is not None and bool((mask > 0).any())
+    if known:
+        truth = batch.unlabelled_labels.to(device)
+        sel = (mask > 0) & (truth >= 0)
+        if sel.any():
+            stats["pseudo_acc"] = float((pseudo[sel] == truth[sel]).float().mean())
+    return loss, stats
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+
+
+@torch.no_grad()
+def predict_cache(model, cache: ClipCache, batch_size: int, mean, std, img_size: int,
+                  device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
+    """Softmax scores ``(N, C)`` of every cached clip, averaged over its ``V`` temporal windows."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in tqdm(range(0, len(cache), batch_size), desc="test", unit="batch", disable=not progress, leave=False):
+        clips = cache.video[start:start + batch_size]  # (b, V, T, 3, S, S)
+        b, v = clips.shape[:2]
+        flat = normalise(crop_resize(clips.flatten(0, 1), img_size, None, False, None), mean, std)
+        probs = torch.softmax(model(flat.to(device)).float(), dim=-1).reshape(b, v, -1).mean(1)
+        out.append(probs.cpu().numpy())
+    model.train(was_training)
+    n_classes = getattr(_unwrap(model), "num_classes", 0)
+    return np.concatenate(out) if out else np.zeros((0, n_classes), dtype=np.float32)
+
+
+def evaluate_test(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: int, device) -> dict:
+    """Multi-view test scores over all ranks -> :func:`mgfm.evaluate.metrics.classification_metrics`."""
+    from mgfm.evaluate.metrics import classification_metrics
+
+    mean, std = data.mean, data.std
+    scores = predict_cache(model, data.test, recipe.stream.batch_size * 2, mean, std, img_size, device,
+                           progress=is_main_process())
+    parts = _gather_objects((data.test.clip_ids, data.test.labels.numpy(), scores))
+    ids = [c for p in parts for c in p[0]]
+    labels = np.concatenate([p[1] for p in parts])
+    scores = np.concatenate([p[2] for p in parts])
+    order = np.argsort(ids, kind="stable")
+    keep = labels[order] >= 0
+    exclude = [data.class_names.index(c) for c in recipe.exclude_classes if c in data.class_names]
+    return classification_metrics(scores[order][keep], labels[order][keep], data.class_names, exclude)
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def variant_name(recipe: FinetuneRecipe) -> str:
+    return f"{recipe.init}-{'semi' if recipe.semi.method != 'none' else 'sup'}"
+
+
+def train_variant(recipe: FinetuneRecipe, data: FinetuneData, encoder_folder: Path, cfg, out: Path) -> dict:
+    """Fine-tune one variant into ``out``; returns its report (an existing finished report is reused)."""
+    from mgfm.evaluate.report import format_table, markdown_table, write_report
+    from mgfm.model.classifier import build_classifier, layer_decay_groups, save_classifier_hf
+    from mgfm.train.pretrain import lr_lambda, make_accelerator
+
+    rank, world = rank_world()
+    resolved = recipe_to_dict(recipe)
+    done = out / "report.json"
+    if done.exists() and recipe.resume == "auto":
+        report = json.loads(done.read_text())
+        if report.get("recipe") == json.loads(json.dumps(resolved)):
+            log.info("%s is already complete; reusing its report", out)
+            return report
+        raise ValueError(f"{out}: holds a finished run of a different recipe; set out=... or name=... elsewhere")
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, out / "recipe.yaml")
+    barrier()
+
+    accelerator = make_accelerator(recipe)  # one per variant: save_state saves every model prepared on it
+    torch.manual_seed(recipe.seed)  # the same random init on every rank and for both methods
+    init_from = encoder_folder if recipe.init == "pretrained" else None
+    model = build_classifier(cfg, len(data.class_names), init_from, recipe.optim.head_dropout)
+    semi = recipe.semi.method != "none"
+    n_labelled = len(data.labelled_ids)
+    per_step = recipe.stream.batch_size * recipe.optim.grad_accum * world
+    steps_per_epoch = max(1, math.ceil(n_labelled / per_step))
+    total = steps_per_epoch * recipe.optim.epochs
+    peak_lr = recipe.optim.base_lr * per_step / 256
+    groups = layer_decay_groups(model, recipe.optim.weight_decay, recipe.optim.layer_decay)
+    for g in groups:
+        g["lr"] = peak_lr * g["lr_scale"]
+    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=recipe.optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
+        total, int(recipe.optim.warmup_epochs * steps_per_epoch), recipe.optim.min_lr / peak_lr))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    device = accelerator.device
+    log_prior = None
+    if recipe.balance == "logit_adjust":
+        prior = torch.as_tensor(data.class_counts, dtype=torch.float32) / float(data.class_counts.sum())
+        log_prior = (recipe.logit_adjust_tau * prior.clamp_min(1e-12).log()).to(device)
+
+    ckpt_root = out / "checkpoints"
+    step = 0
+    resumed = None
+    if recipe.resume == "auto" and (latest := latest_checkpoint(ckpt_root)) is not None:
+        step = load_checkpoint(accelerator, latest)["step"]
+        resumed = step
+        log.info("resumed %s from %s (step %d)", out.name, latest, step)
+    every = recipe.checkpoint_every or steps_per_epoch * DEFAULT_CHECKPOINT_EPOCHS
+    log.info("fine-tuning %s: %d labelled clips%s, %d ranks x %d clips x %d accumulation, peak lr %.2e, "
+             "%d steps (%d epochs x %d)", out.name, n_labelled,
+             f" + {data.n_train} unlabelled (FixMatch, ratio {recipe.semi.ratio})" if semi else "", world,
+             recipe.stream.batch_size, recipe.optim.grad_accum, peak_lr, total, recipe.optim.epochs, steps_per_epoch)
+
+    history_path = out / "metrics.jsonl"
+    history = _load_history(history_path, step)
+    progress = None
+    if is_main_process():
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total, initial=step, desc=out.name, unit="step", dynamic_ncols=True)
+    start = time.time()
+    model.train()
+    ramp_steps = recipe.semi.ramp_epochs * steps_per_epoch
+    while step < total:
+        semi_weight = recipe.semi.weight * (min(1.0, step / ramp_steps) if ramp_steps > 0 else 1.0)
+        sums: dict[str, float] = {}
+        for micro in range(recipe.optim.grad_accum):
+            batch = make_batch(data, recipe, cfg.img_size, step, micro, semi)
+            with accelerator.accumulate(model):
+                loss, stats = compute_loss(model, batch, recipe, log_prior, semi_weight,
+                                           step_generator(recipe.seed + 1, rank, step, micro))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and recipe.optim.clip_grad and accelerator.state.deepspeed_plugin is None:
+                    accelerator.clip_grad_norm_(model.parameters(), recipe.optim.clip_grad)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in {"loss": float(loss.detach()), **stats}.items():
+                sums[k] = sums.get(k, 0.0) + v / recipe.optim.grad_accum
+        step += 1
+        row = {"step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[-1], **sums}
+        if recipe.eval_every and step % (recipe.eval_every * steps_per_epoch) == 0 and step < total:
+            metrics = evaluate_test(model, data, recipe, cfg.img_size, device)
+            row.update(test_top1=metrics["top1"], test_mean_class_accuracy=metrics["mean_class_accuracy"])
+            model.train()
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if k in ("loss", "mask_rate")})
+            history.append(row)
+            with history_path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        if step % every == 0 and step < total:
+            save_checkpoint(accelerator, ckpt_root, step, {"epoch": step / steps_per_epoch}, recipe.keep_checkpoints)
+    if progress is not None:
+        progress.close()
+    elapsed = time.time() - start
+
+    metrics = evaluate_test(model, data, recipe, cfg.img_size, device)
+    save_checkpoint(accelerator, ckpt_root, step, {"epoch": step / steps_per_epoch, "final": True},
+                    recipe.keep_checkpoints)
+    state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; collective
+    report = {
+        "recipe": resolved, "variant": variant_name(recipe), "init": recipe.init, "method": recipe.semi.method,
+        "label_fraction": data.fraction, "labelled_clips": n_labelled, "train_clips": data.n_train,
+        "test_clips": metrics["n"], "views": recipe.views, "steps": step, "world_size": world,
+        "resumed_from_step": resumed, "train_seconds": elapsed, "balance": recipe.balance,
+        "metrics": metrics, "model": str(out / "model"),
+        "skipped_samples": {"train": data.train.skipped, "test": data.test.skipped},
+        "final": {k: v for k, v in (history[-1] if history else {}).items()},
+    }
+    if is_main_process():
+        unwrapped = _unwrap(accelerator.unwrap_model(model))
+        unwrapped.load_state_dict(state)
+        save_classifier_hf(unwrapped, out / "model", data.class_names)
+        from mgfm.evaluate.metrics import plot_confusion
+
+        plot_confusion(metrics["confusion"], data.class_names, out / "confusion.png")
+        headers, rows = run_table([report])
+        markdown = (f"`{variant_name(recipe)}` at label_fraction {data.fraction:g} ({n_labelled} labelled clips"
+                    f"{f', {data.n_train} unlabelled' if semi else ''}), {step} steps in {elapsed:.0f} s, "
+                    f"{recipe.views} test view(s), shards `{recipe.shards}`.\n\n"
+                    + markdown_table(headers, rows) + "\n\n![confusion matrix](confusion.png)\n\n## Per-class accuracy\n\n"
+                    + markdown_table(["class", "test clips", "accuracy"],
+                                     [[n, v["support"], v["accuracy"]] for n, v in metrics["per_class"].items()]))
+        write_report(out, report, markdown, f"Fine-tuning: {variant_name(recipe)}")
+        print(format_table(headers, rows))
+    barrier()
+    return json.loads(json.dumps(report, default=str))
+
+
+def run_table(reports: list[dict]) -> tuple[list[str], list[list]]:
+    headers = ["label fraction", "labelled clips", "init", "method", "top1", "top5", "mean class acc",
+               "top1 w/o excl.", "mean class acc w/o excl.", "train s"]
+    rows = []
+    for r in reports:
+        m = r["metrics"]
+        w = m.get("without") or {}
+        rows.append([f"{r['label_fraction']:g}", r["labelled_clips"], r["init"],
+                     "semi (FixMatch)" if r["method"] == "fixmatch" else "supervised", m["top1"], m["top5"],
+                     m["mean_class_accuracy"], w.get("top1"), w.get("mean_class_accuracy"), round(r["train_seconds"])])
+    return headers, rows
+
+
+def _load_history(path: Path, upto: int) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if r["step"] <= upto]
+    if len(kept) != len(rows) and is_main_process():
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------- entry
+
+
+def variants(recipe: FinetuneRecipe) -> list[FinetuneRecipe]:
+    """The runs a recipe asks for: itself, or the compare grid (fraction-major)."""
+    if not recipe.compare:
+        return [recipe]
+    semi = recipe.semi if recipe.semi.method != "none" else dataclasses.replace(recipe.semi, method="fixmatch")
+    out = []
+    for fraction in recipe.compare_fractions or [recipe.label_fraction]:
+        for init in ("random", "pretrained"):
+            for method in ("none", "fixmatch"):
+                out.append(dataclasses.replace(recipe, compare=False, compare_fractions=[], label_fraction=fraction,
+                                               init=init, semi=dataclasses.replace(semi, method=method)))
+    return out
+
+
+def run(recipe: FinetuneRecipe) -> dict:
+    """Fine-tune as the recipe says (one run, or the compare grid); returns the (summary) report."""
+    from mgfm.evaluate.report import format_table, markdown_table, write_report
+    from mgfm.train.distributed import setup_logging
+    from mgfm.train.pretrain import make_accelerator
+
+    make_accelerator(recipe)  # initialises the process group (under accelerate launch) before any data
+    setup_logging()
+    encoder_folder, run_dir, cfg = model_geometry(recipe)
+    out = Path(recipe.out) if recipe.out else run_dir / "finetune" / recipe.name
+    data: FinetuneData | None = None
+    reports = []
+    for variant in variants(recipe):
+        if data is None or data.fraction != variant.label_fraction:
+            data = load_data(variant, cfg, variant.label_fraction, data)
+        where = out / f"labels-{variant.label_fraction:g}" / variant_name(variant) if recipe.compare else out
+        reports.append(train_variant(variant, data, encoder_folder, cfg, where))
+    if not recipe.compare:
+        return reports[0]
+    headers, rows = run_table(reports)
+    summary = {"recipe": recipe_to_dict(recipe), "encoder": str(encoder_folder), "runs": [
+        {k: r[k] for k in ("variant", "label_fraction", "labelled_clips", "train_seconds", "steps")}
+        | {k: r["metrics"][k] for k in ("top1", "top5", "mean_class_accuracy")} for r in reports]}
+    if is_main_process():
+        markdown = (f"Encoder `{encoder_folder}`, shards `{recipe.shards}`; {{random, pretrained}} init x "
+                    f"{{supervised only, semi-supervised (FixMatch)}} on the same seeded labelled subsets "
+                    f"(seed {recipe.seed}); {recipe.views} test view(s).\n\n" + markdown_table(headers, rows)
+                    + "\n\nPer-run reports: `labels-<fraction>/<init>-<sup|semi>/report.md`.\n")
+        write_report(out, summary, markdown, "Fine-tuning comparison")
+        print(format_table(headers, rows))
+        print(f"report: {out / 'report.md'}")
+    barrier()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """CLI entry: ``[--recipe FILE] [key=value ...]``; user errors end in one line and exit code 2."""
+    from mgfm.cli import run_cli
+
+    return run_cli(FinetuneRecipe, run, argv, "eval/finetune.py",
+                   "Supervised / semi-supervised fine-tuning for MG recognition.", DEFAULT_RECIPE)
+
+
+if __name__ == "__main__":
+    main()

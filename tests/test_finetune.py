@@ -1,0 +1,288 @@
+"""Fine-tuning: stratified labelled subsets, the FixMatch loss, the HF classification export, and
+eval/finetune.py end to end on tiny shards (reports, resume, compare grid, bad input, two CPU ranks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mgfm.data.subset import SubsetError, stratified_subset
+from mgfm.model.videomae import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(size="custom", img_size=32, frames=4, dim=32, depth=2, heads=2, decoder_dim=16, decoder_depth=1,
+            decoder_heads=1)
+
+
+# ------------------------------------------------------------------------------------------- subset
+
+
+def _long_tail(seed: int = 0) -> tuple[list[str], list[int]]:
+    rng = np.random.default_rng(seed)
+    sizes = [200, 60, 20, 7, 3, 1]
+    labels = [c for c, n in enumerate(sizes) for _ in range(n)]
+    ids = [f"clip{k:04d}" for k in rng.permutation(len(labels))]
+    return ids, labels
+
+
+def test_stratified_subset_is_deterministic_complete_and_nested():
+    ids, labels = _long_tail()
+    a = stratified_subset(ids, labels, 0.1, seed=3)
+    order = np.random.default_rng(1).permutation(len(ids))
+    b = stratified_subset([ids[i] for i in order], [labels[i] for i in order], 0.1, seed=3)
+    assert a == b, "the subset must not depend on the order the clips arrive in"
+    lab = dict(zip(ids, labels))
+    counts = np.bincount([lab[c] for c in a], minlength=6)
+    assert counts.tolist() == [20, 6, 2, 1, 1, 1]  # round(0.1 * n), at least one per class
+    assert stratified_subset(ids, labels, 0.1, seed=4) != a  # the seed picks the clips
+    assert set(stratified_subset(ids, labels, 0.05, seed=3)) <= set(a) <= set(stratified_subset(ids, labels, 0.5, seed=3))
+    assert stratified_subset(ids, labels, 1.0) == sorted(ids)
+    # unlabelled clips are never chosen
+    assert "u" not in stratified_subset([*ids, "u"], [*labels, -1], 1.0)
+
+
+@pytest.mark.parametrize("fraction", [0, -0.1, 1.5, "half"])
+def test_fraction_outside_0_1_is_rejected(fraction):
+    ids, labels = _long_tail()
+    with pytest.raises(SubsetError, match=r"label_fraction: expected a fraction in \(0, 1\]"):
+        stratified_subset(ids, labels, fraction)
+
+
+def test_subset_that_would_leave_a_class_empty_is_rejected():
+    with pytest.raises(SubsetError, match="class 'c' \\(id 2\\) has no labelled clip"):
+        stratified_subset(["x", "y", "z"], [0, 1, 1], 0.5, class_names=["a", "b", "c"])
+
+
+# -------------------------------------------------------------------------------------- model, loss
+
+
+def _classifier(classes: int = 3, seed: int = 0):
+    from mgfm.model.classifier import build_classifier
+
+    torch.manual_seed(seed)
+    return build_classifier(ModelConfig(**TINY), classes)
+
+
+def test_fixmatch_loss_uses_unlabelled_clips():
+    from mgfm.train.finetune import StepBatch, compute_loss
+    from mgfm.train.finetune_recipe import FinetuneRecipe, SemiConfig
+
+    recipe = FinetuneRecipe(semi=SemiConfig(method="fixmatch", threshold=0.0))
+    gen = torch.Generator().manual_seed(0)
+    video, labels = torch.randn(2, 4, 3, 32, 32, generator=gen), torch.tensor([0, 2])
+    unlabelled = [torch.randn(4, 4, 3, 32, 32, generator=gen) for _ in range(2)]
+
+    def grads(u: torch.Tensor, weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+        model = _classifier()
+        batch = StepBatch(video, labels, weak=u, strong=u.flip(-1), unlabelled_labels=torch.full((4,), -1))
+        loss, stats = compute_loss(model, batch, recipe, None, weight)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()]), stats
+
+    g0, stats = grads(unlabelled[0])
+    g1, _ = grads(unlabelled[1])
+    g_again, _ = grads(unlabelled[0])
+    assert stats["mask_rate"] == 1.0 and stats["loss_u"] > 0
+    assert torch.equal(g0, g_again)
+    assert not torch.allclose(g0, g1), "changing the unlabelled clips must change the update"
+    g_off, _ = grads(unlabelled[1], weight=0.0)
+    g_off_other, _ = grads(unlabelled[0], weight=0.0)
+    assert torch.allclose(g_off, g_off_other)  # with lambda_u = 0 only the labelled clips count
+
+    # a threshold nobody reaches masks every pseudo-label out
+    recipe.semi.threshold = 1.0
+    _, stats = grads(unlabelled[0])
+    assert stats["mask_rate"] == 0.0 and stats["loss_u"] == 0.0
+
+
+def test_layer_decay_groups_scale_the_lr_by_depth():
+    from mgfm.model.classifier import layer_decay_groups
+
+    model = _classifier()
+    groups = layer_decay_groups(model, 0.05, 0.5)
+    scale = {g["layer"]: g["lr_scale"] for g in groups}
+    assert scale == {0: 0.125, 1: 0.25, 2: 0.5, 3: 1.0}  # patch embed, block 0, block 1, head
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert all(g["weight_decay"] == 0.0 for g in groups if g["params"][0].dim() < 2)
+
+
+def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path):
+    from transformers import VideoMAEForVideoClassification
+
+    from mgfm.model.classifier import load_classifier_hf, save_classifier_hf
+
+    model = _classifier(4).eval()
+    with torch.no_grad():  # move every weight away from its init so a dropped key would show
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    names = ["turtle neck", "deep breath", "touch hat", "illustrative"]
+    save_classifier_hf(model, tmp_path / "clf", names)
+    hf, info = VideoMAEForVideoClassification.from_pretrained(tmp_path / "clf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert hf.config.id2label == dict(enumerate(names)) and hf.config.label2id["touch hat"] == 2
+    video = torch.randn(3, 4, 3, 32, 32)
+    with torch.no_grad():
+        ours, theirs = model(video), hf.eval()(pixel_values=video).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    back, back_names = load_classifier_hf(tmp_path / "clf")
+    assert back_names == names
+    torch.testing.assert_close(back(video), ours)
+
+
+def test_pretrained_init_copies_the_encoder_and_its_norm(tmp_path):
+    from mgfm.model.classifier import build_classifier
+    from mgfm.model.hf import save_encoder_hf
+    from mgfm.model.videomae import build_encoder
+
+    torch.manual_seed(1)
+    encoder = build_encoder(ModelConfig(**TINY))
+    with torch.no_grad():
+        encoder.norm.weight.fill_(0.5)
+    save_encoder_hf(encoder, tmp_path / "enc")
+    model = build_classifier(ModelConfig(**TINY, drop_path=0.1), 3, tmp_path / "enc")
+    torch.testing.assert_close(model.encoder.blocks[1].attn.qkv_weight, encoder.blocks[1].attn.qkv_weight)
+    assert torch.all(model.fc_norm.weight == 0.5) and model.encoder.blocks[1].drop_path == 0.1
+
+
+# -------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> Path:
+    from mgfm.model.hf import save_encoder_hf
+    from mgfm.model.videomae import build_encoder
+
+    torch.manual_seed(0)
+    return save_encoder_hf(build_encoder(ModelConfig(**TINY)), tmp_path_factory.mktemp("enc") / "encoder")
+
+
+def _recipe(tmp_path: Path, shards: Path, encoder: Path, **extra) -> Path:
+    recipe = {
+        "run": str(encoder), "shards": str(shards), "out": str(tmp_path / "ft"), "views": 2,
+        "cache_side": 40, "crop_scales": [1.0, 0.8],
+        "stream": {"batch_size": 2, "num_workers": 0},
+        "optim": {"base_lr": 0.05, "epochs": 3, "warmup_epochs": 1},
+        "semi": {"ratio": 2, "threshold": 0.0},
+        **extra,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _finetune(args: list[str], launch: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [*(launch or [sys.executable]), "eval/finetune.py", *args]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_semi_supervised_run_writes_report_model_and_resumes(tmp_path, tiny_shards, tiny_encoder):
+    recipe = _recipe(tmp_path, tiny_shards, tiny_encoder)
+    result = _finetune(["--recipe", str(recipe), "semi.method=fixmatch", "label_fraction=0.5", "checkpoint_every=2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "ft"
+    report = json.loads((out / "report.json").read_text())
+    # 6 train clips, 2 per class: half of each class = 3 labelled; 2 clips x 1 rank per step -> 2 steps/epoch
+    assert report["labelled_clips"] == 3 and report["train_clips"] == 6 and report["steps"] == 6
+    assert report["test_clips"] == 6 and report["method"] == "fixmatch"
+    for key in ("top1", "top5", "mean_class_accuracy"):
+        assert 0.0 <= report["metrics"][key] <= 1.0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7)) and all("loss_u" in r for r in rows)
+    assert (out / "report.md").read_text().count("| 0.5 |") == 1 and (out / "confusion.png").exists()
+
+    from transformers import VideoMAEForVideoClassification
+
+    hf = VideoMAEForVideoClassification.from_pretrained(out / "model")
+    assert hf.config.id2label == {0: "class_a", 1: "class_b", 2: "class_c"}
+
+    # a finished run is not redone
+    again = _finetune(["--recipe", str(recipe), "semi.method=fixmatch", "label_fraction=0.5", "checkpoint_every=2"])
+    assert again.returncode == 0 and "already complete" in again.stderr
+    # lose everything but the checkpoints: the run resumes from its last one instead of starting over
+    (out / "report.json").unlink()
+    shutil.rmtree(out / "model")
+    resumed = _finetune(["--recipe", str(recipe), "semi.method=fixmatch", "label_fraction=0.5", "checkpoint_every=2"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    report2 = json.loads((out / "report.json").read_text())
+    assert report2["resumed_from_step"] == 6 and report2["steps"] == 6
+    assert report2["metrics"]["top1"] == report["metrics"]["top1"]
+
+
+def test_compare_grid_writes_a_summary(tmp_path, tiny_shards, tiny_encoder):
+    recipe = _recipe(tmp_path, tiny_shards, tiny_encoder, balance="logit_adjust")
+    result = _finetune(["--recipe", str(recipe), "compare=true", "compare_fractions=[0.5,1.0]", "optim.epochs=1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert [r["variant"] for r in summary["runs"]] == ["random-sup", "random-semi", "pretrained-sup",
+                                                      "pretrained-semi"] * 2
+    assert [r["labelled_clips"] for r in summary["runs"]] == [3] * 4 + [6] * 4
+    for fraction in ("0.5", "1"):
+        for variant in ("random-sup", "pretrained-semi"):
+            assert (tmp_path / "ft" / f"labels-{fraction}" / variant / "model" / "config.json").exists()
+    assert "semi (FixMatch)" in result.stdout and "supervised" in result.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("label_fraction=0", "label_fraction: expected a fraction in (0, 1], got 0"),
+    ("label_fraction=1.5", "label_fraction: expected a fraction in (0, 1], got 1.5"),
+    ("optim.labl_smoothing=0.2", "unknown key 'labl_smoothing'; did you mean 'label_smoothing'?"),
+    ("balance=oversample", "balance: expected one of ['none', 'sampler', 'logit_adjust']"),
+])
+def test_bad_input_is_one_line_error(tmp_path, tiny_shards, tiny_encoder, override, message):
+    result = _finetune(["--recipe", str(_recipe(tmp_path, tiny_shards, tiny_encoder)), override])
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("eval/finetune.py: error:") and message in last
+
+
+def test_class_without_train_clips_is_one_line_error(tmp_path, tiny_index, tiny_encoder):
+    from mgfm.data.clip_index import ClipIndex
+    from mgfm.shards import BuildConfig, build_shards
+
+    # class_c keeps its test clips but loses its train clips
+    clips = [c for c in tiny_index.clips if not (c.split == "train" and c.label == 2)]
+    shards = tmp_path / "shards"
+    build_shards(ClipIndex(clips, tiny_index.class_names, "tiny", {}), shards,
+                 BuildConfig(short_side=32, shard_samples=3, crf=12), source={"format": "test"})
+    result = _finetune(["--recipe", str(_recipe(tmp_path, shards, tiny_encoder))])
+    assert result.returncode == 2
+    assert "class 'class_c' (id 2) has no labelled clip" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_under_accelerate_launch(tmp_path, tiny_shards, tiny_encoder):
+    recipe = _recipe(tmp_path, tiny_shards, tiny_encoder)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              "recipes/accelerate/multi_cpu_deepspeed.yaml"]
+    result = _finetune(["--recipe", str(recipe), "semi.method=fixmatch", "label_fraction=1.0"], launch, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    # 6 labelled clips over 2 ranks x 2 clips -> 2 steps per epoch; every test clip scored exactly once
+    assert report["world_size"] == 2 and report["steps"] == 6 and report["test_clips"] == 6
+    assert (tmp_path / "ft" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes" / "finetune").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_load(path):
+    from mgfm.config import load_recipe
+    from mgfm.train.finetune_recipe import FinetuneRecipe
+
+    recipe = load_recipe(FinetuneRecipe, path)
+    assert 0 < recipe.label_fraction <= 1 and recipe.optim.layer_decay < 1 and recipe.drop_path > 0
+    assert (recipe.cache_side or 0) >= (recipe.img_size or 0)
