@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mgfm.evaluate.emotion import (EmotionRecipe, build_sequences, concat_features, evaluate_emotion,
-                                   mg_probabilities, one_hot_labels, split_sequences)
+                                   mg_probabilities, one_hot_labels, split_sequences, subject_prior_row)
 from mgfm.evaluate.emotion_heads import (EmotionError, SequenceHeadConfig, binary_metrics, fit_sequence_head,
                                          fit_vector_head, majority_probability)
 from mgfm.evaluate.featureset import FeatureSet
@@ -87,6 +87,19 @@ def test_single_emotion_training_set_is_a_clear_error():
         split_sequences(seqs, "train", "test")
     with pytest.raises(EmotionError, match="need videos in 'train' and 'val'"):
         split_sequences(seqs, "train", "val")
+
+
+def test_subject_prior_row_scores_test_videos_by_their_subjects_train_rate():
+    rows = [_row("a", 0, 1, "train", subject="x"), _row("b", 0, 1, "train", subject="x"),
+            _row("c", 0, 0, "train", subject="y"), _row("d", 0, 0, "test", subject="x"),
+            _row("e", 0, 1, "test", subject="y")]
+    data = split_sequences(build_sequences(FeatureSet(np.zeros((5, 2)), rows)), "train", "test")
+    prior = subject_prior_row(data)
+    assert prior["accuracy"]["mean"] == 0.0 and prior["auroc"]["mean"] == 0.0  # entangled: exactly wrong
+    assert "2/2" in prior["input"]
+    disjoint = [r if r["split"] == "train" else {**r, "subject": "new"} for r in rows]
+    assert subject_prior_row(split_sequences(build_sequences(FeatureSet(np.zeros((5, 2)), disjoint)),
+                                             "train", "test")) is None
 
 
 # -------------------------------------------------------------------------------------------- metrics

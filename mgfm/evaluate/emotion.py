@@ -7,7 +7,8 @@ video is put in the emotion split the shard manifest's ``emotion_splits`` gives 
 none, e.g. SMG emotion segments or a generic CSV, a video's own clip split is used; SMG's reader already
 makes each relaxed/stressed segment a "video"). Heads, each mapping a video to p(positive):
 
-* majority class of the emotion-train videos (reference);
+* majority class of the emotion-train videos, and the subject prior (each test video scored by its subject's
+  emotion-train positive rate, present when test subjects also have train videos) -- references;
 * (a) mean-pooled clip features + logistic regression;
 * (b) BiLSTM with attention pooling over the clip features;
 * (c) the same BiLSTM over the clips' predicted MG distributions (the "MG sequence" route), and, order-free,
@@ -338,11 +339,30 @@ def majority_row(data: _Data) -> dict:
     return {"input": "train emotion counts", "seeds": 1, "per_seed": [metrics], **_summarise([metrics])}
 
 
+def subject_prior_row(data: _Data) -> dict | None:
+    """Reference: score a test video by the positive rate of its subject's emotion-train videos (the train
+    rate overall for unseen subjects). Far from 0.5 only when emotion and subject identity are entangled
+    across the split -- then appearance-driven heads inherit that bias. None when no test subject is seen
+    in training (a subject-disjoint emotion split)."""
+    rates: dict[str, list[int]] = {}
+    for s in data.train:
+        rates.setdefault(s.subject, []).append(s.emotion)
+    if not any(s.subject in rates for s in data.test):
+        return None
+    overall = float(data.y_train.mean())
+    p = np.array([np.mean(rates[s.subject]) if s.subject in rates else overall for s in data.test])
+    metrics = binary_metrics(data.y_test, p)
+    seen = sum(s.subject in rates for s in data.test)
+    return {"input": f"subject identity ({seen}/{len(data.test)} test videos' subjects seen)", "seeds": 1,
+            "per_seed": [metrics], **_summarise([metrics])}
+
+
 def explain(data: _Data, mg_probs: np.ndarray, class_names: Sequence[str], seq_artefact, vec_artefact,
             n_videos: int, top: int = 3) -> list[dict]:
     """For up to ``n_videos`` test videos (the most confidently right positive and negative first): the
-    predicted micro-gestures the BiLSTM-over-MG head attended to most (attention mass summed per predicted
-    class, seed ``seeds[0]``), and the per-class contributions of the MG-histogram logistic regression."""
+    micro-gestures the BiLSTM-over-MG head (first seed) leaned on -- the classes whose share of the video's
+    predicted MG distribution rises most when clips are weighted by attention instead of equally -- its
+    most attended clips, and the per-class contributions of the MG-histogram logistic regression."""
     p_seq, attention = seq_artefact
     head, x_test, p_vec = vec_artefact
     contributions = head.contributions(x_test)
@@ -356,16 +376,19 @@ def explain(data: _Data, mg_probs: np.ndarray, class_names: Sequence[str], seq_a
     out = []
     for i in picks[:n_videos]:
         seq = data.test[i]
-        pred_class = mg_probs[seq.index].argmax(axis=1)
-        mass = np.bincount(pred_class, weights=attention[i], minlength=len(class_names))
-        order = np.argsort(-mass)[:top]
+        clip_probs = mg_probs[seq.index]
+        pred_class = clip_probs.argmax(axis=1)
+        attended = attention[i] @ clip_probs  # (C,) MG distribution as the head weighted the clips
+        base = clip_probs.mean(axis=0)  # (C,) the same with every clip weighted equally
+        order = np.argsort(-(attended - base))[:top]
         clips = np.argsort(-attention[i])[:top]
         contrib = contributions[i]
         toward = np.argsort(-contrib if p_vec[i] >= 0.5 else contrib)[:top]
         out.append({
             "video_id": seq.video_id, "emotion": EMOTION_NAMES[seq.emotion], "clips": int(len(seq.index)),
             "p_positive": float(p_seq[i]),
-            "attention_by_mg": [{"mg": class_names[k], "attention": float(mass[k])} for k in order if mass[k] > 0],
+            "attention_by_mg": [{"mg": class_names[k], "attended": float(attended[k]), "base": float(base[k])}
+                                for k in order if attended[k] > base[k]],
             "top_clips": [{"start_frame": int(seq.start_frames[k]), "mg": class_names[int(pred_class[k])],
                            "attention": float(attention[i][k])} for k in clips],
             "histogram_p_positive": float(p_vec[i]),
@@ -405,6 +428,9 @@ def evaluate_emotion(recipe: EmotionRecipe) -> dict:
         data = split_sequences(sequences, recipe.train_emotion, recipe.test_emotion)
         if not results:
             results["majority class"] = majority_row(data)
+            prior = subject_prior_row(data)
+            if prior is not None:
+                results["subject prior (reference)"] = prior
         mg_probs, info = mg_probabilities(feats, origin == recipe.probe_split, len(class_names), recipe.probe,
                                           recipe.probe_folds)
         probe_info[name] = info
@@ -474,7 +500,10 @@ def report_markdown(report: dict, class_names: Sequence[str]) -> str:
         f"({v['train_positive']} positive), {v['test']} emotion-test videos ({v['test_positive']} positive), "
         f"{v['clips_per_video']:.1f} clips per video on average. Scores are over the test videos; BiLSTM rows are "
         f"mean ± std over seeds {report['seeds']}, logistic-regression rows are deterministic. Oracle rows use "
-        "the TRUE micro-gesture labels: an upper bound, not a result.", "",
+        "the TRUE micro-gesture labels: an upper bound, not a result. The subject-prior row (when present) scores a "
+        "test video by its subject's emotion-train positive rate: far below 0.5 it means emotion and subject "
+        "identity are anti-correlated across the split, and heads that pick up appearance land below chance "
+        "too.", "",
         "## Emotion heads", "", markdown_table(*report["summary"].values()), "",
         "## Gain of the MG-sequence heads over the majority class", "",
         *[f"- {line}" for line in report["gains"]], "",
@@ -487,11 +516,12 @@ def report_markdown(report: dict, class_names: Sequence[str]) -> str:
     if report["explanations"]:
         lines += ["## What the MG-sequence heads leaned on (test videos)", ""]
         for e in report["explanations"]:
-            att = ", ".join(f"{a['mg']} {a['attention']:.2f}" for a in e["attention_by_mg"])
+            att = ", ".join(f"{a['mg']} {a['attended']:.2f} (vs {a['base']:.2f})" for a in e["attention_by_mg"])
             clips = ", ".join(f"frame {c['start_frame']} {c['mg']} ({c['attention']:.2f})" for c in e["top_clips"])
             contrib = ", ".join(f"{c['mg']} {c['logit']:+.2f}" for c in e["histogram_contributions"])
             lines += [f"- video {e['video_id']} (true {e['emotion']}, {e['clips']} clips, BiLSTM p(positive) "
-                      f"{e['p_positive']:.2f}): attention by predicted MG: {att}; most attended clips: {clips}; "
+                      f"{e['p_positive']:.2f}): MGs its attention raised most (attention-weighted share of the "
+                      f"predicted MG distribution vs the plain mean): {att or 'none'}; most attended clips: {clips}; "
                       f"MG-histogram logistic regression (p(positive) {e['histogram_p_positive']:.2f}), largest "
                       f"contributions towards its prediction: {contrib}"]
         lines.append("")
