@@ -74,6 +74,12 @@ def test_bad_input_is_a_one_line_error(rows, splits, expected):
     assert expected in str(err.value) and "\n" not in str(err.value)
 
 
+def test_smg_style_segments_are_videos_and_clips_outside_segments_are_left_out():
+    rows = [_row("S1_seg1", 0, 0), _row("S1_seg2", 50, 1), _row("S1", 30, None), _row("S1_seg1", 10, 0)]
+    seqs = build_sequences(FeatureSet(np.zeros((4, 2)), rows))
+    assert [(s.video_id, s.emotion, len(s.index)) for s in seqs] == [("S1_seg1", 0, 2), ("S1_seg2", 1, 1)]
+
+
 def test_missing_videos_can_be_allowed():
     seqs = build_sequences(FeatureSet(np.zeros((1, 2)), [_row("a", 0)]), {"a": "train", "zz": "test"},
                            allow_missing_videos=True)
@@ -238,11 +244,13 @@ def test_evaluate_emotion_report(tmp_path, emotion_shards):
     assert report["mg_probe"]["pretrained"]["cross_fitted_clips"] == 6  # the train videos' clips
     assert len(report["explanations"]) == 2
     assert {e["emotion"] for e in report["explanations"]} == {"positive", "negative"}
+    assert set(report["histogram_weights"]) == {"(c) mean predicted MG distribution + logistic regression",
+                                                "oracle: true MG histogram + logistic regression"}
     out = run / "emotion" / emotion_shards.name
     saved = json.loads((out / "report.json").read_text())
     assert saved["summary"]["headers"][0] == "head"
     md = (out / "report.md").read_text()
-    assert "Emotion heads" in md and "over the majority class" in md and "leaned on" in md
+    assert "Emotion heads" in md and "over the majority class" in md and "leaned on" in md and "weigh most" in md
 
 
 def test_mixed_emotions_in_a_video_is_a_one_line_cli_error(tmp_path, tiny_shards):

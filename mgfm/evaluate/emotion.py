@@ -397,6 +397,15 @@ def explain(data: _Data, mg_probs: np.ndarray, class_names: Sequence[str], seq_a
     return out
 
 
+def histogram_weights(head, class_names: Sequence[str], top: int = 5) -> dict:
+    """The micro-gestures an MG-histogram logistic regression weighs most: ``{"positive": [...],
+    "negative": [...]}``, each ``top`` (class name, coefficient on the standardised share) pairs."""
+    coef = head.probe.model.coef_[0]
+    order = np.argsort(-coef)
+    return {"positive": [(class_names[k], float(coef[k])) for k in order[:top] if coef[k] > 0],
+            "negative": [(class_names[k], float(coef[k])) for k in order[::-1][:top] if coef[k] < 0]}
+
+
 def evaluate_emotion(recipe: EmotionRecipe) -> dict:
     """Run the emotion evaluation; returns the report dict (also written to ``out``). The report has
     ``summary`` = {"headers", "rows"} (rows of formatted "mean ± std" cells) for a demo summary."""
@@ -417,7 +426,7 @@ def evaluate_emotion(recipe: EmotionRecipe) -> dict:
 
     results: dict[str, dict] = {}
     data = None
-    probe_info, explanations = {}, []
+    probe_info, explanations, weights = {}, [], {}
     for name, encoder, encoder_id in encoders:
         log.info("emotion: features for %s", name)
         parts = {split: split_features(None, recipe.shards, split, stream, cache, recipe.views, encoder=encoder,
@@ -438,6 +447,9 @@ def evaluate_emotion(recipe: EmotionRecipe) -> dict:
         mg_true = one_hot_labels(feats.labels, len(class_names)) if recipe.oracle and name == "pretrained" else None
         rows, artefacts = run_heads(data, feats.features, mg_probs, mg_true, recipe, prefix)
         results.update(rows)
+        for row, artefact in artefacts.items():
+            if "MG" in row and "logistic regression" in row:
+                weights[row] = histogram_weights(artefact[0], class_names)
         if name == "pretrained" and recipe.explain_videos > 0:
             explanations = explain(data, mg_probs, class_names,
                                    artefacts["(c) BiLSTM over predicted MG distributions"],
@@ -452,7 +464,7 @@ def evaluate_emotion(recipe: EmotionRecipe) -> dict:
                    "train_positive": int(data.y_train.sum()), "test_positive": int(data.y_test.sum()),
                    "clips_per_video": float(np.mean([len(s.index) for s in data.sequences]))},
         "seeds": list(recipe.seeds), "mg_probe": probe_info, "head": dataclasses.asdict(recipe.head),
-        "results": results, "explanations": explanations, "gains": gains,
+        "results": results, "explanations": explanations, "histogram_weights": weights, "gains": gains,
         "summary": {"headers": headers, "rows": table},
     }
     write_report(out, report, report_markdown(report, class_names), "Video-level emotion recognition")
@@ -513,10 +525,19 @@ def report_markdown(report: dict, class_names: Sequence[str]) -> str:
         *[f"- {name}: C={i['C']}, {i['folds']} folds by {i['group_by']}, {i['pool_clips']} pool clips, "
           f"{i['cross_fitted_clips']} clips cross-fitted" for name, i in report["mg_probe"].items()], "",
     ]
+    if report["histogram_weights"]:
+        lines += ["## Micro-gestures the MG-histogram heads weigh most", "",
+                  "Logistic-regression coefficients on the standardised per-video MG shares (positive = towards "
+                  "positive emotion).", ""]
+        for row, w in report["histogram_weights"].items():
+            pos = ", ".join(f"{k} {v:+.2f}" for k, v in w["positive"])
+            neg = ", ".join(f"{k} {v:+.2f}" for k, v in w["negative"])
+            lines.append(f"- {row}: towards positive: {pos or 'none'}; towards negative: {neg or 'none'}")
+        lines.append("")
     if report["explanations"]:
         lines += ["## What the MG-sequence heads leaned on (test videos)", ""]
         for e in report["explanations"]:
-            att = ", ".join(f"{a['mg']} {a['attended']:.2f} (vs {a['base']:.2f})" for a in e["attention_by_mg"])
+            att = ", ".join(f"{a['mg']} {a['attended']:.3f} (vs {a['base']:.3f})" for a in e["attention_by_mg"])
             clips = ", ".join(f"frame {c['start_frame']} {c['mg']} ({c['attention']:.2f})" for c in e["top_clips"])
             contrib = ", ".join(f"{c['mg']} {c['logit']:+.2f}" for c in e["histogram_contributions"])
             lines += [f"- video {e['video_id']} (true {e['emotion']}, {e['clips']} clips, BiLSTM p(positive) "
