@@ -11,7 +11,7 @@ RUN ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test shards pretrain linear-probe finetune retrieval bench clean
+.PHONY: setup demo test shards pretrain linear-probe finetune retrieval emotion bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ finetune: setup
 
 retrieval: setup
 	$(PY) eval/retrieval.py $(if $(RUN),run=$(RUN)) shards=$(SHARDS) $(ARGS)
+
+emotion: setup
+	$(PY) eval/emotion.py $(if $(RUN),run=$(RUN)) shards=$(SHARDS) $(ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_loader.py

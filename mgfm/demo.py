@@ -5,7 +5,8 @@ Stages, each skipped when its output is already complete (rerunning resumes):
 1. ``data``: render the synthetic benchmark (iMiGUE format) and print its statistics;
 2. ``shards``: cut and shard its clips (WebDataset, manifest);
 3. ``pretrain``: masked video pretraining of the tiny encoder (recipes/pretrain/tiny_cpu.yaml);
-4. ``eval``: frozen-encoder linear probe + k-means against random-init and raw-pixel references.
+4. ``eval``: frozen-encoder linear probe + k-means against random-init and raw-pixel references;
+5. ``emotion``: video-level emotion heads over the same cached clip features (``mgfm.evaluate.emotion``).
 
 Finally ``<runs>/<run>/demo_summary.md`` gathers the numbers.
 """
@@ -22,7 +23,7 @@ from mgfm.data.clip_index import format_summary
 from mgfm.train.distributed import setup_logging
 
 log = logging.getLogger("mgfm.demo")
-STAGES = ("data", "shards", "pretrain", "eval")
+STAGES = ("data", "shards", "pretrain", "eval", "emotion")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -75,10 +76,18 @@ def main(argv: list[str] | None = None) -> None:
 
     report = evaluate(EvalRecipe(run=str(run_dir), shards=args.shards))
     timings["eval"] = time.time() - start
-    write_summary(run_dir, index.summary(), report, timings)
+    emotion = None
+    if last >= STAGES.index("emotion"):
+        start = time.time()
+        from mgfm.evaluate.emotion import EmotionRecipe, evaluate_emotion
+
+        emotion = evaluate_emotion(EmotionRecipe(run=str(run_dir), shards=args.shards))
+        timings["emotion"] = time.time() - start
+    write_summary(run_dir, index.summary(), report, timings, emotion)
 
 
-def write_summary(run_dir: Path, data_summary: dict, probe_report: dict, timings: dict[str, float]) -> Path:
+def write_summary(run_dir: Path, data_summary: dict, probe_report: dict, timings: dict[str, float],
+                  emotion_report: dict | None = None) -> Path:
     from mgfm.evaluate.linear_probe import summary_rows
     from mgfm.evaluate.report import markdown_table
 
@@ -95,6 +104,12 @@ def write_summary(run_dir: Path, data_summary: dict, probe_report: dict, timings
         f"{pretrain_summary['clips_per_s']:.1f} clips/s.", "",
         "## Frozen-encoder recognition (test split)", "", markdown_table(headers, rows), "",
         f"Linear-probe top-1 gain of pretraining over random init: {100 * gain:+.1f} points.", "",
+    ]
+    if emotion_report is not None:
+        lines += ["## Video-level emotion (emotion-test videos)", "",
+                  markdown_table(emotion_report["summary"]["headers"], emotion_report["summary"]["rows"]), "",
+                  *[f"- {line}" for line in emotion_report["gains"]], ""]
+    lines += [
         "## Time per stage", "", markdown_table(["stage", "seconds"], [[k, round(v, 1)] for k, v in timings.items()]),
     ]
     path = run_dir / "demo_summary.md"

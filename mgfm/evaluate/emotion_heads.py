@@ -1,0 +1,224 @@
+"""Video-level emotion heads and their scores: majority class, standardised logistic regression on one vector
+per video, and a small BiLSTM with attention pooling over a video's time-ordered clip sequence.
+
+Every head maps a video to ``p(positive)``; :func:`binary_metrics` scores those probabilities. Emotion 1 is
+positive, 0 negative (``mgfm.data.clip_index``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mgfm.evaluate.featureset import FeatureSet
+from mgfm.evaluate.probe import LinearProbe, ProbeConfig, train_probe
+
+
+class EmotionError(ValueError):
+    """Emotion data that cannot be evaluated (no emotion labels, empty videos, one emotion only)."""
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+def binary_metrics(y_true: Sequence[int], p_positive: Sequence[float], threshold: float = 0.5) -> dict:
+    """Scores of video-level emotion predictions.
+
+    Args:
+        y_true: (V,) 0/1 true emotions.
+        p_positive: (V,) predicted probability of emotion 1; the prediction is ``p >= threshold``.
+
+    Returns:
+        ``{"n", "accuracy", "balanced_accuracy" (mean recall over the emotions present), "macro_f1" (mean F1
+        of both emotions, an absent/never-predicted one counting 0), "auroc" (None when the test videos
+        hold one emotion only)}``.
+    """
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+    y = np.asarray(y_true).astype(np.int64)
+    p = np.asarray(p_positive, dtype=np.float64)
+    if y.ndim != 1 or p.shape != y.shape:
+        raise EmotionError(f"emotion metrics: {y.shape} labels vs {p.shape} scores; expected two (V,) vectors")
+    if len(y) == 0:
+        raise EmotionError("emotion metrics: no test videos")
+    if not np.isin(y, (0, 1)).all():
+        raise EmotionError(f"emotion metrics: labels must be 0/1, got {sorted(set(y.tolist()))}")
+    if not np.isfinite(p).all():
+        raise EmotionError("emotion metrics: scores contain NaN or inf")
+    pred = (p >= threshold).astype(np.int64)
+    two = len(np.unique(y)) == 2
+    with warnings.catch_warnings():  # a one-emotion test set: sklearn warns about predicted-only classes
+        warnings.simplefilter("ignore", UserWarning)
+        return {
+            "n": int(len(y)),
+            "accuracy": float(accuracy_score(y, pred)),
+            "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+            "macro_f1": float(f1_score(y, pred, labels=[0, 1], average="macro", zero_division=0)),
+            "auroc": float(roc_auc_score(y, p)) if two else None,
+        }
+
+
+def require_both_emotions(y: np.ndarray, what: str) -> None:
+    """One-line :class:`EmotionError` unless ``y`` (V,) holds videos of both emotions."""
+    if len(y) == 0:
+        raise EmotionError(f"{what}: no videos")
+    values = sorted(set(np.asarray(y).tolist()))
+    if len(values) < 2:
+        name = {1: "positive", 0: "negative"}.get(values[0], str(values[0]))
+        raise EmotionError(f"{what}: all {len(y)} videos are {name}; an emotion head needs both emotions to learn from")
+
+
+def majority_probability(y_train: np.ndarray) -> float:
+    """The majority-class head's constant ``p(positive)``: 1.0 when positives are the majority, else 0.0
+    (ties go to negative, emotion 0, the lower class id)."""
+    return 1.0 if int(np.sum(y_train == 1)) > int(np.sum(y_train == 0)) else 0.0
+
+
+# --------------------------------------------------------------------------- logistic regression head
+
+@dataclass
+class VectorHead:
+    """Standardised logistic regression on one vector per video (a fitted :class:`LinearProbe`, 2 classes)."""
+
+    probe: LinearProbe
+
+    def standardise(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, dtype=np.float64) - self.probe.mean) / self.probe.scale
+
+    def p_positive(self, x: np.ndarray) -> np.ndarray:
+        """``(V, D)`` -> ``(V,)`` p(emotion 1)."""
+        model = self.probe.model
+        return model.predict_proba(self.standardise(x))[:, list(model.classes_).index(1)]
+
+    def contributions(self, x: np.ndarray) -> np.ndarray:
+        """``(V, D)`` -> ``(V, D)``: each input dimension's additive share of the positive-vs-negative logit
+        (coefficient x standardised value); positive = pushes towards emotion 1."""
+        return self.standardise(x) * self.probe.model.coef_[0][None, :]
+
+
+def fit_vector_head(x: np.ndarray, y: np.ndarray, groups: Sequence[str], cfg: ProbeConfig) -> VectorHead:
+    """Fit :class:`VectorHead` on ``x`` (V, D) and 0/1 ``y`` (V,); C chosen by CV over ``groups`` (subjects)."""
+    require_both_emotions(y, "emotion train split")
+    rows = [{"label": int(label), "subject": str(g), "clip_id": str(i)} for i, (label, g) in enumerate(zip(y, groups))]
+    return VectorHead(train_probe(FeatureSet(x, rows), 2, cfg))
+
+
+# ------------------------------------------------------------------------------------ sequence head
+
+@dataclass
+class SequenceHeadConfig:
+    """The BiLSTM emotion head and how it is trained (full batch, AdamW, class-balanced BCE)."""
+
+    hidden: int = 64  # input projection width = 2 x LSTM state width
+    dropout: float = 0.3  # on the input features and the pooled state
+    clip_dropout: float = 0.2  # each epoch, each training clip is dropped with this probability (order kept)
+    epochs: int = 150
+    lr: float = 3e-3
+    weight_decay: float = 1e-2
+
+
+class SequenceHead(nn.Module):
+    """Projection -> BiLSTM -> attention pooling over time -> one emotion logit.
+
+    ``forward(x (B, T, D) float, lengths (B,) int)`` -> ``(logits (B,), attention (B, T))``; attention is
+    a softmax over each video's valid clips (0 on padding).
+    """
+
+    def __init__(self, in_dim: int, cfg: SequenceHeadConfig) -> None:
+        super().__init__()
+        if cfg.hidden < 2 or cfg.hidden % 2:
+            raise ValueError(f"sequence head hidden must be an even number >= 2, got {cfg.hidden}")
+        self.project = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(in_dim, cfg.hidden), nn.GELU())
+        self.rnn = nn.LSTM(cfg.hidden, cfg.hidden // 2, batch_first=True, bidirectional=True)
+        self.attend = nn.Linear(cfg.hidden, 1)
+        self.classify = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, 1))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+        t = x.shape[1]
+        packed = pack_padded_sequence(self.project(x), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        states, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=t)
+        valid = torch.arange(t, device=x.device)[None, :] < lengths[:, None]
+        attention = self.attend(states).squeeze(-1).masked_fill(~valid, float("-inf")).softmax(dim=1)
+        pooled = (attention.unsqueeze(-1) * states).sum(dim=1)
+        return self.classify(pooled).squeeze(-1), attention
+
+
+def _pad(seqs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """list of (T_i, D) -> (padded (B, T_max, D) float32, lengths (B,) int64)."""
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+    out = torch.zeros(len(seqs), int(lengths.max()), seqs[0].shape[1])
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.float32))
+    return out, lengths
+
+
+@dataclass
+class FittedSequenceHead:
+    """A trained :class:`SequenceHead` plus the train clips' per-dimension mean/scale it standardises with."""
+
+    model: SequenceHead
+    mean: np.ndarray
+    scale: np.ndarray
+
+    def _inputs(self, seqs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return [((np.asarray(s, dtype=np.float64) - self.mean) / self.scale).astype(np.float32) for s in seqs]
+
+    @torch.no_grad()
+    def predict(self, seqs: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """list of (T_i, D) -> (p(positive) (V,), [attention (T_i,)])."""
+        self.model.eval()
+        x, lengths = _pad(self._inputs(seqs))
+        logits, attention = self.model(x, lengths)
+        return torch.sigmoid(logits).numpy().astype(np.float64), [a[:n].numpy() for a, n in zip(attention, lengths)]
+
+
+def fit_sequence_head(seqs: Sequence[np.ndarray], y: np.ndarray, cfg: SequenceHeadConfig,
+                      seed: int) -> FittedSequenceHead:
+    """Train a :class:`SequenceHead` on ``seqs`` (list of (T_i, D) time-ordered clip vectors) and 0/1 ``y``.
+
+    Deterministic for a given seed (CPU). The loss weights each emotion by inverse frequency.
+    """
+    require_both_emotions(np.asarray(y), "emotion train split")
+    if any(len(s) == 0 for s in seqs):
+        raise EmotionError("sequence head: a training video has no clips")
+    stacked = np.concatenate([np.asarray(s, dtype=np.float64) for s in seqs])
+    mean, scale = stacked.mean(axis=0), stacked.std(axis=0)
+    scale[scale < 1e-6] = 1.0
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = SequenceHead(stacked.shape[1], cfg)
+    fitted = FittedSequenceHead(model, mean, scale)
+    inputs = fitted._inputs(seqs)
+    target = torch.tensor(np.asarray(y), dtype=torch.float32)
+    positives = float(target.sum())
+    pos_weight = torch.tensor((len(target) - positives) / positives)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    for _ in range(cfg.epochs):
+        batch = []
+        for s in inputs:
+            keep = rng.random(len(s)) >= cfg.clip_dropout
+            if not keep.any():
+                keep[rng.integers(len(s))] = True
+            batch.append(s[keep])
+        x, lengths = _pad(batch)
+        logits, _ = model(x, lengths)
+        loss = loss_fn(logits, target)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    return fitted
+
+
+__all__ = [
+    "EmotionError", "binary_metrics", "require_both_emotions", "majority_probability",
+    "VectorHead", "fit_vector_head", "SequenceHeadConfig", "SequenceHead", "FittedSequenceHead",
+    "fit_sequence_head",
+]
