@@ -93,13 +93,19 @@ def test_subject_look_is_independent_of_emotion():
     assert np.array_equal(np.stack(a), np.stack(b))
 
 
-def test_emotion_split_is_by_video_with_both_emotions_on_both_sides():
+def test_emotion_split_follows_subjects_and_balances_emotions_within_each():
     plan = make_plan(SyntheticConfig())
     emotion = {v.video_id: v.emotion for v in plan.videos}
+    subject = {v.video_id: v.subject_id for v in plan.videos}
     assert not set(plan.emotion_train_videos) & set(plan.emotion_test_videos)
     assert set(plan.emotion_train_videos) | set(plan.emotion_test_videos) == set(emotion)
+    assert {subject[v] for v in plan.emotion_train_videos} == set(plan.train_subjects)
+    assert {subject[v] for v in plan.emotion_test_videos} == set(plan.test_subjects)
     for side in (plan.emotion_train_videos, plan.emotion_test_videos):
-        assert {emotion[v] for v in side} == {0, 1}
+        assert sum(emotion[v] for v in side) * 2 == len(side)  # 50/50 on each side
+    for s in set(subject.values()):  # every subject has as many positive as negative videos
+        mine = [emotion[v] for v in emotion if subject[v] == s]
+        assert sum(mine) * 2 == len(mine)
 
 
 def test_every_gesture_moves_the_figure():

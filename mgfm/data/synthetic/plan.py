@@ -196,16 +196,11 @@ def make_plan(config: SyntheticConfig) -> DatasetPlan:
         seen[s] = i + 1
         video_meta.append((k + 1, s, (start_emotion[s] + i) % 2))
 
-    # Emotion protocol: split videos (not subjects) half/half within each emotion.
-    rng = np.random.default_rng([root, 3])
-    emo_train: list[int] = []
-    emo_test: list[int] = []
-    for emotion in (1, 0):
-        vids = [v for v, _, e in video_meta if e == emotion]
-        vids = [vids[i] for i in rng.permutation(len(vids))]
-        half = (len(vids) + 1) // 2
-        emo_train += vids[:half]
-        emo_test += vids[half:]
+    # Emotion protocol: a video's emotion split is its subject's recognition split. Every subject has both
+    # emotions, so no subject's look predicts the emotion of its videos on the other side (a video-level
+    # split spread one subject's positive videos over train and its negative ones over test).
+    emo_train = [v for v, s, _ in video_meta if s in train_subjects]
+    emo_test = [v for v, s, _ in video_meta if s not in train_subjects]
 
     # Class sequences per video.
     probs = {e: class_probabilities(config, e) for e in (0, 1)}
