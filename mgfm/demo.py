@@ -6,7 +6,8 @@ Stages, each skipped when its output is already complete (rerunning resumes):
 2. ``shards``: cut and shard its clips (WebDataset, manifest);
 3. ``pretrain``: masked video pretraining of the tiny encoder (recipes/pretrain/tiny_cpu.yaml);
 4. ``eval``: frozen-encoder linear probe + k-means against random-init and raw-pixel references;
-5. ``emotion``: video-level emotion heads over the same cached clip features (``mgfm.evaluate.emotion``).
+5. ``retrieval``: a FAISS index over the train clips queried with the test clips (same cached features);
+6. ``emotion``: video-level emotion heads over the same cached clip features (``mgfm.evaluate.emotion``).
 
 Finally ``<runs>/<run>/demo_summary.md`` gathers the numbers.
 """
@@ -23,7 +24,7 @@ from mgfm.data.clip_index import format_summary
 from mgfm.train.distributed import setup_logging
 
 log = logging.getLogger("mgfm.demo")
-STAGES = ("data", "shards", "pretrain", "eval", "emotion")
+STAGES = ("data", "shards", "pretrain", "eval", "retrieval", "emotion")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -76,6 +77,14 @@ def main(argv: list[str] | None = None) -> None:
 
     report = evaluate(EvalRecipe(run=str(run_dir), shards=args.shards))
     timings["eval"] = time.time() - start
+    retrieval = None
+    if last >= STAGES.index("retrieval"):
+        start = time.time()
+        from mgfm.evaluate.retrieval_eval import RetrievalRecipe
+        from mgfm.evaluate.retrieval_eval import evaluate as evaluate_retrieval
+
+        retrieval = evaluate_retrieval(RetrievalRecipe(run=str(run_dir), shards=args.shards))
+        timings["retrieval"] = time.time() - start
     emotion = None
     if last >= STAGES.index("emotion"):
         start = time.time()
@@ -83,11 +92,11 @@ def main(argv: list[str] | None = None) -> None:
 
         emotion = evaluate_emotion(EmotionRecipe(run=str(run_dir), shards=args.shards))
         timings["emotion"] = time.time() - start
-    write_summary(run_dir, index.summary(), report, timings, emotion)
+    write_summary(run_dir, index.summary(), report, timings, emotion, retrieval)
 
 
 def write_summary(run_dir: Path, data_summary: dict, probe_report: dict, timings: dict[str, float],
-                  emotion_report: dict | None = None) -> Path:
+                  emotion_report: dict | None = None, retrieval_report: dict | None = None) -> Path:
     from mgfm.evaluate.linear_probe import summary_rows
     from mgfm.evaluate.report import markdown_table
 
@@ -105,6 +114,11 @@ def write_summary(run_dir: Path, data_summary: dict, probe_report: dict, timings
         "## Frozen-encoder recognition (test split)", "", markdown_table(headers, rows), "",
         f"Linear-probe top-1 gain of pretraining over random init: {100 * gain:+.1f} points.", "",
     ]
+    if retrieval_report is not None:
+        from mgfm.evaluate.retrieval_eval import summary_rows as retrieval_rows
+
+        r_headers, r_rows = retrieval_rows(retrieval_report["results"], retrieval_report["ks"])
+        lines += ["## Retrieval (test clips querying the train index, cosine)", "", markdown_table(r_headers, r_rows), ""]
     if emotion_report is not None:
         lines += ["## Video-level emotion (emotion-test videos)", "",
                   markdown_table(emotion_report["summary"]["headers"], emotion_report["summary"]["rows"]), "",
