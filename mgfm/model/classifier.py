@@ -27,10 +27,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mgfm.model.hf import (CONFIG_NAME, PREPROCESSOR_NAME, WEIGHTS_NAME, EncoderFolderError, _preprocessor_dict,
+from mgfm.model.hf import (CONFIG_NAME, PREPROCESSOR_NAME, WEIGHTS_NAME, EncoderFolderError, preprocessor_dict,
                            encoder_to_hf_state, hf_config_dict, hf_to_encoder_state, load_encoder_hf,
                            read_hf_config, read_hf_weights, config_from_hf)
-from mgfm.model.videomae import ModelConfig, VideoEncoder, _init_weights
+from mgfm.model.videomae import ModelConfig, VideoEncoder, init_weights
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class VideoClassifier(nn.Module):
         self.fc_norm = nn.LayerNorm(cfg.dim, eps=HF_FC_NORM_EPS)
         self.head_dropout = nn.Dropout(head_dropout)
         self.head = nn.Linear(cfg.dim, num_classes)
-        _init_weights(self.fc_norm)
+        init_weights(self.fc_norm)
         nn.init.trunc_normal_(self.head.weight, std=HEAD_INIT_STD)
         nn.init.zeros_(self.head.bias)
 
@@ -164,7 +164,7 @@ def save_classifier_hf(model: VideoClassifier, folder: str | Path, class_names: 
     try:
         save_file(classifier_to_hf_state(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / PREPROCESSOR_NAME).write_text(json.dumps(_preprocessor_dict(model.cfg), indent=2) + "\n")
+        (tmp / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor_dict(model.cfg), indent=2) + "\n")
         old = None
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")

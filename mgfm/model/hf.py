@@ -262,7 +262,7 @@ def _unwrap_encoder(model_or_encoder: nn.Module) -> VideoEncoder:
                     f"got {type(model_or_encoder).__name__}")
 
 
-def _preprocessor_dict(cfg: ModelConfig) -> dict:
+def preprocessor_dict(cfg: ModelConfig) -> dict:
     return {
         "image_processor_type": "VideoMAEImageProcessor",
         "do_resize": True, "size": {"shortest_edge": cfg.img_size},
@@ -284,7 +284,7 @@ def save_encoder_hf(model_or_encoder: nn.Module, folder: str | Path) -> Path:
     try:
         save_file(encoder_to_hf_state(encoder), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_config_dict(encoder.cfg), indent=2) + "\n")
-        (tmp / PREPROCESSOR_NAME).write_text(json.dumps(_preprocessor_dict(encoder.cfg), indent=2) + "\n")
+        (tmp / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor_dict(encoder.cfg), indent=2) + "\n")
         old = None
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")

@@ -357,7 +357,7 @@ def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, use_checkpoint: bool) ->
     return x
 
 
-def _init_weights(module: nn.Module) -> None:
+def init_weights(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
@@ -386,7 +386,7 @@ class VideoEncoder(nn.Module):
             Block(cfg.dim, cfg.heads, cfg.mlp_dim, cfg.layer_norm_eps, cfg.qv_bias, r) for r in rates
         )
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps) if cfg.final_norm else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def check_video(self, video: torch.Tensor) -> None:
         cfg = self.cfg
@@ -442,7 +442,7 @@ class PixelDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.decoder_dim, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(cfg.decoder_dim, cfg.patch_dim)
-        self.apply(_init_weights)
+        self.apply(init_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def forward(self, tokens: torch.Tensor, visible: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
