@@ -145,6 +145,8 @@ loader, _ = make_loader({shards!r}, "test", cfg, mode="eval")
 local = [c for batch in loader for c in batch["clip_id"]]
 result = encode_split(features, {shards!r}, "test", cfg, progress=False)
 json.dump({{"local": local, "all": result.clip_ids, "sum": float(result.features.sum())}}, open({out!r} + str(rank), "w"))
+del loader  # stop its worker before the group goes away
+dist.barrier()  # neither rank tears gloo down while the other is still in a collective (it aborted once in CI)
 dist.destroy_process_group()
 """
 
