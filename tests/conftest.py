@@ -10,6 +10,7 @@ shard folder (``shutil.copytree``) before changing it.
 from __future__ import annotations
 
 import csv
+import os
 import tarfile
 from pathlib import Path
 from typing import Callable
@@ -125,3 +126,25 @@ def tiny_shards(tiny_index, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_shards") / "tiny"
     build_shards(tiny_index, out, BuildConfig(short_side=32, shard_samples=3, crf=12), source={"format": "test"})
     return out
+
+
+def subprocess_env() -> dict:
+    """Environment for a child training/eval process: one torch thread, unbuffered, no inherited rank."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def tiny_encoder_folder(folder: Path) -> Path:
+    """Save a seeded 1-layer, 32-wide encoder (4 frames x 32 px) as a Hugging Face folder; returns it."""
+    import torch
+
+    from mgfm.model.hf import save_encoder_hf
+    from mgfm.model.videomae import ModelConfig, build_encoder
+
+    torch.manual_seed(0)
+    encoder = build_encoder(ModelConfig(size="custom", img_size=32, frames=4, dim=32, depth=1, heads=2,
+                                        decoder_dim=16, decoder_depth=1, decoder_heads=1))
+    save_encoder_hf(encoder, folder)
+    return folder

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_encoder_folder
 
 from mgfm.evaluate.emotion import (EmotionRecipe, build_sequences, concat_features, evaluate_emotion,
                                    mg_probabilities, one_hot_labels, split_sequences, subject_prior_row)
@@ -201,17 +202,6 @@ def test_vector_head_contributions_add_up_to_its_logit():
 
 # ------------------------------------------------------------------------------------ whole evaluation
 
-def _tiny_encoder_folder(folder: Path) -> Path:
-    from mgfm.model.hf import save_encoder_hf
-    from mgfm.model.videomae import ModelConfig, build_encoder
-
-    torch.manual_seed(0)
-    encoder = build_encoder(ModelConfig(size="custom", img_size=32, frames=4, dim=32, depth=1, heads=2,
-                                        decoder_dim=16, decoder_depth=1, decoder_heads=1))
-    save_encoder_hf(encoder, folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def emotion_shards(tiny_index, tmp_path_factory) -> Path:
     """``tiny_index`` with one emotion per video (v0, v2 positive; v1, v3 negative) and no emotion
@@ -228,7 +218,7 @@ def emotion_shards(tiny_index, tmp_path_factory) -> Path:
 
 def test_evaluate_emotion_report(tmp_path, emotion_shards):
     run = tmp_path / "run"
-    _tiny_encoder_folder(run / "encoder")
+    tiny_encoder_folder(run / "encoder")
     recipe = EmotionRecipe(run=str(run), shards=str(emotion_shards), num_workers=0, batch_size=4, seeds=[0, 1],
                            probe=ProbeConfig(C=1.0), probe_folds=2, head=SequenceHeadConfig(hidden=8, epochs=3),
                            logistic=ProbeConfig(C=1.0))
@@ -255,7 +245,7 @@ def test_evaluate_emotion_report(tmp_path, emotion_shards):
 
 def test_mixed_emotions_in_a_video_is_a_one_line_cli_error(tmp_path, tiny_shards):
     run = tmp_path / "run"
-    _tiny_encoder_folder(run / "encoder")
+    tiny_encoder_folder(run / "encoder")
     result = subprocess.run([sys.executable, "eval/emotion.py", f"run={run}", f"shards={tiny_shards}",
                              "num_workers=0", f"cache_dir={tmp_path / 'cache'}"], cwd=REPO, capture_output=True,
                             text=True, timeout=300)

@@ -4,7 +4,6 @@ eval/finetune.py end to end on tiny shards (reports, resume, compare grid, bad i
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import subprocess_env
 
 from mgfm.data.subset import SubsetError, stratified_subset
 from mgfm.model.videomae import ModelConfig
@@ -179,16 +179,9 @@ def _recipe(tmp_path: Path, shards: Path, encoder: Path, **extra) -> Path:
     return path
 
 
-def _env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
 def _finetune(args: list[str], launch: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [*(launch or [sys.executable]), "eval/finetune.py", *args]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def test_semi_supervised_run_writes_report_model_and_resumes(tmp_path, tiny_shards, tiny_encoder):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_encoder_folder
 
 from mgfm.data.stream import StreamConfig
 from mgfm.evaluate.features import eval_stream_config, split_features
@@ -19,17 +20,6 @@ from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.evaluate.probe import ProbeConfig, predict, train_probe
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _tiny_encoder_folder(folder: Path) -> Path:
-    from mgfm.model.hf import save_encoder_hf
-    from mgfm.model.videomae import ModelConfig, build_encoder
-
-    torch.manual_seed(0)
-    encoder = build_encoder(ModelConfig(size="custom", img_size=32, frames=4, dim=32, depth=1, heads=2,
-                                        decoder_dim=16, decoder_depth=1, decoder_heads=1))
-    save_encoder_hf(encoder, folder)
-    return folder
 
 
 def _stream() -> StreamConfig:
@@ -99,7 +89,7 @@ def test_featureset_errors_are_one_line():
 
 
 def test_features_are_cached_by_encoder_and_never_stale(tmp_path, tiny_shards):
-    folder = _tiny_encoder_folder(tmp_path / "encoder")
+    folder = tiny_encoder_folder(tmp_path / "encoder")
     first = split_features(folder, tiny_shards, "train", _stream(), tmp_path / "cache")
     assert len(first) == 6 and first.dim == 32
     assert first.clip_ids == sorted(first.clip_ids)
@@ -153,7 +143,7 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_features_exactly_once_under_two_processes(tmp_path, tiny_shards):
-    folder = _tiny_encoder_folder(tmp_path / "encoder")
+    folder = tiny_encoder_folder(tmp_path / "encoder")
     out = str(tmp_path / "rank")
     script = WORKER.format(tests=str(REPO / "tests"), port=_free_port(), encoder=str(folder), shards=str(tiny_shards),
                            out=out)
@@ -174,7 +164,7 @@ def test_linear_probe_report_and_references(tmp_path, tiny_shards):
     from mgfm.evaluate.linear_probe import EvalRecipe, evaluate
 
     run = tmp_path / "run"
-    _tiny_encoder_folder(run / "encoder")
+    tiny_encoder_folder(run / "encoder")
     report = evaluate(EvalRecipe(run=str(run), shards=str(tiny_shards), num_workers=0, batch_size=4,
                                  probe=ProbeConfig(c_grid=[0.01, 1.0])))
     assert set(report["results"]) == {"pretrained", "random init", "raw pixels"}
@@ -202,7 +192,7 @@ def test_not_an_encoder_is_one_line_error(tmp_path, tiny_shards):
 
 def test_empty_split_is_one_line_error(tmp_path, tiny_shards):
     run = tmp_path / "run"
-    _tiny_encoder_folder(run / "encoder")
+    tiny_encoder_folder(run / "encoder")
     result = _probe_cli(f"run={run}", f"shards={tiny_shards}", "test_split=val", "num_workers=0")
     assert result.returncode == 2
     assert "val" in result.stderr.strip().splitlines()[-1]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"size": "custom", "img_size": 32, "frames": 4, "dim": 32, "depth": 1, "heads": 2,
@@ -33,15 +34,8 @@ def _recipe(tmp_path: Path, shards: Path, **extra) -> Path:
     return path
 
 
-def _env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
 def _pretrain(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "pretrain.py", *args], cwd=REPO, env=_env(), capture_output=True,
+    return subprocess.run([sys.executable, "pretrain.py", *args], cwd=REPO, env=subprocess_env(), capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -98,7 +92,7 @@ def test_sigkill_mid_training_then_resume_continues(tmp_path, tiny_shards):
     recipe = _recipe(tmp_path, tiny_shards, checkpoint_every=5, keep_checkpoints=3)
     args = [sys.executable, "pretrain.py", "--recipe", str(recipe), "optim.epochs=25"]  # 75 steps
     run = tmp_path / "runs" / "tiny"
-    proc = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(args, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and not (run / "checkpoints" / "step_00000005" / "meta.json").exists():
@@ -109,7 +103,7 @@ def test_sigkill_mid_training_then_resume_continues(tmp_path, tiny_shards):
     killed_at = max(m["step"] for m in _metrics(run))
     assert killed_at < 75, "the run finished before it could be killed"
 
-    result = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(args, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 75
@@ -126,7 +120,7 @@ def test_deepspeed_zero2_two_cpu_ranks(tmp_path, tiny_shards):
                      freeze_patch_embed=True)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               "recipes/accelerate/multi_cpu_deepspeed.yaml", "pretrain.py", "--recipe", str(recipe)]
-    first = subprocess.run([*launch, "optim.epochs=10"], cwd=REPO, env=_env(), capture_output=True, text=True,
+    first = subprocess.run([*launch, "optim.epochs=10"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                            timeout=900)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
     run = tmp_path / "runs" / "tiny"
@@ -151,7 +145,7 @@ def test_deepspeed_zero2_two_cpu_ranks(tmp_path, tiny_shards):
     assert (checkpoint / "meta.json").exists() and (checkpoint / "pytorch_model").is_dir()
 
     # Both ranks resume from that ZeRO-2 checkpoint and train on to a longer schedule.
-    second = subprocess.run([*launch, "optim.epochs=12"], cwd=REPO, env=_env(), capture_output=True, text=True,
+    second = subprocess.run([*launch, "optim.epochs=12"], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                             timeout=900)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
     summary = json.loads((run / "summary.json").read_text())

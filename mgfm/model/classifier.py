@@ -15,21 +15,15 @@ pooled feature). Drop path (stochastic depth) comes from ``ModelConfig.drop_path
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from mgfm.model.hf import (CONFIG_NAME, PREPROCESSOR_NAME, WEIGHTS_NAME, EncoderFolderError, preprocessor_dict,
-                           encoder_to_hf_state, hf_config_dict, hf_to_encoder_state, load_encoder_hf,
-                           read_hf_config, read_hf_weights, config_from_hf)
+from mgfm.model.hf import (EncoderFolderError, config_from_hf, encoder_to_hf_state, hf_config_dict,
+                           hf_to_encoder_state, load_encoder_hf, read_hf_config, read_hf_weights, write_hf_folder)
 from mgfm.model.videomae import ModelConfig, VideoEncoder, init_weights
 
 log = logging.getLogger(__name__)
@@ -158,23 +152,7 @@ def save_classifier_hf(model: VideoClassifier, folder: str | Path, class_names: 
     names, ``model.safetensors``, ``preprocessor_config.json``), built beside it and swapped in."""
     model = _unwrap(model)
     config = classifier_hf_config(model, class_names)
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        save_file(classifier_to_hf_state(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor_dict(model.cfg), indent=2) + "\n")
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    folder = write_hf_folder(folder, classifier_to_hf_state(model), config, model.cfg)
     log.info("saved classifier (%d classes) to %s", model.num_classes, folder)
     return folder
 

@@ -273,18 +273,16 @@ def preprocessor_dict(cfg: ModelConfig) -> dict:
     }
 
 
-def save_encoder_hf(model_or_encoder: nn.Module, folder: str | Path) -> Path:
-    """Write ``folder`` as a Hugging Face ``VideoMAEModel`` (``config.json``, ``model.safetensors``,
-    ``preprocessor_config.json``). The folder is built beside the target and swapped in, so a reader
-    never sees half a folder. Returns the folder."""
-    encoder = _unwrap_encoder(model_or_encoder)
+def write_hf_folder(folder: str | Path, state: dict[str, torch.Tensor], config: dict, cfg: ModelConfig) -> Path:
+    """Write a Hugging Face folder (``model.safetensors``, ``config.json``, ``preprocessor_config.json``)
+    atomically: built beside the target and swapped in, so a reader never sees half a folder."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        save_file(encoder_to_hf_state(encoder), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config_dict(encoder.cfg), indent=2) + "\n")
-        (tmp / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor_dict(encoder.cfg), indent=2) + "\n")
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor_dict(cfg), indent=2) + "\n")
         old = None
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -295,6 +293,15 @@ def save_encoder_hf(model_or_encoder: nn.Module, folder: str | Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return folder
+
+
+def save_encoder_hf(model_or_encoder: nn.Module, folder: str | Path) -> Path:
+    """Write ``folder`` as a Hugging Face ``VideoMAEModel`` (``config.json``, ``model.safetensors``,
+    ``preprocessor_config.json``). The folder is built beside the target and swapped in, so a reader
+    never sees half a folder. Returns the folder."""
+    encoder = _unwrap_encoder(model_or_encoder)
+    folder = write_hf_folder(folder, encoder_to_hf_state(encoder), hf_config_dict(encoder.cfg), encoder.cfg)
     log.info("saved encoder (%s, %d layers) to %s", encoder.cfg.size, encoder.cfg.depth, folder)
     return folder
 

@@ -47,6 +47,7 @@ from mgfm.data.subset import stratified_subset
 from mgfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mgfm.train.distributed import barrier, is_main_process, rank_world
 from mgfm.train.finetune_recipe import FinetuneRecipe
+from mgfm.train.step import backward_and_step
 
 log = logging.getLogger("mgfm.finetune")
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "finetune" / "tiny_cpu.yaml"
@@ -400,14 +401,7 @@ def train_variant(recipe: FinetuneRecipe, data: FinetuneData, encoder_folder: Pa
             with accelerator.accumulate(model):
                 loss, stats = compute_loss(model, batch, recipe, log_prior, semi_weight,
                                            step_generator(recipe.seed + 1, rank, step, micro))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and recipe.optim.clip_grad and accelerator.state.deepspeed_plugin is None:
-                    accelerator.clip_grad_norm_(model.parameters(), recipe.optim.clip_grad)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                backward_and_step(accelerator, model, optimizer, scheduler, loss, recipe.optim.clip_grad, step)
             for k, v in {"loss": float(loss.detach()), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + v / recipe.optim.grad_accum
         step += 1

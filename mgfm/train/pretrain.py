@@ -27,6 +27,7 @@ from mgfm.config import save_recipe
 from mgfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mgfm.train.distributed import barrier, is_main_process, rank_world, setup_logging
 from mgfm.train.recipe import PretrainRecipe
+from mgfm.train.step import backward_and_step
 
 log = logging.getLogger("mgfm.pretrain")
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "pretrain" / "tiny_cpu.yaml"
@@ -220,14 +221,7 @@ def run(recipe: PretrainRecipe) -> Path:
             group = group_ids(batch["clip_id"], device)
             with accelerator.accumulate(model):
                 loss, out = model(video, enc_mask, dec_mask, group)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and recipe.optim.clip_grad and accelerator.state.deepspeed_plugin is None:
-                    accelerator.clip_grad_norm_(model.parameters(), recipe.optim.clip_grad)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                backward_and_step(accelerator, model, optimizer, scheduler, loss, recipe.optim.clip_grad, step)
             if audit is not None:
                 audit.write("".join(f"{step} {clip_id}\n" for clip_id in batch["clip_id"]))
             micro += 1
