@@ -104,6 +104,35 @@ def test_fixmatch_loss_uses_unlabelled_clips():
     assert stats["mask_rate"] == 0.0 and stats["loss_u"] == 0.0
 
 
+def test_probe_head_reproduces_the_linear_probe_on_the_labelled_clips():
+    from mgfm.data.clip_cache import ClipCache
+    from mgfm.train.finetune import FinetuneData, fit_probe_head, predict_cache
+    from mgfm.train.finetune_recipe import FinetuneRecipe
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat(6)  # 18 clips, 3 classes; the class sets where a bright square sits
+    video = torch.randint(0, 60, (18, 2, 4, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    for i, c in enumerate(labels.tolist()):
+        video[i, :, :, :, 4:14, 2 + 10 * c:12 + 10 * c] = 250
+    cache = ClipCache(video, labels, [f"c{i:02d}" for i in range(18)])
+    data = FinetuneData(cache, cache, cache, ["a", "b", "c"], cache.clip_ids, np.full(3, 6), 18, 1.0,
+                        (0.45, 0.45, 0.45), (0.225, 0.225, 0.225))
+    model = _classifier()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = fit_probe_head(model.train(), data, FinetuneRecipe(head_init_c=1.0), img_size=32)
+    assert model.training, "fitting the head must leave the model in the mode it found it"
+    assert stats["probe_samples"] == 36  # 18 clips x 2 cached windows
+    changed = [k for k in before if not torch.equal(before[k], model.state_dict()[k])]
+    assert changed == ["head.weight", "head.bias"], "only the head is set; the encoder stays as it was"
+    # the head gives the regression's own decisions: its accuracy on the clips it was fitted on
+    scores = predict_cache(model, cache, 8, data.mean, data.std, 32)  # windows averaged
+    per_window = [predict_cache(model, ClipCache(video[:, v:v + 1], labels, cache.clip_ids), 8, data.mean,
+                                data.std, 32).argmax(1) for v in range(2)]
+    window_acc = float(np.mean([(p == labels.numpy()).mean() for p in per_window]))
+    assert window_acc == pytest.approx(stats["probe_train_accuracy"])
+    assert (scores.argmax(1) == labels.numpy()).mean() > 0.9
+
+
 def test_layer_decay_groups_scale_the_lr_by_depth():
     from mgfm.model.classifier import layer_decay_groups
 

@@ -278,23 +278,65 @@ def compute_loss(model, batch: StepBatch, recipe: FinetuneRecipe, log_prior: tor
 
 
 @torch.no_grad()
-def predict_cache(model, cache: ClipCache, batch_size: int, mean, std, img_size: int,
-                  device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
-    """Softmax scores ``(N, C)`` of every cached clip, averaged over its ``V`` temporal windows."""
+def _map_cache(fn, model, cache: ClipCache, batch_size: int, mean, std, img_size: int,
+               device: torch.device | str, desc: str, progress: bool) -> list[torch.Tensor]:
+    """``fn(flat normalised centre views)`` per batch, in eval mode: a list of ``(b, V, ...)`` CPU tensors."""
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
     out = []
-    for start in tqdm(range(0, len(cache), batch_size), desc="test", unit="batch", disable=not progress, leave=False):
+    for start in tqdm(range(0, len(cache), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         clips = cache.video[start:start + batch_size]  # (b, V, T, 3, S, S)
         b, v = clips.shape[:2]
         flat = normalise(crop_resize(clips.flatten(0, 1), img_size, None, False, None), mean, std)
-        probs = torch.softmax(model(flat.to(device)).float(), dim=-1).reshape(b, v, -1).mean(1)
-        out.append(probs.cpu().numpy())
+        y = fn(flat.to(device)).float()
+        out.append(y.reshape(b, v, *y.shape[1:]).cpu())
     model.train(was_training)
+    return out
+
+
+def predict_cache(model, cache: ClipCache, batch_size: int, mean, std, img_size: int,
+                  device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
+    """Softmax scores ``(N, C)`` of every cached clip, averaged over its ``V`` temporal windows."""
+    parts = _map_cache(lambda x: torch.softmax(model(x).float(), dim=-1), model, cache, batch_size, mean, std,
+                       img_size, device, "test", progress)
     n_classes = getattr(_unwrap(model), "num_classes", 0)
-    return np.concatenate(out) if out else np.zeros((0, n_classes), dtype=np.float32)
+    return torch.cat(parts).mean(1).numpy() if parts else np.zeros((0, n_classes), dtype=np.float32)
+
+
+def fit_probe_head(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: int) -> dict:
+    """LP-FT (Kumar et al., ICLR 2022): set ``model.head`` to a logistic regression fitted on the frozen
+    model's features of the labelled clips (every cached window a sample, gathered over ranks).
+
+    A head trained from zero on a few hundred long-tailed clips first pulls the encoder towards the
+    frequent classes; starting from the probe's head keeps the pretrained features while the whole
+    network adapts. The regression runs on standardised features (``C = head_init_c``) and the
+    standardisation is folded into the head's weights and bias. Returns the probe's train accuracy."""
+    from sklearn.linear_model import LogisticRegression
+
+    parts = _map_cache(model.features, model, data.labelled, recipe.stream.batch_size * 2, data.mean, data.std,
+                       img_size, "cpu", "probe head", False)
+    local = torch.cat(parts).flatten(0, 1).numpy() if parts else np.zeros((0, model.cfg.dim), np.float32)
+    labels = np.repeat(data.labelled.labels.numpy(), data.labelled.views)
+    gathered = _gather_objects((local, labels))  # every rank fits the same (deterministic) regression
+    x = np.concatenate([g[0] for g in gathered]).astype(np.float64)
+    y = np.concatenate([g[1] for g in gathered])
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    probe = LogisticRegression(C=recipe.head_init_c, max_iter=2000).fit((x - mean) / scale, y)
+    weight = np.zeros((model.num_classes, x.shape[1]))
+    bias = np.full(model.num_classes, -1e4 if len(probe.classes_) < model.num_classes else 0.0)
+    coef = probe.coef_ if len(probe.classes_) > 2 else np.concatenate([-probe.coef_, probe.coef_]) / 2
+    icpt = probe.intercept_ if len(probe.classes_) > 2 else np.concatenate([-probe.intercept_, probe.intercept_]) / 2
+    weight[probe.classes_] = coef / scale
+    bias[probe.classes_] = icpt - (coef * mean / scale).sum(1)
+    with torch.no_grad():
+        model.head.weight.copy_(torch.as_tensor(weight, dtype=model.head.weight.dtype))
+        model.head.bias.copy_(torch.as_tensor(bias, dtype=model.head.bias.dtype))
+    accuracy = float(probe.score((x - mean) / scale, y))
+    log.info("head initialised from a linear probe on %d labelled windows (C=%g, train accuracy %.3f)",
+             len(y), recipe.head_init_c, accuracy)
+    return {"probe_train_accuracy": accuracy, "probe_samples": int(len(y))}
 
 
 def evaluate_test(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: int, device) -> dict:
@@ -351,6 +393,9 @@ def train_variant(recipe: FinetuneRecipe, data: FinetuneData, encoder_folder: Pa
     torch.manual_seed(recipe.seed)  # the same random init on every rank and for both methods
     init_from = encoder_folder if recipe.init == "pretrained" else None
     model = build_classifier(cfg, len(data.class_names), init_from, recipe.optim.head_dropout)
+    ckpt_root = out / "checkpoints"
+    resuming = recipe.resume == "auto" and latest_checkpoint(ckpt_root) is not None
+    head_probe = fit_probe_head(model, data, recipe, cfg.img_size) if recipe.head_init == "probe" and not resuming else None
     semi = recipe.semi.method != "none"
     n_labelled = len(data.labelled_ids)
     per_step = recipe.stream.batch_size * recipe.optim.grad_accum * world
@@ -370,7 +415,6 @@ def train_variant(recipe: FinetuneRecipe, data: FinetuneData, encoder_folder: Pa
         prior = torch.as_tensor(data.class_counts, dtype=torch.float32) / float(data.class_counts.sum())
         log_prior = (recipe.logit_adjust_tau * prior.clamp_min(1e-12).log()).to(device)
 
-    ckpt_root = out / "checkpoints"
     step = 0
     resumed = None
     if recipe.resume == "auto" and (latest := latest_checkpoint(ckpt_root)) is not None:
@@ -431,6 +475,7 @@ def train_variant(recipe: FinetuneRecipe, data: FinetuneData, encoder_folder: Pa
         "label_fraction": data.fraction, "labelled_clips": n_labelled, "train_clips": data.n_train,
         "test_clips": metrics["n"], "views": recipe.views, "steps": step, "world_size": world,
         "resumed_from_step": resumed, "train_seconds": elapsed, "balance": recipe.balance,
+        "head_init": recipe.head_init, "head_probe": head_probe,
         "metrics": metrics, "model": str(out / "model"),
         "skipped_samples": {"train": data.train.skipped, "test": data.test.skipped},
         "final": {k: v for k, v in (history[-1] if history else {}).items()},

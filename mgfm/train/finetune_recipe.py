@@ -82,6 +82,10 @@ class FinetuneRecipe:
     # compare_fractions (empty: label_fraction), plus a summary table.
     compare: bool = False
     compare_fractions: list[float] = field(default_factory=list)
+    # head_init=probe: LP-FT, the head starts from a logistic regression (C = head_init_c) on the frozen
+    # features of the labelled clips; random: a fresh truncated-normal head.
+    head_init: Literal["probe", "random"] = "probe"
+    head_init_c: float = 0.1
     balance: Literal["none", "sampler", "logit_adjust"] = "none"
     logit_adjust_tau: float = 1.0
     frames: int | None = None  # clip length; None = the encoder's
@@ -112,6 +116,8 @@ class FinetuneRecipe:
             check_fraction(f, "compare_fractions")
         if self.views < 1 or self.train_views < 1:
             raise ValueError("views and train_views must be >= 1")
+        if self.head_init_c <= 0:
+            raise ValueError(f"head_init_c: expected an inverse regularisation strength > 0, got {self.head_init_c}")
         if self.resume not in ("auto", "never"):
             raise ValueError(f"resume: expected 'auto' or 'never', got {self.resume!r}")
         if not self.crop_scales or any(not 0 < s <= 1 for s in self.crop_scales):
