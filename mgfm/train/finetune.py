@@ -7,6 +7,8 @@ train split (:mod:`mgfm.data.subset`) with the usual video recipe: AdamW with la
 path, label smoothing, linear warmup + cosine, optional mixup, and a class-imbalance option
 (``balance=sampler``: class-balanced sampling of labelled clips; ``balance=logit_adjust``: the
 logit-adjusted loss of Menon et al., training logits + tau * log(class prior), plain logits at test).
+With ``head_init=probe`` (LP-FT) the head starts from a logistic regression on the frozen features of the
+labelled clips (:func:`fit_probe_head`).
 
 ``semi.method=fixmatch`` also uses every train clip unlabelled: per step ``semi.ratio`` x batch unlabelled
 clips get a pseudo-label from the model (eval mode, no gradient) on a weak view, and the clips whose
