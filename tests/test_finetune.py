@@ -217,6 +217,7 @@ def test_semi_supervised_run_writes_report_model_and_resumes(tmp_path, tiny_shar
     recipe = _recipe(tmp_path, tiny_shards, tiny_encoder)
     result = _finetune(["--recipe", str(recipe), "semi.method=fixmatch", "label_fraction=0.5", "checkpoint_every=2"])
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "head initialised from a linear probe" in result.stderr  # head_init=probe is the default
     out = tmp_path / "ft"
     report = json.loads((out / "report.json").read_text())
     # 6 train clips, 2 per class: half of each class = 3 labelled; 2 clips x 1 rank per step -> 2 steps/epoch
@@ -243,11 +244,12 @@ def test_semi_supervised_run_writes_report_model_and_resumes(tmp_path, tiny_shar
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     report2 = json.loads((out / "report.json").read_text())
     assert report2["resumed_from_step"] == 6 and report2["steps"] == 6
+    assert "head initialised from a linear probe" not in resumed.stderr  # the checkpoint holds the head
     assert report2["metrics"]["top1"] == report["metrics"]["top1"]
 
 
 def test_compare_grid_writes_a_summary(tmp_path, tiny_shards, tiny_encoder):
-    recipe = _recipe(tmp_path, tiny_shards, tiny_encoder, balance="logit_adjust")
+    recipe = _recipe(tmp_path, tiny_shards, tiny_encoder, balance="logit_adjust", head_init="random")
     result = _finetune(["--recipe", str(recipe), "compare=true", "compare_fractions=[0.5,1.0]", "optim.epochs=1"])
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "ft" / "report.json").read_text())
@@ -258,6 +260,7 @@ def test_compare_grid_writes_a_summary(tmp_path, tiny_shards, tiny_encoder):
         for variant in ("random-sup", "pretrained-semi"):
             assert (tmp_path / "ft" / f"labels-{fraction}" / variant / "model" / "config.json").exists()
     assert "semi (FixMatch)" in result.stdout and "supervised" in result.stdout
+    assert "head initialised from a linear probe" not in result.stderr  # head_init=random: fresh heads
 
 
 @pytest.mark.parametrize("override, message", [
