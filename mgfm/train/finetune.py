@@ -326,12 +326,14 @@ def fit_probe_head(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: 
     y = np.concatenate([g[1] for g in gathered])
     mean, scale = x.mean(0), x.std(0) + 1e-6
     probe = LogisticRegression(C=recipe.head_init_c, max_iter=2000).fit((x - mean) / scale, y)
-    weight = np.zeros((model.num_classes, x.shape[1]))
-    bias = np.full(model.num_classes, -1e4 if len(probe.classes_) < model.num_classes else 0.0)
     coef = probe.coef_ if len(probe.classes_) > 2 else np.concatenate([-probe.coef_, probe.coef_]) / 2
     icpt = probe.intercept_ if len(probe.classes_) > 2 else np.concatenate([-probe.intercept_, probe.intercept_]) / 2
+    fitted = icpt - (coef * mean / scale).sum(1)
+    # a class without labelled clips (stratified subsets always have one) would get a flat, unlikely row
+    weight = np.zeros((model.num_classes, x.shape[1]))
+    bias = np.full(model.num_classes, fitted.min())
     weight[probe.classes_] = coef / scale
-    bias[probe.classes_] = icpt - (coef * mean / scale).sum(1)
+    bias[probe.classes_] = fitted
     with torch.no_grad():
         model.head.weight.copy_(torch.as_tensor(weight, dtype=model.head.weight.dtype))
         model.head.bias.copy_(torch.as_tensor(bias, dtype=model.head.bias.dtype))
