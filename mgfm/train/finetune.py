@@ -307,7 +307,8 @@ def predict_cache(model, cache: ClipCache, batch_size: int, mean, std, img_size:
     return torch.cat(parts).mean(1).numpy() if parts else np.zeros((0, n_classes), dtype=np.float32)
 
 
-def fit_probe_head(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: int) -> dict:
+def fit_probe_head(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: int,
+                   device: torch.device | str = "cpu") -> dict:
     """LP-FT (Kumar et al., ICLR 2022): set ``model.head`` to a logistic regression fitted on the frozen
     model's features of the labelled clips (every cached window a sample, gathered over ranks).
 
@@ -318,7 +319,7 @@ def fit_probe_head(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: 
     from sklearn.linear_model import LogisticRegression
 
     parts = _map_cache(model.features, model, data.labelled, recipe.stream.batch_size * 2, data.mean, data.std,
-                       img_size, "cpu", "probe head", False)
+                       img_size, device, "probe head", False)
     local = torch.cat(parts).flatten(0, 1).numpy() if parts else np.zeros((0, model.cfg.dim), np.float32)
     labels = np.repeat(data.labelled.labels.numpy(), data.labelled.views)
     gathered = _gather_objects((local, labels))  # every rank fits the same (deterministic) regression
@@ -399,7 +400,9 @@ def train_variant(recipe: FinetuneRecipe, data: FinetuneData, encoder_folder: Pa
     model = build_classifier(cfg, len(data.class_names), init_from, recipe.optim.head_dropout)
     ckpt_root = out / "checkpoints"
     resuming = recipe.resume == "auto" and latest_checkpoint(ckpt_root) is not None
-    head_probe = fit_probe_head(model, data, recipe, cfg.img_size) if recipe.head_init == "probe" and not resuming else None
+    head_probe = None
+    if recipe.head_init == "probe" and not resuming:  # features on the accelerator: a ViT-B on a CPU would crawl
+        head_probe = fit_probe_head(model.to(accelerator.device), data, recipe, cfg.img_size, accelerator.device)
     semi = recipe.semi.method != "none"
     n_labelled = len(data.labelled_ids)
     per_step = recipe.stream.batch_size * recipe.optim.grad_accum * world
