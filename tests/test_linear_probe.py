@@ -77,6 +77,23 @@ def test_c_is_chosen_by_subject_grouped_cv():
     assert probe.C == max(probe.cv_scores, key=lambda c: (probe.cv_scores[c], -c))
 
 
+@pytest.mark.parametrize("classes", [[0, 1], [0, 2, 3]])
+def test_probe_as_one_linear_layer_gives_its_logits(classes):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(classes, 10)
+    x = rng.normal(size=(len(labels), 5)) * [1, 3, 0.5, 2, 1] + 4 + labels[:, None] * [1, -1, 0, 0.5, 0]
+    probe = train_probe(FeatureSet(x, [{"label": int(c)} for c in labels]), 4, ProbeConfig(C=1.0))
+    weight, bias = probe.affine()
+    assert weight.shape == (4, 5) and bias.shape == (4,)
+    logits = torch.as_tensor(x @ weight.T + bias)
+    # the layer's softmax over the present classes is the regression's own class probabilities
+    expected = probe.model.predict_proba((x - probe.mean) / probe.scale)
+    assert np.allclose(logits[:, classes].softmax(dim=1).numpy(), expected, atol=1e-6)
+    assert (logits.argmax(1).numpy() == probe.logits(x).argmax(1)).all()
+    absent = [c for c in range(4) if c not in classes]
+    assert (weight[absent] == 0).all() and (bias[absent] == bias[classes].min()).all()
+
+
 def test_featureset_errors_are_one_line():
     with pytest.raises(FeatureError, match="empty split"):
         FeatureSet(np.zeros((0, 4)), []).require("test split")

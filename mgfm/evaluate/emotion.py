@@ -154,9 +154,9 @@ def concat_features(parts: Mapping[str, FeatureSet]) -> tuple[FeatureSet, np.nda
 # ---------------------------------------------------------------------------- MG clip distributions
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    from scipy.special import softmax
+
+    return softmax(logits, axis=1).astype(np.float32)
 
 
 def mg_probabilities(features: FeatureSet, in_pool: np.ndarray, num_classes: int, cfg: ProbeConfig,

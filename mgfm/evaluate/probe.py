@@ -48,6 +48,20 @@ class LinearProbe:
         out[:, self.model.classes_] = scores
         return out
 
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """The probe as one linear layer on raw features, the standardisation folded in: ``(weight
+        (num_classes, D), bias (num_classes,))`` whose softmax is the regression's class probabilities (two
+        classes: +-margin / 2). A class absent from the train split gets a flat row at the lowest bias."""
+        coef, icpt = self.model.coef_, self.model.intercept_
+        if len(self.model.classes_) == 2:  # sklearn keeps the positive-class margin only
+            coef, icpt = np.concatenate([-coef, coef]) / 2, np.concatenate([-icpt, icpt]) / 2
+        fitted = icpt - (coef * self.mean / self.scale).sum(axis=1)
+        weight = np.zeros((self.num_classes, coef.shape[1]))
+        bias = np.full(self.num_classes, fitted.min())
+        weight[self.model.classes_] = coef / self.scale
+        bias[self.model.classes_] = fitted
+        return weight, bias
+
 
 def _fit(x: np.ndarray, y: np.ndarray, C: float, cfg: ProbeConfig):
     import warnings

@@ -309,36 +309,31 @@ def predict_cache(model, cache: ClipCache, batch_size: int, mean, std, img_size:
 
 def fit_probe_head(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: int,
                    device: torch.device | str = "cpu") -> dict:
-    """LP-FT (Kumar et al., ICLR 2022): set ``model.head`` to a logistic regression fitted on the frozen
-    model's features of the labelled clips (every cached window a sample, gathered over ranks).
+    """LP-FT (Kumar et al., ICLR 2022): set ``model.head`` to a linear probe
+    (:func:`mgfm.evaluate.probe.train_probe`, ``C = head_init_c``) fitted on the frozen model's features of
+    the labelled clips (every cached window a sample, gathered over ranks).
 
     A head trained from zero on a few hundred long-tailed clips first pulls the encoder towards the
     frequent classes; starting from the probe's head keeps the pretrained features while the whole
-    network adapts. The regression runs on standardised features (``C = head_init_c``) and the
-    standardisation is folded into the head's weights and bias. Returns the probe's train accuracy."""
-    from sklearn.linear_model import LogisticRegression
+    network adapts. The probe's standardisation is folded into the head's weights and bias. Returns the
+    probe's train accuracy."""
+    from mgfm.evaluate.featureset import FeatureSet
+    from mgfm.evaluate.probe import ProbeConfig, train_probe
 
     parts = _map_cache(model.features, model, data.labelled, recipe.stream.batch_size * 2, data.mean, data.std,
                        img_size, device, "probe head", False)
     local = torch.cat(parts).flatten(0, 1).numpy() if parts else np.zeros((0, model.cfg.dim), np.float32)
     labels = np.repeat(data.labelled.labels.numpy(), data.labelled.views)
     gathered = _gather_objects((local, labels))  # every rank fits the same (deterministic) regression
-    x = np.concatenate([g[0] for g in gathered]).astype(np.float64)
+    x = np.concatenate([g[0] for g in gathered])
     y = np.concatenate([g[1] for g in gathered])
-    mean, scale = x.mean(0), x.std(0) + 1e-6
-    probe = LogisticRegression(C=recipe.head_init_c, max_iter=2000).fit((x - mean) / scale, y)
-    coef = probe.coef_ if len(probe.classes_) > 2 else np.concatenate([-probe.coef_, probe.coef_]) / 2
-    icpt = probe.intercept_ if len(probe.classes_) > 2 else np.concatenate([-probe.intercept_, probe.intercept_]) / 2
-    fitted = icpt - (coef * mean / scale).sum(1)
-    # a class without labelled clips (stratified subsets always have one) would get a flat, unlikely row
-    weight = np.zeros((model.num_classes, x.shape[1]))
-    bias = np.full(model.num_classes, fitted.min())
-    weight[probe.classes_] = coef / scale
-    bias[probe.classes_] = fitted
+    probe = train_probe(FeatureSet(x, [{"label": int(c)} for c in y]), model.num_classes,
+                        ProbeConfig(C=recipe.head_init_c, max_iter=2000))
+    weight, bias = probe.affine()
     with torch.no_grad():
         model.head.weight.copy_(torch.as_tensor(weight, dtype=model.head.weight.dtype))
         model.head.bias.copy_(torch.as_tensor(bias, dtype=model.head.bias.dtype))
-    accuracy = float(probe.score((x - mean) / scale, y))
+    accuracy = float((probe.logits(x).argmax(1) == y).mean())
     log.info("head initialised from a linear probe on %d labelled windows (C=%g, train accuracy %.3f)",
              len(y), recipe.head_init_c, accuracy)
     return {"probe_train_accuracy": accuracy, "probe_samples": int(len(y))}
@@ -399,9 +394,9 @@ def train_variant(recipe: FinetuneRecipe, data: FinetuneData, encoder_folder: Pa
     init_from = encoder_folder if recipe.init == "pretrained" else None
     model = build_classifier(cfg, len(data.class_names), init_from, recipe.optim.head_dropout)
     ckpt_root = out / "checkpoints"
-    resuming = recipe.resume == "auto" and latest_checkpoint(ckpt_root) is not None
+    latest = latest_checkpoint(ckpt_root) if recipe.resume == "auto" else None
     head_probe = None
-    if recipe.head_init == "probe" and not resuming:  # features on the accelerator: a ViT-B on a CPU would crawl
+    if recipe.head_init == "probe" and latest is None:  # features on the accelerator: a ViT-B on a CPU would crawl
         head_probe = fit_probe_head(model.to(accelerator.device), data, recipe, cfg.img_size, accelerator.device)
     semi = recipe.semi.method != "none"
     n_labelled = len(data.labelled_ids)
@@ -424,7 +419,7 @@ def train_variant(recipe: FinetuneRecipe, data: FinetuneData, encoder_folder: Pa
 
     step = 0
     resumed = None
-    if recipe.resume == "auto" and (latest := latest_checkpoint(ckpt_root)) is not None:
+    if latest is not None:
         step = load_checkpoint(accelerator, latest)["step"]
         resumed = step
         log.info("resumed %s from %s (step %d)", out.name, latest, step)

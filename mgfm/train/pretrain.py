@@ -155,11 +155,16 @@ def run(recipe: PretrainRecipe) -> Path:
         save_recipe(recipe, run_dir / "recipe.yaml")
 
     check_geometry(recipe)
+    resume_from = None
+    if recipe.resume == "auto":
+        resume_from = latest_checkpoint(ckpt_root)
+    elif recipe.resume not in ("never", "", None):
+        resume_from = Path(recipe.resume)
     model = build_pretraining_model(recipe.model)
     if recipe.init_from:
         init_encoder_from_hf(model.encoder, recipe.init_from)
         log.info("encoder initialised from %s", recipe.init_from)
-    elif recipe.patch_init == "motion_pca" and (recipe.resume != "auto" or latest_checkpoint(ckpt_root) is None):
+    elif recipe.patch_init == "motion_pca" and resume_from is None:  # a checkpoint holds the embedding
         init_patch_embed(model.encoder, recipe)
     if recipe.freeze_patch_embed:
         model.encoder.patch_embed.requires_grad_(False)
@@ -180,11 +185,6 @@ def run(recipe: PretrainRecipe) -> Path:
 
     step, epoch = 0, 0
     resumed_step = None
-    resume_from = None
-    if recipe.resume == "auto":
-        resume_from = latest_checkpoint(ckpt_root)
-    elif recipe.resume not in ("never", "", None):
-        resume_from = Path(recipe.resume)
     if resume_from is not None:
         meta = load_checkpoint(accelerator, resume_from)
         step, epoch = meta["step"], meta["epoch"]
