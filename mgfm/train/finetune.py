@@ -320,10 +320,13 @@ def fit_probe_head(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: 
     from mgfm.evaluate.featureset import FeatureSet
     from mgfm.evaluate.probe import ProbeConfig, train_probe
 
-    parts = _map_cache(model.features, model, data.labelled, recipe.stream.batch_size * 2, data.mean, data.std,
-                       img_size, device, "probe head", False)
+    caches = [data.labelled]
+    if recipe.flip:  # the head then sees the mirror images fine-tuning will train on
+        caches.append(ClipCache(data.labelled.video.flip(-1), data.labelled.labels, data.labelled.clip_ids))
+    parts = [p for cache in caches for p in _map_cache(model.features, model, cache, recipe.stream.batch_size * 2,
+                                                       data.mean, data.std, img_size, device, "probe head", False)]
     local = torch.cat(parts).flatten(0, 1).numpy() if parts else np.zeros((0, model.cfg.dim), np.float32)
-    labels = np.repeat(data.labelled.labels.numpy(), data.labelled.views)
+    labels = np.tile(np.repeat(data.labelled.labels.numpy(), data.labelled.views), len(caches))
     gathered = _gather_objects((local, labels))  # every rank fits the same (deterministic) regression
     x = np.concatenate([g[0] for g in gathered])
     y = np.concatenate([g[1] for g in gathered])
