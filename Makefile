@@ -47,6 +47,7 @@ bench: setup
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_pretrain.py
 	$(PY) benchmarks/bench_retrieval.py
+	$(PY) benchmarks/bench_semi_headroom.py $(if $(RUN),--run $(RUN)) --shards $(SHARDS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

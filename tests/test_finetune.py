@@ -104,19 +104,30 @@ def test_fixmatch_loss_uses_unlabelled_clips():
     assert stats["mask_rate"] == 0.0 and stats["loss_u"] == 0.0
 
 
+def _square_clips(by_row: bool):
+    """18 two-window clips of 3 classes; the class sets where a bright square sits: its column (left to
+    right), or, ``by_row``, its row (the square then stays at the left, so a mirror image moves it)."""
+    from mgfm.data.clip_cache import ClipCache
+    from mgfm.train.finetune import FinetuneData
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat(6)
+    video = torch.randint(0, 60, (18, 2, 4, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    for i, c in enumerate(labels.tolist()):
+        rows, cols = (slice(2 + 10 * c, 12 + 10 * c), slice(2, 12)) if by_row else (slice(4, 14), slice(2 + 10 * c, 12 + 10 * c))
+        video[i, :, :, :, rows, cols] = 250
+    cache = ClipCache(video, labels, [f"c{i:02d}" for i in range(18)])
+    return FinetuneData(cache, cache, cache, ["a", "b", "c"], cache.clip_ids, np.full(3, 6), 18, 1.0,
+                        (0.45, 0.45, 0.45), (0.225, 0.225, 0.225))
+
+
 def test_probe_head_reproduces_the_linear_probe_on_the_labelled_clips():
     from mgfm.data.clip_cache import ClipCache
     from mgfm.train.finetune import FinetuneData, fit_probe_head, predict_cache
     from mgfm.train.finetune_recipe import FinetuneRecipe
 
-    gen = torch.Generator().manual_seed(0)
-    labels = torch.arange(3).repeat(6)  # 18 clips, 3 classes; the class sets where a bright square sits
-    video = torch.randint(0, 60, (18, 2, 4, 3, 32, 32), dtype=torch.uint8, generator=gen)
-    for i, c in enumerate(labels.tolist()):
-        video[i, :, :, :, 4:14, 2 + 10 * c:12 + 10 * c] = 250
-    cache = ClipCache(video, labels, [f"c{i:02d}" for i in range(18)])
-    data = FinetuneData(cache, cache, cache, ["a", "b", "c"], cache.clip_ids, np.full(3, 6), 18, 1.0,
-                        (0.45, 0.45, 0.45), (0.225, 0.225, 0.225))
+    data = _square_clips(by_row=False)
+    cache, video, labels = data.labelled, data.labelled.video, data.labelled.labels
     model = _classifier()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     stats = fit_probe_head(model.train(), data, FinetuneRecipe(head_init_c=1.0), img_size=32)
@@ -131,6 +142,54 @@ def test_probe_head_reproduces_the_linear_probe_on_the_labelled_clips():
     window_acc = float(np.mean([(p == labels.numpy()).mean() for p in per_window]))
     assert window_acc == pytest.approx(stats["probe_train_accuracy"])
     assert (scores.argmax(1) == labels.numpy()).mean() > 0.9
+
+
+def test_probe_head_with_flip_is_fitted_on_the_mirror_images_too():
+    from mgfm.data.clip_cache import ClipCache
+    from mgfm.train.finetune import fit_probe_head, predict_cache
+    from mgfm.train.finetune_recipe import FinetuneRecipe
+
+    data = _square_clips(by_row=True)
+    model = _classifier()
+    stats = fit_probe_head(model, data, FinetuneRecipe(head_init_c=1.0, flip=True), img_size=32)
+    assert stats["probe_samples"] == 72  # 18 clips x 2 windows, as they are and mirrored
+    mirrored = ClipCache(data.labelled.video.flip(-1), data.labelled.labels, data.labelled.clip_ids)
+    for cache in (data.labelled, mirrored):
+        scores = predict_cache(model, cache, 8, data.mean, data.std, 32)
+        assert (scores.argmax(1) == cache.labels.numpy()).mean() > 0.9
+
+
+def test_semi_headroom_benchmark_finds_headroom_where_clusters_carry_the_labels():
+    """benchmarks/bench_semi_headroom.py on two moons with two labelled points per class: label spreading
+    labels every unlabelled point right and reaches the every-label ceiling, which the linear probe of
+    the four labelled points does not; confident self-training adds little (the cluster assumption is what
+    makes unlabelled points useful, the benchmark's point on our features)."""
+    import importlib.util
+
+    from sklearn.datasets import make_moons
+
+    from mgfm.evaluate.featureset import FeatureSet
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_semi_headroom.py"
+    spec = importlib.util.spec_from_file_location("bench_semi_headroom", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def features(seed):
+        x, y = make_moons(400, noise=0.06, random_state=seed)
+        return FeatureSet(x.astype(np.float32), [{"label": int(c)} for c in y])
+
+    train = features(0)
+    labelled = np.zeros(len(train), dtype=bool)
+    for c in (0, 1):
+        labelled[np.flatnonzero(train.labels == c)[:2]] = True
+    rows = bench.pseudo_rows(bench.Headroom(train, features(1), 2, 1.0), labelled, [0.9], [0.5], [10])
+    reference, _ = rows["supervised only (reference)"]
+    ceiling, _ = rows["every train label (ceiling)"]
+    spread, spread_pseudo = rows["label spreading, 10-NN graph"]
+    assert spread_pseudo == 1.0 and spread == pytest.approx(ceiling)
+    assert ceiling > reference + 0.03
+    assert rows["self-training, confidence >= 0.9"][0] < ceiling
 
 
 def test_layer_decay_groups_scale_the_lr_by_depth():
