@@ -311,7 +311,8 @@ def fit_probe_head(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: 
                    device: torch.device | str = "cpu") -> dict:
     """LP-FT (Kumar et al., ICLR 2022): set ``model.head`` to a linear probe
     (:func:`mgfm.evaluate.probe.train_probe`, ``C = head_init_c``) fitted on the frozen model's features of
-    the labelled clips (every cached window a sample, gathered over ranks).
+    the labelled clips (every cached window a sample, and its mirror image with ``recipe.flip``; gathered over
+    ranks).
 
     A head trained from zero on a few hundred long-tailed clips first pulls the encoder towards the
     frequent classes; starting from the probe's head keeps the pretrained features while the whole
