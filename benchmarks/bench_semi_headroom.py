@@ -64,17 +64,13 @@ class Headroom:
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         """Class probabilities ``(N, n_classes)`` of a probe fitted on ``x`` ``(n, D)``, ``y`` ``(n,)``."""
-        probe = train_probe(FeatureSet(x, [{"label": int(c)} for c in y]), self.n_classes, self.cfg)
-        return lambda z: _softmax(probe.logits(z))
+        from scipy.special import softmax
+
+        probe = train_probe(FeatureSet.from_labels(x, y), self.n_classes, self.cfg)
+        return lambda z: softmax(probe.logits(z), axis=1)
 
     def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
         return float((self.fit(x, y)(self.test_x).argmax(1) == self.test_y).mean())
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    from scipy.special import softmax
-
-    return softmax(logits, axis=1)
 
 
 def pseudo_rows(h: Headroom, labelled: np.ndarray, thresholds: list[float], ratios: list[float],

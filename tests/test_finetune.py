@@ -123,7 +123,7 @@ def _square_clips(by_row: bool):
 
 def test_probe_head_reproduces_the_linear_probe_on_the_labelled_clips():
     from mgfm.data.clip_cache import ClipCache
-    from mgfm.train.finetune import FinetuneData, fit_probe_head, predict_cache
+    from mgfm.train.finetune import fit_probe_head, predict_cache
     from mgfm.train.finetune_recipe import FinetuneRecipe
 
     data = _square_clips(by_row=False)
@@ -177,7 +177,7 @@ def test_semi_headroom_benchmark_finds_headroom_where_clusters_carry_the_labels(
 
     def features(seed):
         x, y = make_moons(400, noise=0.06, random_state=seed)
-        return FeatureSet(x.astype(np.float32), [{"label": int(c)} for c in y])
+        return FeatureSet.from_labels(x, y)
 
     train = features(0)
     labelled = np.zeros(len(train), dtype=bool)

@@ -82,7 +82,7 @@ def test_probe_as_one_linear_layer_gives_its_logits(classes):
     rng = np.random.default_rng(0)
     labels = np.repeat(classes, 10)
     x = rng.normal(size=(len(labels), 5)) * [1, 3, 0.5, 2, 1] + 4 + labels[:, None] * [1, -1, 0, 0.5, 0]
-    probe = train_probe(FeatureSet(x, [{"label": int(c)} for c in labels]), 4, ProbeConfig(C=1.0))
+    probe = train_probe(FeatureSet.from_labels(x, labels), 4, ProbeConfig(C=1.0))
     weight, bias = probe.affine()
     assert weight.shape == (4, 5) and bias.shape == (4,)
     logits = torch.as_tensor(x @ weight.T + bias)

@@ -166,8 +166,7 @@ def split_features(encoder_folder: str | Path | None, shards: str | Path, split:
     from mgfm.model.hf import encoder_checksum, load_encoder_hf
 
     if encoder is None:
-        encoder, _ = load_encoder_hf(encoder_folder)
-        encoder_id = encoder_checksum(encoder_folder)
+        encoder_id = encoder_checksum(encoder_folder)  # the weights' hash keys the cache; load them on a miss only
     if encoder_id is None:
         raise ValueError("split_features: pass encoder_id with an in-memory encoder")
     key = cache_key(encoder_id, shards, split, cfg, views)
@@ -177,6 +176,8 @@ def split_features(encoder_folder: str | Path | None, shards: str | Path, split:
         if cached is not None:
             log.info("features %s %s: cached at %s", Path(str(shards)).name, split, stem)
             return cached
+    if encoder is None:
+        encoder, _ = load_encoder_hf(encoder_folder)
     encoder = encoder.to(device).eval()
     result = encode_split(encoder.features, shards, split, cfg, views, device)
     result.key = {**key, "skipped": result.key.get("skipped", 0)}

@@ -33,6 +33,11 @@ class FeatureSet:
         if len(self.rows) != len(self.features):
             raise FeatureError(f"{len(self.features)} feature rows but {len(self.rows)} clip rows")
 
+    @classmethod
+    def from_labels(cls, features: np.ndarray, labels: np.ndarray) -> "FeatureSet":
+        """Features ``(N, D)`` with class ids ``(N,)`` and no other clip metadata (in-memory probes)."""
+        return cls(features, [{"label": int(c)} for c in labels])
+
     def __len__(self) -> int:
         return len(self.rows)
 

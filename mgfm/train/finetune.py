@@ -331,7 +331,7 @@ def fit_probe_head(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: 
     gathered = _gather_objects((local, labels))  # every rank fits the same (deterministic) regression
     x = np.concatenate([g[0] for g in gathered])
     y = np.concatenate([g[1] for g in gathered])
-    probe = train_probe(FeatureSet(x, [{"label": int(c)} for c in y]), model.num_classes,
+    probe = train_probe(FeatureSet.from_labels(x, y), model.num_classes,
                         ProbeConfig(C=recipe.head_init_c, max_iter=2000))
     weight, bias = probe.affine()
     with torch.no_grad():
