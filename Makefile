@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # torch is installed on its own first: on this CPU machine pip resolves it to the local CPU wheel;
 # on a GPU box use e.g. `make setup TORCH_SPEC="torch>=2.4"`.
 TORCH_SPEC ?= torch==2.13.0
+# faiss build: cpu (faiss-cpu) or gpu (faiss-gpu-cu12); exactly one is installed.
+FAISS ?= cpu
 DATA ?= data/synthetic
 SHARDS ?= shards/synthetic
 RUN ?=
@@ -17,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,$(FAISS)]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -349,17 +349,92 @@ def test_class_without_train_clips_is_one_line_error(tmp_path, tiny_index, tiny_
     assert "class 'class_c' (id 2) has no labelled clip" in result.stderr.strip().splitlines()[-1]
 
 
+def test_mid_run_resume_trains_on_as_the_uninterrupted_run(tmp_path, tiny_shards, tiny_encoder):
+    recipe = _recipe(tmp_path, tiny_shards, tiny_encoder, checkpoint_every=2, keep_checkpoints=5)
+    args = ["--recipe", str(recipe), "semi.method=fixmatch", "label_fraction=0.5", "drop_path=0.1"]
+    first = _finetune(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "ft"
+    report = json.loads((out / "report.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # lose everything after step 2: the run resumes there and trains steps 3-6 again
+    for name in ("step_00000004", "step_00000006"):
+        shutil.rmtree(out / "checkpoints" / name)
+    (out / "report.json").unlink()
+    shutil.rmtree(out / "model")
+    resumed = _finetune(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = json.loads((out / "report.json").read_text())
+    assert again["resumed_from_step"] == 2 and again["steps"] == 6
+    rows_again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_again] == list(range(1, 7))
+    for a, b in zip(rows[2:], rows_again[2:]):  # same data, same dropout draws, same weights
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["lr"] == pytest.approx(a["lr"])
+    assert again["metrics"]["top1"] == report["metrics"]["top1"]
+
+
+def test_the_labelled_subset_is_drawn_with_the_recipe_seed(tiny_shards):
+    from mgfm.data.clip_cache import ClipCache
+    from mgfm.train.finetune import FinetuneData, load_data
+    from mgfm.train.finetune_recipe import FinetuneRecipe
+
+    n = 40
+    train = ClipCache(torch.zeros(n, 1, 2, 3, 4, 4, dtype=torch.uint8), torch.arange(n) % 4,
+                      [f"clip{i:02d}" for i in range(n)])
+    cached = FinetuneData(train, train, train, ["a", "b", "c", "d"], [], np.zeros(4), n, 1.0, (0.5,) * 3, (0.2,) * 3)
+    cfg = ModelConfig(**TINY)
+    subsets = {seed: load_data(FinetuneRecipe(seed=seed, label_fraction=0.25), cfg, 0.25, cached).labelled_ids
+               for seed in range(4)}
+    assert all(8 <= len(ids) <= 12 for ids in subsets.values())
+    assert len({tuple(ids) for ids in subsets.values()}) > 1, "every seed drew the same labelled clips"
+    assert subsets[1] == load_data(FinetuneRecipe(seed=1, label_fraction=0.25), cfg, 0.25, cached).labelled_ids
+
+
+def _assert_lr_follows_the_schedule(out: Path, steps_per_epoch: int, epochs: int, warmup_epochs: int,
+                                    base_lr: float, global_batch: int) -> None:
+    from test_pretrain import assert_lr_schedule
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert_lr_schedule(rows, steps_per_epoch, epochs, warmup_epochs, base_lr, global_batch)
+
+
 @pytest.mark.slow
-def test_two_cpu_ranks_under_accelerate_launch(tmp_path, tiny_shards, tiny_encoder):
-    recipe = _recipe(tmp_path, tiny_shards, tiny_encoder)
+def test_two_cpu_ranks_deepspeed_bf16(tmp_path, tiny_shards, tiny_encoder):
+    recipe = _recipe(tmp_path, tiny_shards, tiny_encoder, mixed_precision="bf16")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               "recipes/accelerate/multi_cpu_deepspeed.yaml"]
     result = _finetune(["--recipe", str(recipe), "semi.method=fixmatch", "label_fraction=1.0"], launch, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    out = tmp_path / "ft"
+    report = json.loads((out / "report.json").read_text())
     # 6 labelled clips over 2 ranks x 2 clips -> 2 steps per epoch; every test clip scored exactly once
     assert report["world_size"] == 2 and report["steps"] == 6 and report["test_clips"] == 6
-    assert (tmp_path / "ft" / "model" / "model.safetensors").exists()
+    assert report["precision"] == "bf16" and report["deepspeed"]
+    _assert_lr_follows_the_schedule(out, 2, 3, 1, 0.05, 4)
+    _assert_exports_fp32_master_weights(out)
+
+
+@pytest.mark.slow
+def test_one_cpu_rank_deepspeed_bf16(tmp_path, tiny_shards, tiny_encoder):
+    recipe = _recipe(tmp_path, tiny_shards, tiny_encoder, mixed_precision="bf16")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--num_processes", "1",
+              "--num_machines", "1", "--deepspeed_config_file", "recipes/deepspeed/zero2.json"]
+    result = _finetune(["--recipe", str(recipe), "label_fraction=1.0"], launch, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    out = tmp_path / "ft"
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 1 and report["steps"] == 9 and report["precision"] == "bf16"
+    _assert_lr_follows_the_schedule(out, 3, 3, 1, 0.05, 2)
+    _assert_exports_fp32_master_weights(out)
+
+
+def _assert_exports_fp32_master_weights(out: Path) -> None:
+    from transformers import VideoMAEForVideoClassification
+
+    hf = VideoMAEForVideoClassification.from_pretrained(out / "model")
+    assert hf.config.id2label == {0: "class_a", 1: "class_b", 2: "class_c"}
+    weight = hf.classifier.weight.detach()
+    assert weight.dtype == torch.float32 and bool((weight.bfloat16().float() != weight).any())
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes" / "finetune").glob("*.yaml")), ids=lambda p: p.name)

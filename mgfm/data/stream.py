@@ -129,7 +129,7 @@ class StreamConfig:
     seed: int = 0
     remote_commands: dict[str, str] = field(default_factory=lambda: {"s3": "aws s3 cp {url} -"})
     prefetch_factor: int = 4  # batches each worker may have ready ahead (uint8 frames: ~5 MB each at defaults)
-    pin_memory: bool = False
+    pin_memory: bool | None = None  # None: page-locked batches when CUDA is there (asynchronous copies)
     log_skips: int = 5  # per worker: skipped samples logged as warnings (the rest are counted only)
 
     def __post_init__(self) -> None:
@@ -733,6 +733,13 @@ def _as_is(batch: dict) -> dict:
     return batch
 
 
+def pin_memory(cfg: StreamConfig) -> bool:
+    """Whether batches are page-locked: ``cfg.pin_memory``, or when it is None, whether CUDA is there."""
+    if cfg.pin_memory is not None:
+        return cfg.pin_memory
+    return torch.cuda.is_available()
+
+
 def make_loader(source: str | Path | Sequence[str], split: str, cfg: StreamConfig, mode: str = "train",
                 epoch: int = 0, rank: int | None = None, world: int | None = None) -> tuple[StreamLoader, SkipCounter]:
     """A batched DataLoader over the ``split`` shards of ``source`` and the counter of what it skips.
@@ -751,7 +758,7 @@ def make_loader(source: str | Path | Sequence[str], split: str, cfg: StreamConfi
     dataset = ClipStream(shards, cfg, mode, epoch, rank, world, batches)
     counter = SkipCounter()
     # collate_fn: batches are made in the dataset; skip DataLoader's recursive conversion of them.
-    kwargs: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": cfg.pin_memory, "collate_fn": _as_is}
+    kwargs: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": pin_memory(cfg), "collate_fn": _as_is}
     if cfg.num_workers > 0:
         kwargs["prefetch_factor"] = cfg.prefetch_factor
         # Train: take whichever worker's batch is ready (the order is random anyway), so one worker

@@ -30,6 +30,7 @@ Face ``VideoMAEForVideoClassification`` folder with the label names. ``compare=t
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -46,10 +47,9 @@ from mgfm.config import recipe_to_dict, save_recipe
 from mgfm.data.clip_augment import crop_resize, normalise, strong_jitter
 from mgfm.data.clip_cache import ClipCache, cache_split
 from mgfm.data.subset import stratified_subset
-from mgfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mgfm.train.distributed import barrier, is_main_process, rank_world
+from mgfm.train.engine import Engine, MicroResult, Schedule, find_checkpoint, make_accelerator, to_model, train
 from mgfm.train.finetune_recipe import FinetuneRecipe
-from mgfm.train.step import backward_and_step
 
 log = logging.getLogger("mgfm.finetune")
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "finetune" / "tiny_cpu.yaml"
@@ -241,7 +241,7 @@ def compute_loss(model, batch: StepBatch, recipe: FinetuneRecipe, log_prior: tor
     ``semi_weight`` x the masked cross-entropy of the strong views against the weak views'
     confident pseudo-labels (computed without gradient, model in eval mode)."""
     device = next(model.parameters()).device
-    video, labels = batch.video.to(device), batch.labels.to(device)
+    video, labels = to_model(batch.video, model, device), batch.labels.to(device)
     mix = None
     if recipe.optim.mixup > 0:
         lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen))).beta(
@@ -257,11 +257,11 @@ def compute_loss(model, batch: StepBatch, recipe: FinetuneRecipe, log_prior: tor
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        probs = torch.softmax(model(batch.weak.to(device)).float(), dim=-1)
+        probs = torch.softmax(model(to_model(batch.weak, model, device)).float(), dim=-1)
     model.train(was_training)
     conf, pseudo = probs.max(dim=-1)
     mask = (conf >= recipe.semi.threshold).float()
-    logits = model(torch.cat([video, batch.strong.to(device)]))
+    logits = model(torch.cat([video, to_model(batch.strong, model, device)]))
     n = len(video)
     loss_l = supervised_loss(logits[:n], labels, recipe.optim.label_smoothing, log_prior, mix)
     loss_u = (F.cross_entropy(logits[n:].float(), pseudo, reduction="none") * mask).mean()
@@ -292,7 +292,7 @@ def _map_cache(fn, model, cache: ClipCache, batch_size: int, mean, std, img_size
         clips = cache.video[start:start + batch_size]  # (b, V, T, 3, S, S)
         b, v = clips.shape[:2]
         flat = normalise(crop_resize(clips.flatten(0, 1), img_size, None, False, None), mean, std)
-        y = fn(flat.to(device)).float()
+        y = fn(to_model(flat, model, device)).float()
         out.append(y.reshape(b, v, *y.shape[1:]).cpu())
     model.train(was_training)
     return out
@@ -375,9 +375,9 @@ def variant_name(recipe: FinetuneRecipe) -> str:
 
 def train_variant(recipe: FinetuneRecipe, data: FinetuneData, encoder_folder: Path, cfg, out: Path) -> dict:
     """Fine-tune one variant into ``out``; returns its report (an existing finished report is reused)."""
+    from mgfm.evaluate.metrics import plot_confusion
     from mgfm.evaluate.report import format_table, markdown_table, write_report
-    from mgfm.model.classifier import build_classifier, layer_decay_groups, save_classifier_hf
-    from mgfm.train.pretrain import lr_lambda, make_accelerator
+    from mgfm.model.classifier import VideoClassifier, build_classifier, layer_decay_groups, save_classifier_hf
 
     rank, world = rank_world()
     resolved = recipe_to_dict(recipe)
@@ -393,110 +393,76 @@ def train_variant(recipe: FinetuneRecipe, data: FinetuneData, encoder_folder: Pa
         save_recipe(recipe, out / "recipe.yaml")
     barrier()
 
-    accelerator = make_accelerator(recipe)  # one per variant: save_state saves every model prepared on it
+    engine = Engine(recipe)  # one per variant: save_state saves every model prepared on an accelerator
     torch.manual_seed(recipe.seed)  # the same random init on every rank and for both methods
     init_from = encoder_folder if recipe.init == "pretrained" else None
     model = build_classifier(cfg, len(data.class_names), init_from, recipe.optim.head_dropout)
     ckpt_root = out / "checkpoints"
-    latest = latest_checkpoint(ckpt_root) if recipe.resume == "auto" else None
+    resume_from = find_checkpoint(ckpt_root, recipe.resume)
     head_probe = None
-    if recipe.head_init == "probe" and latest is None:  # features on the accelerator: a ViT-B on a CPU would crawl
-        head_probe = fit_probe_head(model.to(accelerator.device), data, recipe, cfg.img_size, accelerator.device)
+    if recipe.head_init == "probe" and resume_from is None:  # features on the accelerator: a ViT-B on a CPU would crawl
+        head_probe = fit_probe_head(model.to(engine.device), data, recipe, cfg.img_size, engine.device)
     semi = recipe.semi.method != "none"
     n_labelled = len(data.labelled_ids)
     per_step = recipe.stream.batch_size * recipe.optim.grad_accum * world
-    steps_per_epoch = max(1, math.ceil(n_labelled / per_step))
-    total = steps_per_epoch * recipe.optim.epochs
-    peak_lr = recipe.optim.base_lr * per_step / 256
-    groups = layer_decay_groups(model, recipe.optim.weight_decay, recipe.optim.layer_decay)
-    for g in groups:
-        g["lr"] = peak_lr * g["lr_scale"]
-    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=recipe.optim.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
-        total, int(recipe.optim.warmup_epochs * steps_per_epoch), recipe.optim.min_lr / peak_lr))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    device = accelerator.device
+    schedule = Schedule.for_run(recipe.optim, max(1, math.ceil(n_labelled / per_step)), per_step)
+    engine.prepare(model, layer_decay_groups(model, recipe.optim.weight_decay, recipe.optim.layer_decay), schedule)
+    step = engine.resume(resume_from)
     log_prior = None
     if recipe.balance == "logit_adjust":
         prior = torch.as_tensor(data.class_counts, dtype=torch.float32) / float(data.class_counts.sum())
-        log_prior = (recipe.logit_adjust_tau * prior.clamp_min(1e-12).log()).to(device)
-
-    step = 0
-    resumed = None
-    if latest is not None:
-        step = load_checkpoint(accelerator, latest)["step"]
-        resumed = step
-        log.info("resumed %s from %s (step %d)", out.name, latest, step)
-    every = recipe.checkpoint_every or steps_per_epoch * DEFAULT_CHECKPOINT_EPOCHS
+        log_prior = (recipe.logit_adjust_tau * prior.clamp_min(1e-12).log()).to(engine.device)
+    spe = schedule.steps_per_epoch
     log.info("fine-tuning %s: %d labelled clips%s, %d ranks x %d clips x %d accumulation, peak lr %.2e, "
-             "%d steps (%d epochs x %d)", out.name, n_labelled,
+             "%d steps (%d epochs x %d), precision %s%s", out.name, n_labelled,
              f" + {data.n_train} unlabelled (FixMatch, ratio {recipe.semi.ratio})" if semi else "", world,
-             recipe.stream.batch_size, recipe.optim.grad_accum, peak_lr, total, recipe.optim.epochs, steps_per_epoch)
+             recipe.stream.batch_size, recipe.optim.grad_accum, schedule.peak_lr, schedule.total_steps,
+             recipe.optim.epochs, spe, engine.precision, " under DeepSpeed" if engine.deepspeed else "")
 
-    history_path = out / "metrics.jsonl"
-    history = _load_history(history_path, step)
-    progress = None
-    if is_main_process():
-        from tqdm.auto import tqdm
+    ramp_steps = recipe.semi.ramp_epochs * spe
 
-        progress = tqdm(total=total, initial=step, desc=out.name, unit="step", dynamic_ncols=True)
-    start = time.time()
-    model.train()
-    ramp_steps = recipe.semi.ramp_epochs * steps_per_epoch
-    while step < total:
-        semi_weight = recipe.semi.weight * (min(1.0, step / ramp_steps) if ramp_steps > 0 else 1.0)
-        sums: dict[str, float] = {}
-        for micro in range(recipe.optim.grad_accum):
-            batch = make_batch(data, recipe, cfg.img_size, step, micro, semi)
-            with accelerator.accumulate(model):
-                loss, stats = compute_loss(model, batch, recipe, log_prior, semi_weight,
-                                           step_generator(recipe.seed + 1, rank, step, micro))
-                backward_and_step(accelerator, model, optimizer, scheduler, loss, recipe.optim.clip_grad, step)
-            for k, v in {"loss": float(loss.detach()), **stats}.items():
-                sums[k] = sums.get(k, 0.0) + v / recipe.optim.grad_accum
-        step += 1
-        row = {"step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[-1], **sums}
-        if recipe.eval_every and step % (recipe.eval_every * steps_per_epoch) == 0 and step < total:
-            metrics = evaluate_test(model, data, recipe, cfg.img_size, device)
+    def loss_fn(item: tuple[int, StepBatch], at_step: int) -> MicroResult:
+        micro, batch = item
+        semi_weight = recipe.semi.weight * (min(1.0, at_step / ramp_steps) if ramp_steps > 0 else 1.0)
+        loss, stats = compute_loss(engine.model, batch, recipe, log_prior, semi_weight,
+                                   step_generator(recipe.seed + 1, rank, at_step, micro))
+        return MicroResult(loss, stats, clips=len(batch.labels))
+
+    def after_step(at_step: int, row: dict) -> None:
+        if recipe.eval_every and at_step % (recipe.eval_every * spe) == 0 and at_step < schedule.total_steps:
+            metrics = evaluate_test(engine.model, data, recipe, cfg.img_size, engine.device)
             row.update(test_top1=metrics["top1"], test_mean_class_accuracy=metrics["mean_class_accuracy"])
-            model.train()
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix({k: f"{v:.3f}" for k, v in sums.items() if k in ("loss", "mask_rate")})
-            history.append(row)
-            with history_path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-        if step % every == 0 and step < total:
-            save_checkpoint(accelerator, ckpt_root, step, {"epoch": step / steps_per_epoch}, recipe.keep_checkpoints)
-    if progress is not None:
-        progress.close()
-    elapsed = time.time() - start
+            engine.model.train()
 
-    metrics = evaluate_test(model, data, recipe, cfg.img_size, device)
-    save_checkpoint(accelerator, ckpt_root, step, {"epoch": step / steps_per_epoch, "final": True},
-                    recipe.keep_checkpoints)
-    state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; collective
+    start = time.time()
+    batches = (item for at_step in itertools.count(step) for item in
+               ((micro, make_batch(data, recipe, cfg.img_size, at_step, micro, semi))
+                for micro in range(recipe.optim.grad_accum)))
+    history = train(engine, batches, loss_fn, step, ckpt_root, out, recipe.checkpoint_every or
+                    spe * DEFAULT_CHECKPOINT_EPOCHS, out.name, after_step)
+    elapsed = time.time() - start
+    metrics = evaluate_test(engine.model, data, recipe, cfg.img_size, engine.device)
+    state = engine.full_state_dict()  # fp32 master weights; collective
     report = {
         "recipe": resolved, "variant": variant_name(recipe), "init": recipe.init, "method": recipe.semi.method,
         "label_fraction": data.fraction, "labelled_clips": n_labelled, "train_clips": data.n_train,
-        "test_clips": metrics["n"], "views": recipe.views, "steps": step, "world_size": world,
-        "resumed_from_step": resumed, "train_seconds": elapsed, "balance": recipe.balance,
-        "head_init": recipe.head_init, "head_probe": head_probe,
+        "test_clips": metrics["n"], "views": recipe.views, "steps": schedule.total_steps, "world_size": world,
+        "precision": engine.precision, "deepspeed": engine.deepspeed,
+        "resumed_from_step": step if resume_from is not None else None, "train_seconds": elapsed,
+        "balance": recipe.balance, "head_init": recipe.head_init, "head_probe": head_probe,
         "metrics": metrics, "model": str(out / "model"),
         "skipped_samples": {"train": data.train.skipped, "test": data.test.skipped},
-        "final": {k: v for k, v in (history[-1] if history else {}).items()},
+        "final": dict(history[-1]) if history else {},
     }
     if is_main_process():
-        unwrapped = _unwrap(accelerator.unwrap_model(model))
-        unwrapped.load_state_dict(state)
-        save_classifier_hf(unwrapped, out / "model", data.class_names)
-        from mgfm.evaluate.metrics import plot_confusion
-
+        classifier = VideoClassifier(cfg, len(data.class_names))  # a fresh fp32 copy for the export
+        classifier.load_state_dict(state)
+        save_classifier_hf(classifier, out / "model", data.class_names)
         plot_confusion(metrics["confusion"], data.class_names, out / "confusion.png")
         headers, rows = run_table([report])
         markdown = (f"`{variant_name(recipe)}` at label_fraction {data.fraction:g} ({n_labelled} labelled clips"
-                    f"{f', {data.n_train} unlabelled' if semi else ''}), {step} steps in {elapsed:.0f} s, "
-                    f"{recipe.views} test view(s), shards `{recipe.shards}`.\n\n"
+                    f"{f', {data.n_train} unlabelled' if semi else ''}), {schedule.total_steps} steps in "
+                    f"{elapsed:.0f} s, {recipe.views} test view(s), shards `{recipe.shards}`.\n\n"
                     + markdown_table(headers, rows) + "\n\n![confusion matrix](confusion.png)\n\n## Per-class accuracy\n\n"
                     + markdown_table(["class", "test clips", "accuracy"],
                                      [[n, v["support"], v["accuracy"]] for n, v in metrics["per_class"].items()]))
@@ -517,16 +483,6 @@ def run_table(reports: list[dict]) -> tuple[list[str], list[list]]:
                      "semi (FixMatch)" if r["method"] == "fixmatch" else "supervised", m["top1"], m["top5"],
                      m["mean_class_accuracy"], w.get("top1"), w.get("mean_class_accuracy"), round(r["train_seconds"])])
     return headers, rows
-
-
-def _load_history(path: Path, upto: int) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if r["step"] <= upto]
-    if len(kept) != len(rows) and is_main_process():
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return kept
 
 
 # ---------------------------------------------------------------------------------------------- entry
@@ -550,7 +506,6 @@ def run(recipe: FinetuneRecipe) -> dict:
     """Fine-tune as the recipe says (one run, or the compare grid); returns the (summary) report."""
     from mgfm.evaluate.report import format_table, markdown_table, write_report
     from mgfm.train.distributed import setup_logging
-    from mgfm.train.pretrain import make_accelerator
 
     make_accelerator(recipe)  # initialises the process group (under accelerate launch) before any data
     setup_logging()

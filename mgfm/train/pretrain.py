@@ -1,9 +1,10 @@
-"""Masked video pretraining engine: ``accelerate launch pretrain.py [--recipe FILE] [key=value ...]``.
+"""Masked video pretraining: ``accelerate launch pretrain.py [--recipe FILE] [key=value ...]``.
 
-A short loop in the nanoGPT spirit: build the recipe, the accelerator (DeepSpeed when the launcher or the
-recipe asks for it), the model and the optimizer; then for each data epoch stream the train shards and
-step. Checkpoints are atomic and resumable (``resume=auto``), rank 0 shows a progress bar and writes
-TensorBoard scalars, and the end of the run writes ``encoder/`` in Hugging Face ``VideoMAEModel`` format.
+Setup only: the recipe, the model (optionally from ``init_from`` or a motion-PCA tubelet embedding), the
+train stream epoch after epoch and the masked-reconstruction loss of a micro-batch; the training itself
+(precision, DeepSpeed, LR schedule, steps, checkpoints and resume, logs) is :mod:`mgfm.train.engine`.
+The end of the run writes ``encoder/`` in Hugging Face ``VideoMAEModel`` format from the fp32 master
+weights.
 
 The data loader is deliberately NOT passed through ``accelerator.prepare``: Accelerate would re-shard or
 broadcast the IterableDataset and fight WebDataset's own node/worker splitting. Each rank builds its own
@@ -16,64 +17,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import os
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from mgfm.config import save_recipe
-from mgfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from mgfm.train.distributed import barrier, is_main_process, rank_world, setup_logging
+from mgfm.data.stream import make_loader
+from mgfm.data.transforms import normalise_video
+from mgfm.model.contrastive import group_ids
+from mgfm.train.engine import Engine, MicroResult, Schedule, find_checkpoint, train
+from mgfm.train.distributed import barrier, is_main_process, setup_logging
 from mgfm.train.recipe import PretrainRecipe
-from mgfm.train.step import backward_and_step
 
 log = logging.getLogger("mgfm.pretrain")
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "pretrain" / "tiny_cpu.yaml"
-
-
-def make_accelerator(recipe: PretrainRecipe):
-    """An Accelerator honouring the launcher's DeepSpeed config, else the recipe's ``zero_stage``."""
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin
-
-    precision = recipe.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    launched_with_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    plugin = None
-    if not launched_with_deepspeed and recipe.zero_stage > 0:
-        plugin = DeepSpeedPlugin(zero_stage=recipe.zero_stage, gradient_accumulation_steps=recipe.optim.grad_accum,
-                                 gradient_clipping=recipe.optim.clip_grad or 0.0)
-    if launched_with_deepspeed:
-        # The launcher's DeepSpeed config file owns precision and accumulation; Accelerate refuses both.
-        accelerator = Accelerator()
-    else:
-        accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=recipe.optim.grad_accum,
-                                  deepspeed_plugin=plugin)
-    ds = accelerator.state.deepspeed_plugin
-    if ds is not None:
-        # No dataloader goes through prepare(), so DeepSpeed's "auto" batch sizes are filled here.
-        _, world = rank_world()
-        micro = recipe.stream.batch_size
-        ds.deepspeed_config["train_micro_batch_size_per_gpu"] = micro
-        ds.deepspeed_config["gradient_accumulation_steps"] = recipe.optim.grad_accum
-        ds.deepspeed_config["train_batch_size"] = micro * recipe.optim.grad_accum * world
-        ds.deepspeed_config.setdefault("zero_allow_untested_optimizer", True)
-        if ds.deepspeed_config.get("gradient_clipping") == "auto":
-            ds.deepspeed_config["gradient_clipping"] = recipe.optim.clip_grad or 0.0
-    return accelerator
-
-
-def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
-    """Linear warmup to 1, then cosine to ``min_ratio`` (a multiplier of the peak lr)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
 
 
 def check_geometry(recipe: PretrainRecipe) -> None:
@@ -104,8 +63,6 @@ def ensure_default_data(recipe: PretrainRecipe) -> None:
 
 def init_patch_embed(encoder, recipe: PretrainRecipe, patches_per_clip: int = 128) -> None:
     """Start ``encoder``'s tubelet embedding from motion PCA of unlabelled train clips (rank 0's, broadcast)."""
-    from mgfm.data.stream import make_loader
-    from mgfm.data.transforms import normalise_video
     from mgfm.model.motion_init import frame_differences, init_patch_embed_from_motion
     from mgfm.model.videomae import patchify
 
@@ -136,15 +93,12 @@ def init_patch_embed(encoder, recipe: PretrainRecipe, patches_per_clip: int = 12
 
 def run(recipe: PretrainRecipe) -> Path:
     """Pretrain as the recipe says; returns the run directory."""
-    from mgfm.data.stream import make_loader
-    from mgfm.data.transforms import normalise_video
-    from mgfm.model.contrastive import group_ids
     from mgfm.model.hf import init_encoder_from_hf, save_encoder_hf
-    from mgfm.model.videomae import build_pretraining_model, param_groups
+    from mgfm.model.videomae import build_encoder, build_pretraining_model, param_groups
 
-    accelerator = make_accelerator(recipe)
+    engine = Engine(recipe)
     setup_logging()
-    rank, world = rank_world()
+    rank, world = engine.rank, engine.world
     torch.manual_seed(recipe.seed + rank)
     ensure_default_data(recipe)
 
@@ -155,11 +109,7 @@ def run(recipe: PretrainRecipe) -> Path:
         save_recipe(recipe, run_dir / "recipe.yaml")
 
     check_geometry(recipe)
-    resume_from = None
-    if recipe.resume == "auto":
-        resume_from = latest_checkpoint(ckpt_root)
-    elif recipe.resume not in ("never", "", None):
-        resume_from = Path(recipe.resume)
+    resume_from = find_checkpoint(ckpt_root, recipe.resume)
     model = build_pretraining_model(recipe.model)
     if recipe.init_from:
         init_encoder_from_hf(model.encoder, recipe.init_from)
@@ -169,155 +119,101 @@ def run(recipe: PretrainRecipe) -> Path:
     if recipe.freeze_patch_embed:
         model.encoder.patch_embed.requires_grad_(False)
 
-    loader, skips = make_loader(recipe.shards, recipe.split, recipe.stream, mode="train", epoch=0)
-    steps_per_epoch = len(loader) // recipe.optim.grad_accum
-    if steps_per_epoch < 1:
-        raise ValueError(f"an epoch of {len(loader)} batches is shorter than optim.grad_accum="
-                         f"{recipe.optim.grad_accum}; lower stream.batch_size or set stream.batches_per_epoch")
-    total_steps = steps_per_epoch * recipe.optim.epochs
+    batches_per_epoch = train_batches_per_epoch(recipe)
     global_batch = recipe.stream.batch_size * recipe.optim.grad_accum * world
-    peak_lr = recipe.optim.base_lr * global_batch / 256
-    optimizer = torch.optim.AdamW(param_groups(model, recipe.optim.weight_decay), lr=peak_lr,
-                                  betas=recipe.optim.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(
-        total_steps, int(recipe.optim.warmup_epochs * steps_per_epoch), recipe.optim.min_lr / peak_lr))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    step, epoch = 0, 0
-    resumed_step = None
-    if resume_from is not None:
-        meta = load_checkpoint(accelerator, resume_from)
-        step, epoch = meta["step"], meta["epoch"]
-        resumed_step = step
-        log.info("resumed from %s (step %d, data epoch %d)", resume_from, step, epoch)
-
+    schedule = Schedule.for_run(recipe.optim, batches_per_epoch // recipe.optim.grad_accum, global_batch)
+    engine.prepare(model, param_groups(model, recipe.optim.weight_decay), schedule)
+    step = engine.resume(resume_from)
     log.info("pretraining %s: %d ranks x %d clips x %d accumulation = global batch %d, peak lr %.2e, "
-             "%d steps (%d epochs x %d)", recipe.name, world, recipe.stream.batch_size, recipe.optim.grad_accum,
-             global_batch, peak_lr, total_steps, recipe.optim.epochs, steps_per_epoch)
-    writer = _tensorboard(run_dir) if is_main_process() else None
+             "%d steps (%d epochs x %d), precision %s%s", recipe.name, world, recipe.stream.batch_size,
+             recipe.optim.grad_accum, global_batch, schedule.peak_lr, schedule.total_steps, recipe.optim.epochs,
+             schedule.steps_per_epoch, engine.precision, " under DeepSpeed" if engine.deepspeed else "")
+    if step >= schedule.total_steps and (run_dir / "encoder" / "config.json").exists():
+        log.info("%s is already complete (%d steps); nothing to do", run_dir, step)
+        barrier()
+        return run_dir
+
+    skips: list = []
+    batches = train_stream(recipe, schedule, step, skips)
     audit = _audit_file(run_dir, rank) if recipe.audit_data else None
-    history = _load_history(run_dir / "metrics.jsonl", step)
-    progress = _progress(total_steps, step)
-    device = accelerator.device
-    skipped_total = 0
     start = time.time()
-    clips_seen = 0
-    while step < total_steps:
-        # A resumed epoch restarts its stream with a new seed offset: the data order differs from the lost
-        # run's, the step count and schedule do not.
-        if step % steps_per_epoch or epoch:
-            loader, skips = make_loader(recipe.shards, recipe.split, recipe.stream, mode="train",
-                                        epoch=epoch * 1000 + step % steps_per_epoch)
-        done_in_epoch = step % steps_per_epoch
-        micro = 0
-        for batch in loader:
-            if done_in_epoch >= steps_per_epoch or step >= total_steps:
-                break
-            video = batch["video"].to(device, non_blocking=True)
-            if video.dtype == torch.uint8:  # stream.video_dtype=uint8: normalise on the accelerator
-                video = normalise_video(video, recipe.stream.mean, recipe.stream.std)
-            enc_mask = batch["encoder_mask"].to(device)
-            dec_mask = batch["decoder_mask"].to(device) if batch.get("decoder_mask") is not None else None
-            group = group_ids(batch["clip_id"], device)
-            with accelerator.accumulate(model):
-                loss, out = model(video, enc_mask, dec_mask, group)
-                backward_and_step(accelerator, model, optimizer, scheduler, loss, recipe.optim.clip_grad, step)
-            if audit is not None:
-                audit.write("".join(f"{step} {clip_id}\n" for clip_id in batch["clip_id"]))
-            micro += 1
-            clips_seen += video.shape[0] * world
-            if micro % recipe.optim.grad_accum:
-                continue
-            step += 1
-            done_in_epoch += 1
-            loss_value = loss.detach().float().item()
-            lr = scheduler.get_last_lr()[0]
-            rate = clips_seen / max(1e-9, time.time() - start)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}")
-            if writer is not None:
-                writer.add_scalar("train/loss", loss_value, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/clips_per_s", rate, step)
-                terms = {name: value.item() for name, value in (
-                    ("reconstruction_loss", out.reconstruction_loss), ("contrastive_loss", out.contrastive_loss),
-                    ("motion_map_loss", out.motion_map_loss)) if value is not None}
-                for name, value in terms.items():
-                    writer.add_scalar(f"train/{name}", value, step)
-                history.append({"step": step, "epoch": epoch, "loss": loss_value, "lr": lr, **terms})
-                _append_history(run_dir / "metrics.jsonl", history[-1])
-            if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(accelerator, ckpt_root, step, {"epoch": epoch}, recipe.keep_checkpoints)
-        skipped_total += skips.total
-        if done_in_epoch >= steps_per_epoch:
-            epoch += 1
-            if not recipe.checkpoint_every or step >= total_steps:
-                save_checkpoint(accelerator, ckpt_root, step, {"epoch": epoch}, recipe.keep_checkpoints)
-        elif step < total_steps:
-            raise RuntimeError(f"the train stream of {recipe.shards} ended after {done_in_epoch} of "
-                               f"{steps_per_epoch} steps in epoch {epoch}")
-    if progress is not None:
-        progress.close()
-    if writer is not None:
-        writer.close()
+
+    def loss_fn(batch: dict, at_step: int) -> MicroResult:
+        video = batch["video"].to(engine.device, non_blocking=True)
+        if video.dtype == torch.uint8:  # stream.video_dtype=uint8: normalise on the accelerator
+            video = normalise_video(video, recipe.stream.mean, recipe.stream.std)
+        masks = [batch["encoder_mask"], batch.get("decoder_mask")]
+        enc_mask, dec_mask = (None if m is None else m.to(engine.device) for m in masks)
+        loss, out = engine.model(engine.inputs(video), enc_mask, dec_mask, group_ids(batch["clip_id"], engine.device))
+        if audit is not None:
+            audit.write("".join(f"{at_step} {clip_id}\n" for clip_id in batch["clip_id"]))
+        terms = {name: value.item() for name, value in (
+            ("reconstruction_loss", out.reconstruction_loss), ("contrastive_loss", out.contrastive_loss),
+            ("motion_map_loss", out.motion_map_loss)) if value is not None}
+        return MicroResult(loss, terms, clips=video.shape[0])
+
+    every = recipe.checkpoint_every or schedule.steps_per_epoch
+    history = train(engine, batches, loss_fn, step, ckpt_root, run_dir, every, "pretrain")
+    batches.close()  # stops the last epoch's loader workers
     if audit is not None:
         audit.close()
 
-    barrier()
-    if resumed_step is not None and resumed_step >= total_steps and (run_dir / "encoder" / "config.json").exists():
-        log.info("%s is already complete (%d steps); nothing to do", run_dir, step)
-        return run_dir
-    state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; collective
+    state = engine.full_state_dict()  # fp32 master weights; collective
     if is_main_process():
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.load_state_dict(state)
-        save_encoder_hf(unwrapped.encoder, run_dir / "encoder")
+        encoder = build_encoder(recipe.model)  # a fresh fp32 copy: the trained module may be bf16 or partitioned
+        encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
+        save_encoder_hf(encoder, run_dir / "encoder")
         _plot_loss(history, run_dir / "loss.png")
-        elapsed = time.time() - start
-        summary = {"run": str(run_dir), "steps": step, "final_loss": history[-1]["loss"] if history else None,
-                   "clips_per_s": clips_seen / max(elapsed, 1e-9), "skipped_samples": skipped_total,
-                   "world_size": world, "resumed_from_step": resumed_step, "seconds": elapsed}
+        skipped = sum(counter.total for counter in skips)
+        summary = {"run": str(run_dir), "steps": schedule.total_steps,
+                   "final_loss": history[-1]["loss"] if history else None, "clips_per_s": engine.clips_per_s,
+                   "skipped_samples": skipped, "world_size": world, "precision": engine.precision,
+                   "deepspeed": engine.deepspeed, "resumed_from_step": step if resume_from else None,
+                   "seconds": time.time() - start}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         log.info("done: %d steps, final loss %s, %.1f clips/s, %d corrupt samples skipped, encoder at %s",
-                 step, summary["final_loss"], summary["clips_per_s"], skipped_total, run_dir / "encoder")
+                 schedule.total_steps, summary["final_loss"], summary["clips_per_s"], skipped, run_dir / "encoder")
     barrier()
     return run_dir
+
+
+def train_batches_per_epoch(recipe: PretrainRecipe) -> int:
+    """Micro-batches per rank and epoch (what the stream yields), at least one optimiser step's worth."""
+    loader, _ = make_loader(recipe.shards, recipe.split, recipe.stream, mode="train", epoch=0)
+    n = len(loader)
+    if n // recipe.optim.grad_accum < 1:
+        raise ValueError(f"an epoch of {n} batches is shorter than optim.grad_accum={recipe.optim.grad_accum}; "
+                         f"lower stream.batch_size or set stream.batches_per_epoch")
+    return n
+
+
+def train_stream(recipe: PretrainRecipe, schedule: Schedule, start_step: int, skips: list) -> Iterator[dict]:
+    """Train micro-batches from optimiser step ``start_step`` on, epoch after epoch; each epoch is a pass of
+    the stream seeded by its number. A resumed epoch restarts its stream with a new seed offset: the data
+    order differs from the lost run's, the step count and schedule do not. Each pass's skip counter is
+    appended to ``skips``."""
+    per_epoch = schedule.steps_per_epoch * recipe.optim.grad_accum
+    epoch, done = divmod(start_step, schedule.steps_per_epoch)
+    while True:
+        loader, counter = make_loader(recipe.shards, recipe.split, recipe.stream, mode="train",
+                                      epoch=epoch * 1000 + done)
+        skips.append(counter)
+        need, got = (schedule.steps_per_epoch - done) * recipe.optim.grad_accum, 0
+        for batch in loader:
+            yield batch
+            got += 1
+            if got == need:
+                break
+        if got < need:
+            raise RuntimeError(f"the train stream of {recipe.shards} ended after {got + done * recipe.optim.grad_accum}"
+                               f" of {per_epoch} batches in epoch {epoch}")
+        epoch, done = epoch + 1, 0
 
 
 def _audit_file(run_dir: Path, rank: int):
     folder = run_dir / "data_audit"
     folder.mkdir(parents=True, exist_ok=True)
     return (folder / f"rank{rank}.txt").open("a", buffering=1)
-
-
-def _tensorboard(run_dir: Path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-def _progress(total: int, initial: int):
-    if not is_main_process():
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True)
-
-
-def _load_history(path: Path, upto_step: int) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if r["step"] <= upto_step]
-    if len(kept) != len(rows) and is_main_process():  # drop steps a killed run logged after its last checkpoint
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    return kept
-
-
-def _append_history(path: Path, row: dict) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
 
 
 def _plot_loss(history: list[dict], path: Path) -> None:
