@@ -43,7 +43,9 @@ import numpy as np
 from mgfm.evaluate.emotion_heads import (EmotionError, SequenceHeadConfig, binary_metrics, fit_sequence_head,
                                          fit_vector_head, majority_probability, require_both_emotions)
 from mgfm.evaluate.featureset import FeatureSet
-from mgfm.evaluate.linear_probe import EncoderEvalRecipe, encoders_to_compare, resolve_encoder, stream_for
+from mgfm.data.distributed import is_main_process
+from mgfm.evaluate.linear_probe import (EncoderEvalRecipe, encoders_to_compare, eval_device, resolve_encoder,
+                                        stream_for)
 from mgfm.evaluate.probe import ProbeConfig, train_probe
 from mgfm.evaluate.report import format_table, markdown_table, write_report
 
@@ -412,6 +414,7 @@ def evaluate_emotion(recipe: EmotionRecipe) -> dict:
     from mgfm.evaluate.features import split_features
     from mgfm.shards.manifest import load_manifest
 
+    device = eval_device(recipe)
     run_dir, encoder_folder = resolve_encoder(recipe)
     manifest = load_manifest(recipe.shards)
     class_names = [str(c) for c in manifest["class_names"]]
@@ -430,7 +433,7 @@ def evaluate_emotion(recipe: EmotionRecipe) -> dict:
     for name, encoder, encoder_id in encoders:
         log.info("emotion: features for %s", name)
         parts = {split: split_features(None, recipe.shards, split, stream, cache, recipe.views, encoder=encoder,
-                                       encoder_id=encoder_id) for split in recipe.splits}
+                                       encoder_id=encoder_id, device=device) for split in recipe.splits}
         feats, origin = concat_features(parts)
         sequences = build_sequences(feats, manifest.get("emotion_splits") or {}, f"{recipe.shards}",
                                     recipe.allow_missing_videos)
@@ -467,11 +470,12 @@ def evaluate_emotion(recipe: EmotionRecipe) -> dict:
         "results": results, "explanations": explanations, "histogram_weights": weights, "gains": gains,
         "summary": {"headers": headers, "rows": table},
     }
-    write_report(out, report, report_markdown(report, class_names), "Video-level emotion recognition")
-    print(format_table(headers, table))
-    for line in gains:
-        print(line)
-    print(f"report: {out / 'report.md'}")
+    if is_main_process():
+        write_report(out, report, report_markdown(report, class_names), "Video-level emotion recognition")
+        print(format_table(headers, table))
+        for line in gains:
+            print(line)
+        print(f"report: {out / 'report.md'}")
     return report
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from mgfm.data.distributed import rank_world
 from mgfm.data.stream import StreamConfig, make_loader
 from mgfm.data.transforms import normalise_video
+from mgfm.devices import autocast, feature_precision
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,14 @@ def eval_stream_config(cfg: StreamConfig, batch_size: int | None = None, num_wor
     return dataclasses.replace(cfg, **changes)
 
 
-def cache_key(encoder_id: str, shards: str | Path, split: str, cfg: StreamConfig, views: int) -> dict:
+def cache_key(encoder_id: str, shards: str | Path, split: str, cfg: StreamConfig, views: int,
+              precision: str = "fp32") -> dict:
     return {
         "encoder": encoder_id,
         "manifest": manifest_checksum(shards),
         "split": split,
         "views": views,
+        "precision": precision,
         "stream": {k: list(v) if isinstance(v, tuple) else v for k, v in
                    ((k, getattr(cfg, k)) for k in EVAL_STREAM_KEYS)},
     }
@@ -97,31 +100,41 @@ def encode_split(features_fn: Callable[[torch.Tensor], torch.Tensor], shards: st
     """Features of every clip of ``split`` (all ranks together; every rank returns the full set).
 
     ``features_fn``: ``(B, T, C, H, W)`` float -> ``(B, D)``. With ``views > 1`` each clip is encoded at
-    ``views`` temporal offsets (evenly spread over the clip) and the features are averaged.
+    ``views`` temporal offsets (evenly spread over the clip) and the features are averaged over the views
+    that decoded. On a GPU with native bf16 the encoder runs under bf16 autocast
+    (:func:`mgfm.devices.feature_precision`); features are returned as fp32.
     """
     from tqdm.auto import tqdm
 
     rank, world = rank_world()
+    precision = feature_precision(device)
     rows: dict[str, dict] = {}
     sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
     skipped = 0
     for view in range(views):
         loader, skips = make_loader(shards, split, _view_config(cfg, view, views), mode="eval")
         bar = tqdm(loader, desc=f"features {split} view {view + 1}/{views}", unit="batch",
                    disable=not progress or rank != 0, leave=False)
         for batch in bar:
-            video = batch["video"].to(device)
+            video = batch["video"].to(device, non_blocking=True)
             if video.dtype == torch.uint8:  # stream.video_dtype=uint8: normalise on the device
                 video = normalise_video(video, cfg.mean, cfg.std)
-            feats = features_fn(video).float().cpu().numpy()
+            with autocast(device, precision):
+                feats = features_fn(video).float().cpu().numpy()
             for clip_id, meta, feat in zip(batch["clip_id"], batch["meta"], feats):
-                if view == 0:
+                if clip_id not in rows:
                     rows[clip_id] = {k: v for k, v in meta.items() if k != "shard"}
-                    sums[clip_id] = feat.astype(np.float64)
-                elif clip_id in sums:
-                    sums[clip_id] += feat
+                    sums[clip_id] = np.zeros(feat.shape, np.float64)
+                    counts[clip_id] = 0
+                sums[clip_id] += feat
+                counts[clip_id] += 1
         skipped = max(skipped, skips.total)
-    local = (list(rows.values()), np.stack([sums[r["clip_id"]] / views for r in rows.values()])
+    partial = [c for c, n in counts.items() if n < views]
+    if partial:
+        log.warning("%s %s: %d clip(s) decoded in fewer than %d views (e.g. %s); their features average the "
+                    "views that did", shards, split, len(partial), views, partial[0])
+    local = (list(rows.values()), np.stack([sums[r["clip_id"]] / counts[r["clip_id"]] for r in rows.values()])
              if rows else np.zeros((0, 0)))
     parts = _gather(local, world)
     all_rows = [r for part_rows, _ in parts for r in part_rows]
@@ -169,7 +182,8 @@ def split_features(encoder_folder: str | Path | None, shards: str | Path, split:
         encoder_id = encoder_checksum(encoder_folder)  # the weights' hash keys the cache; load them on a miss only
     if encoder_id is None:
         raise ValueError("split_features: pass encoder_id with an in-memory encoder")
-    key = cache_key(encoder_id, shards, split, cfg, views)
+    device = torch.device(device)
+    key = cache_key(encoder_id, shards, split, cfg, views, feature_precision(device))
     stem = cache_stem(cache_dir, shards, split, key) if cache_dir is not None else None
     if stem is not None:
         cached = FeatureSet.load_if_key(stem, key)

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mgfm.data.distributed import is_main_process
 from mgfm.data.stream import StreamConfig
+from mgfm.devices import join_process_group, local_device
 from mgfm.evaluate.cluster import kmeans_scores
 from mgfm.evaluate.features import PixelEncoder, eval_stream_config, split_features
 from mgfm.evaluate.featureset import FeatureSet
@@ -44,6 +46,7 @@ class EncoderEvalRecipe:
     batch_size: int = 32
     num_workers: int = 2
     references: bool = True  # add random-init and raw-pixel rows
+    device: str = "auto"  # encoder device: auto (this process's GPU when CUDA is there) | cpu | cuda | cuda:N
     seed: int = 0
 
 
@@ -72,6 +75,13 @@ def resolve_encoder(recipe: EncoderEvalRecipe) -> tuple[Path, Path]:
         raise RunError(f"{run}: no such run or encoder folder")
     encoder = run / "encoder" if (run / "encoder").is_dir() else run
     return (run if encoder != run else run.parent), encoder
+
+
+def eval_device(recipe: EncoderEvalRecipe) -> torch.device:
+    """Join the launcher's process group (under ``accelerate launch`` / ``torchrun`` each process encodes
+    its share of the clips) and pick this process's device."""
+    join_process_group()
+    return local_device(recipe.device)
 
 
 def stream_for(encoder_cfg, recipe: EncoderEvalRecipe) -> StreamConfig:
@@ -112,6 +122,7 @@ def evaluate(recipe: EvalRecipe) -> dict:
     """Run the whole evaluation; returns the report dict (also written to disk)."""
     from mgfm.shards.manifest import load_manifest
 
+    device = eval_device(recipe)
     run_dir, encoder_folder = resolve_encoder(recipe)
     manifest = load_manifest(recipe.shards)
     class_names = list(manifest["class_names"])
@@ -125,7 +136,8 @@ def evaluate(recipe: EvalRecipe) -> dict:
     for name, encoder, encoder_id in encoders:
         log.info("features for %s", name)
         feats = {split: split_features(None, recipe.shards, split, stream, cache, recipe.views, encoder=encoder,
-                                       encoder_id=encoder_id) for split in (recipe.train_split, recipe.test_split)}
+                                       encoder_id=encoder_id, device=device)
+                 for split in (recipe.train_split, recipe.test_split)}
         metrics, _ = probe_scores(feats[recipe.train_split], feats[recipe.test_split], class_names, exclude,
                                   recipe.probe)
         entry = {"probe": metrics, "feature_dim": feats[recipe.test_split].dim}
@@ -133,7 +145,7 @@ def evaluate(recipe: EvalRecipe) -> dict:
             test = feats[recipe.test_split].labelled()
             entry["kmeans"] = kmeans_scores(test.features, test.labels, seed=recipe.seed)
         results[name] = entry
-        if name == "pretrained":
+        if name == "pretrained" and is_main_process():
             plot_confusion(metrics["confusion"], class_names, out / "confusion_pretrained.png")
 
     report = {
@@ -147,9 +159,10 @@ def evaluate(recipe: EvalRecipe) -> dict:
                 + markdown_table(headers, rows)
                 + "\n\n![confusion matrix](confusion_pretrained.png)\n\n## Per-class accuracy (pretrained)\n\n"
                 + per_class_table(results["pretrained"]["probe"]))
-    write_report(out, report, markdown, "Frozen-encoder recognition")
-    print(format_table(headers, rows))
-    print(f"report: {out / 'report.md'}")
+    if is_main_process():
+        write_report(out, report, markdown, "Frozen-encoder recognition")
+        print(format_table(headers, rows))
+        print(f"report: {out / 'report.md'}")
     return report
 
 

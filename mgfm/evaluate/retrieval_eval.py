@@ -34,7 +34,8 @@ from mgfm.data.transforms import centre_crop_box, crop_resize, normalise_into
 from mgfm.data.video_io import VideoDecodeError, decode_frames, probe
 from mgfm.evaluate.features import cache_key, cache_stem, split_features
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
-from mgfm.evaluate.linear_probe import EncoderEvalRecipe, encoders_to_compare, resolve_encoder, stream_for
+from mgfm.evaluate.linear_probe import (EncoderEvalRecipe, encoders_to_compare, eval_device, resolve_encoder,
+                                        stream_for)
 from mgfm.evaluate.report import format_table, markdown_table, save_figure, write_report
 from mgfm.evaluate.retrieval import KINDS, RetrievalIndex, retrieval_metrics
 
@@ -54,7 +55,6 @@ class RetrievalRecipe(EncoderEvalRecipe):
 
     database_split: str = "train"  # indexed
     query_split: str = "test"  # its labelled clips are the evaluation queries
-    device: str = "auto"  # encoder device: auto (cuda when available) | cpu | cuda | cuda:N
     index: str = "flat"  # flat | ivf | hnsw
     nlist: int | None = None  # ivf lists (default ~4 sqrt(N))
     nprobe: int | None = None  # ivf lists searched (default nlist/16, at least 8)
@@ -83,12 +83,6 @@ class RetrievalRecipe(EncoderEvalRecipe):
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def torch_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def output_dir(recipe: RetrievalRecipe, run_dir: Path) -> Path:
@@ -175,7 +169,7 @@ def evaluate(recipe: RetrievalRecipe) -> dict:
         require_split(manifest, recipe.shards, split)
     out = output_dir(recipe, run_dir)
     cache = run_dir / "features"
-    device = torch_device(recipe.device)
+    device = eval_device(recipe)
     encoders, cfg = encoders_to_compare(encoder_folder, recipe)
     stream = stream_for(cfg, recipe)
 
@@ -374,7 +368,7 @@ def query_video(recipe: RetrievalRecipe) -> dict:
     encoder, cfg = load_encoder_hf(encoder_folder)
     stream = stream_for(cfg, recipe)
     frames, video = query_clip(recipe.query, stream, recipe.query_start, recipe.query_end)
-    device = torch_device(recipe.device)
+    device = eval_device(recipe)
     feature = encode_clip(encoder, video, device)
     index = index_for_queries(recipe, run_dir, encoder, encoder_checksum(encoder_folder), stream, device)
     if index.dim != len(feature):
