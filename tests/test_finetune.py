@@ -390,6 +390,22 @@ def test_the_labelled_subset_is_drawn_with_the_recipe_seed(tiny_shards):
     assert subsets[1] == load_data(FinetuneRecipe(seed=1, label_fraction=0.25), cfg, 0.25, cached).labelled_ids
 
 
+def test_another_clip_length_is_refused_unless_the_position_table_is_resampled(tmp_path, tiny_shards, tiny_encoder):
+    recipe = _recipe(tmp_path, tiny_shards, tiny_encoder, frames=2)
+    refused = _finetune(["--recipe", str(recipe), "optim.epochs=1"])
+    assert refused.returncode == 2
+    last = refused.stderr.strip().splitlines()[-1]
+    assert "trained on 4x32^2 clips" in last and "pos_embed=interpolate" in last
+    resampled = _finetune(["--recipe", str(recipe), "optim.epochs=1", "pos_embed=interpolate"])
+    assert resampled.returncode == 0, resampled.stderr[-3000:]
+    assert "position table resampled from a 2x2x2 to a 1x2x2 token grid" in resampled.stderr
+
+    from mgfm.model.classifier import load_classifier_hf
+
+    model, _ = load_classifier_hf(tmp_path / "ft" / "model")
+    assert model.cfg.frames == 2 and model.cfg.pos_grid == (2, 2, 2)
+
+
 def _assert_lr_follows_the_schedule(out: Path, steps_per_epoch: int, epochs: int, warmup_epochs: int,
                                     base_lr: float, global_batch: int) -> None:
     from test_pretrain import assert_lr_schedule

@@ -139,9 +139,14 @@ def test_pretraining_format_folder_loads_encoder_only(tmp_path):
     v = clip(cfg)
     with torch.no_grad():
         assert (enc.features(v) - hf_features(hf.videomae, v)).abs().max() < 1e-4
-    # the folder can seed a pretraining run (init_from=) at another clip geometry: the decoder stays fresh
+    # the folder can seed a pretraining run (init_from=) at another clip geometry, its position table
+    # resampled (pos_embed=interpolate, else refused): the decoder stays fresh
+    from mgfm.model.videomae import at_geometry
+
     run_cfg = tiny(frames=8, img_size=16, mlp_ratio=2.0, layer_norm_eps=1e-12, decoder_dim=24, decoder_heads=3)
-    model = build_pretraining_model(run_cfg)
+    with pytest.raises(EncoderFolderError, match="position table is for a 2x4x4 token grid, the model's for 4x2x2"):
+        init_encoder_from_hf(build_pretraining_model(run_cfg), tmp_path / "pt")
+    model = build_pretraining_model(at_geometry(cfg, run_cfg, "interpolate", "pt"))
     decoder_before = model.decoder.head.weight.clone()
     assert init_encoder_from_hf(model, tmp_path / "pt") == cfg
     assert torch.equal(model.encoder.blocks[1].attn.v_bias, enc.blocks[1].attn.v_bias)
@@ -243,3 +248,60 @@ def test_bad_folder_gives_one_line_error(tmp_path, breakage, expected):
 def test_checksum_of_folder_without_weights(tmp_path):
     with pytest.raises(EncoderFolderError, match="no model.safetensors"):
         encoder_checksum(tmp_path)
+
+
+# ------------------------------------------------------------------------------- another clip geometry
+
+
+def test_position_table_of_the_trained_grid_is_the_transformers_table():
+    from mgfm.model.videomae import position_table
+
+    torch.testing.assert_close(position_table((8, 14, 14), 768), sinusoid_table(1568, 768))
+    torch.testing.assert_close(position_table((8, 14, 14), 768, (8, 14, 14)), sinusoid_table(1568, 768))
+
+
+def test_position_table_is_resampled_over_t_h_w_not_over_the_token_index():
+    from mgfm.model.videomae import position_table
+
+    trained = sinusoid_table(4 * 4 * 4, 16).reshape(4, 4, 4, 16)
+    half = position_table((2, 2, 2), 16, (4, 4, 4)).reshape(2, 2, 2, 16)
+    # halving every side: each new token is the mean of the 2x2x2 trained tokens it covers
+    expected = trained.reshape(2, 2, 2, 2, 2, 2, 16).mean(dim=(1, 3, 5))
+    torch.testing.assert_close(half, expected)
+    # the flattened index would have given token (0, 1, 0) the trained table's row 2 = place (0, 0, 2)
+    assert not torch.allclose(half[0, 1, 0], trained.reshape(-1, 16)[2])
+
+
+def test_another_geometry_is_refused_or_resampled_by_choice(caplog):
+    from mgfm.model.videomae import GeometryError, at_geometry
+
+    trained = tiny()  # 4 frames x 32^2, patch 8: 2x4x4 tokens
+    shorter = tiny(frames=2)
+    with pytest.raises(GeometryError) as err:
+        at_geometry(trained, shorter, "error", "enc")
+    message = str(err.value)
+    assert "\n" not in message and "2x4x4 tokens" in message and "1x4x4 tokens" in message
+    assert "pos_embed=interpolate" in message
+    resampled = at_geometry(trained, shorter, "interpolate", "enc")
+    assert resampled.pos_grid == (2, 4, 4) and "position table resampled" in caplog.text
+    assert at_geometry(trained, tiny(drop_path=0.1), "error", "enc").pos_grid is None  # same grid: nothing to do
+    # an already resampled encoder keeps its table on its own grid, and resamples from the trained one
+    assert at_geometry(resampled, tiny(frames=2), "error", "enc").pos_grid == (2, 4, 4)
+    assert at_geometry(resampled, tiny(frames=6), "interpolate", "enc").pos_grid == (2, 4, 4)
+
+
+def test_a_resampled_encoder_round_trips_with_its_table(tmp_path):
+    from mgfm.model.videomae import at_geometry
+
+    cfg = at_geometry(tiny(), tiny(frames=8), "interpolate", "enc")
+    encoder = build_encoder(cfg)
+    randomise(encoder)
+    save_encoder_hf(encoder, tmp_path / "enc")
+    assert json.loads((tmp_path / "enc" / "config.json").read_text())["mgfm"]["pos_grid"] == [2, 4, 4]
+    loaded, loaded_cfg = load_encoder_hf(tmp_path / "enc")
+    assert loaded_cfg.pos_grid == (2, 4, 4)
+    video = clip(cfg)
+    torch.testing.assert_close(loaded.eval().features(video), encoder.eval().features(video))
+    # copying it into a model whose table is made for another grid is refused
+    with pytest.raises(EncoderFolderError, match="position table is for a 2x4x4 token grid"):
+        init_encoder_from_hf(build_pretraining_model(tiny(frames=8)), tmp_path / "enc")

@@ -22,8 +22,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from mgfm.model.hf import (EncoderFolderError, config_from_hf, encoder_to_hf_state, hf_config_dict,
-                           hf_to_encoder_state, load_encoder_hf, read_hf_config, read_hf_weights, write_hf_folder)
+from mgfm.model.hf import (EncoderFolderError, check_compatible, config_from_hf, encoder_to_hf_state,
+                           hf_config_dict, hf_to_encoder_state, load_encoder_hf, read_hf_config, read_hf_weights,
+                           write_hf_folder)
 from mgfm.model.videomae import ModelConfig, VideoEncoder, init_weights
 
 log = logging.getLogger(__name__)
@@ -103,13 +104,10 @@ def build_classifier(cfg: ModelConfig, num_classes: int, init_from: str | Path |
 
 def init_classifier_from_hf(model: VideoClassifier, folder: str | Path) -> ModelConfig:
     """Copy a pretrained VideoMAE encoder folder into ``model`` (see the module docstring); returns the
-    folder's config. Widths and patch geometry must match; clip length and crop size may differ."""
+    folder's config. Widths, patch geometry and position table must fit (:func:`check_compatible`)."""
     source, cfg = load_encoder_hf(folder)
-    ours = model.cfg
-    for name in ("dim", "depth", "heads", "mlp_dim", "channels", "tubelet", "patch", "qv_bias"):
-        if getattr(cfg, name) != getattr(ours, name):
-            raise EncoderFolderError(folder, f"encoder has {name}={getattr(cfg, name)!r}, the classifier expects "
-                                             f"{getattr(ours, name)!r}")
+    check_compatible(cfg, model.cfg, folder, ("dim", "depth", "heads", "mlp_dim", "channels", "tubelet", "patch",
+                                              "qv_bias"))
     state = source.state_dict()
     norm = {k[len("norm."):]: state.pop(k) for k in list(state) if k.startswith("norm.")}
     model.encoder.load_state_dict(state, strict=True)

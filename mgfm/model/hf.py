@@ -99,7 +99,7 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
         "decoder_intermediate_size": cfg.decoder_mlp_dim,
         "norm_pix_loss": cfg.norm_pix_loss,
         "mgfm": {"size": cfg.size, "pixel_mean": list(cfg.pixel_mean), "pixel_std": list(cfg.pixel_std),
-                 "drop_path": cfg.drop_path},
+                 "drop_path": cfg.drop_path, **({"pos_grid": list(cfg.pos_grid)} if cfg.pos_grid else {})},
     }
 
 
@@ -146,7 +146,7 @@ def config_from_hf(hf: dict, folder: str | Path = "<config>") -> ModelConfig:
         final_norm=not bool(hf.get("use_mean_pooling", True)),
         norm_pix_loss=bool(hf.get("norm_pix_loss", True)),
     )
-    for key in ("pixel_mean", "pixel_std", "drop_path"):
+    for key in ("pixel_mean", "pixel_std", "drop_path", "pos_grid"):
         if key in extras:
             kwargs[key] = extras[key]
     try:
@@ -371,22 +371,31 @@ def load_encoder_hf(folder: str | Path, device: str | torch.device = "cpu") -> t
     return encoder.to(device).eval(), cfg
 
 
+def check_compatible(trained: ModelConfig, ours: ModelConfig, folder: str | Path,
+                     names: tuple[str, ...] = ("dim", "depth", "heads", "mlp_dim", "channels", "tubelet", "patch",
+                                               "qv_bias", "final_norm")) -> None:
+    """One-line :class:`EncoderFolderError` unless the encoder of ``folder`` (``trained``) fits a model of
+    ``ours``: the same widths and tubelet geometry, and a position table made for the same token grid (a
+    model at another clip length or crop size gets one from :func:`mgfm.model.videomae.at_geometry`)."""
+    for name in names:
+        if getattr(trained, name) != getattr(ours, name):
+            raise EncoderFolderError(folder, f"encoder has {name}={getattr(trained, name)!r}, the model expects "
+                                             f"{getattr(ours, name)!r}")
+    if trained.position_grid != ours.position_grid:
+        raise EncoderFolderError(folder, f"encoder's position table is for a {'x'.join(map(str, trained.position_grid))}"
+                                         f" token grid, the model's for {'x'.join(map(str, ours.position_grid))} "
+                                         f"(clips of {ours.frames}x{ours.img_size}^2); set pos_embed=interpolate or "
+                                         f"keep the encoder's frames/img_size")
+
+
 def init_encoder_from_hf(model_or_encoder: nn.Module, folder: str | Path) -> ModelConfig:
     """Copy the encoder of ``folder`` into ``model_or_encoder`` (a run's ``init_from=``); returns its config.
 
-    Widths, patch/tubelet geometry and norm layout must match (one-line :class:`EncoderFolderError`
-    otherwise). Clip length and crop size may differ: the position tables are fixed, not learned.
+    Widths, patch/tubelet geometry, norm layout and position table must fit (:func:`check_compatible`).
     """
     target = _unwrap_encoder(model_or_encoder)
     source, cfg = load_encoder_hf(folder)
-    ours = target.cfg
-    for name in ("dim", "depth", "heads", "mlp_dim", "channels", "tubelet", "patch", "qv_bias", "final_norm"):
-        if getattr(cfg, name) != getattr(ours, name):
-            raise EncoderFolderError(folder, f"encoder has {name}={getattr(cfg, name)!r}, the model expects "
-                                             f"{getattr(ours, name)!r}")
-    if (cfg.frames, cfg.img_size) != (ours.frames, ours.img_size):
-        log.info("%s: encoder trained on %dx%d^2 clips, used on %dx%d^2 (fixed position tables)", folder,
-                 cfg.frames, cfg.img_size, ours.frames, ours.img_size)
+    check_compatible(cfg, target.cfg, folder)
     target.load_state_dict(source.state_dict())
     return cfg
 
@@ -403,5 +412,5 @@ def encoder_checksum(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["EncoderFolderError", "save_encoder_hf", "load_encoder_hf", "init_encoder_from_hf", "encoder_checksum", "hf_config_dict",
+__all__ = ["EncoderFolderError", "check_compatible", "save_encoder_hf", "load_encoder_hf", "init_encoder_from_hf", "encoder_checksum", "hf_config_dict",
            "config_from_hf", "encoder_to_hf_state", "hf_to_encoder_state", "read_hf_config", "read_hf_weights"]

@@ -12,7 +12,9 @@ Layout conventions
   order of a ``Conv3d`` kernel, so the patch embedding is a plain ``Linear`` on gathered patch vectors (only
   visible tokens are ever embedded) and converts to the Hugging Face ``Conv3d`` weight by a reshape.
 * Position embeddings are the fixed sinusoid table over the flattened ``(t, h, w)`` token index, exactly the
-  table ``transformers`` builds, so a saved encoder gives the same features there.
+  table ``transformers`` builds, so a saved encoder gives the same features there. An encoder used at another
+  clip length or crop size either refuses or resamples its trained table over ``(t, h, w)``
+  (:func:`at_geometry`, ``pos_embed=error|interpolate``).
 * Masks (see :mod:`mgfm.data.masking`): ``encoder_mask`` bool ``(B, N)``, True = hidden from the encoder,
   the same count in every sample; ``decoder_mask`` bool ``(B, N)``, True = a masked token the decoder
   reconstructs (a subset of ``encoder_mask``, the same count in every sample). Without decoder masking
@@ -28,6 +30,8 @@ Training loop contract::
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -38,6 +42,8 @@ from torch.utils.checkpoint import checkpoint
 from mgfm.data.masking import TokenGrid
 from mgfm.model.contrastive import ClipContrast
 from mgfm.model.motion_map import MotionMapHead
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
@@ -102,6 +108,9 @@ class ModelConfig:
     # unmasked clip regresses where the clip moved (see mgfm.model.motion_map); motion_map_grid cells per side.
     motion_map_weight: float = 0.0
     motion_map_grid: int = 8
+    # The (t, h, w) token grid the encoder's position table was trained on, when it differs from this
+    # config's own grid: that table resampled over (t, h, w) (see position_table and at_geometry). None = own.
+    pos_grid: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         size = self.size.upper() if self.size.lower() in ("s", "b", "l", "h") else self.size
@@ -119,6 +128,12 @@ class ModelConfig:
         self.pixel_mean = tuple(float(v) for v in self.pixel_mean)
         self.pixel_std = tuple(float(v) for v in self.pixel_std)
         self._validate()
+        if self.pos_grid is not None:
+            self.pos_grid = tuple(int(v) for v in self.pos_grid)
+            if len(self.pos_grid) != 3 or min(self.pos_grid) < 1:
+                raise ValueError(f"model.pos_grid: expected 3 positive token counts (t, h, w), got {self.pos_grid}")
+            if self.pos_grid == self.grid_shape:
+                self.pos_grid = None
 
     def _validate(self) -> None:
         for name in ("img_size", "frames", "tubelet", "patch", "channels", "dim", "depth", "heads",
@@ -150,6 +165,17 @@ class ModelConfig:
     def grid(self) -> TokenGrid:
         """Token grid ``(T/tubelet, H/patch, W/patch)`` of one clip."""
         return TokenGrid.for_clip(self.frames, self.img_size, self.img_size, self.tubelet, self.patch)
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """``(t, h, w)`` token counts of one clip."""
+        grid = self.grid
+        return grid.t, grid.h, grid.w
+
+    @property
+    def position_grid(self) -> tuple[int, int, int]:
+        """The ``(t, h, w)`` grid the encoder's position table belongs to (``pos_grid`` or its own)."""
+        return self.pos_grid or self.grid_shape
 
     @property
     def num_tokens(self) -> int:
@@ -231,6 +257,52 @@ def sinusoid_table(n_positions: int, dim: int) -> torch.Tensor:
     inv_freq = torch.pow(10000.0, -(2 * (j // 2)).to(torch.float64) / dim)
     angles = pos * inv_freq[None, :]
     return torch.where(j % 2 == 0, torch.sin(angles), torch.cos(angles)).float()
+
+
+def position_table(grid: tuple[int, int, int], dim: int, trained: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """The encoder's fixed ``(t*h*w, dim)`` position table for a token ``grid``.
+
+    Without ``trained`` (or when it equals ``grid``) it is :func:`sinusoid_table` over the flattened token
+    index, the table ``transformers`` builds. Used at another clip length or crop size, that 1-D index would
+    land on other ``(t, h, w)`` places, so the table of the ``trained`` grid is resampled over ``(t, h, w)``
+    instead (trilinear; timm and VideoMAE V2 resize position tables for other resolutions the same way).
+    """
+    n = grid[0] * grid[1] * grid[2]
+    if trained is None or tuple(trained) == tuple(grid):
+        return sinusoid_table(n, dim)
+    table = sinusoid_table(trained[0] * trained[1] * trained[2], dim)
+    volume = table.reshape(1, *trained, dim).permute(0, 4, 1, 2, 3)  # (1, D, t, h, w)
+    resized = F.interpolate(volume, size=tuple(grid), mode="trilinear", align_corners=False)
+    return resized.permute(0, 2, 3, 4, 1).reshape(n, dim).contiguous()
+
+
+class GeometryError(ValueError):
+    """An encoder asked to work on clips whose token grid its position table does not fit; one line."""
+
+
+def at_geometry(trained: ModelConfig, target: ModelConfig, pos_embed: str, source: str) -> ModelConfig:
+    """``target`` (an encoder config at the clip length / crop size it will be used at) set to carry the
+    position table of the encoder ``trained`` was saved with.
+
+    The same token grid keeps that table. Another grid raises :class:`GeometryError` when
+    ``pos_embed="error"``; with ``pos_embed="interpolate"`` the trained table is resampled to the new grid
+    (:func:`position_table`), logged. ``source`` names the encoder in messages.
+    """
+    if pos_embed not in ("error", "interpolate"):
+        raise ValueError(f"pos_embed: expected 'error' or 'interpolate', got {pos_embed!r}")
+    if target.grid_shape == trained.grid_shape:
+        return dataclasses.replace(target, pos_grid=trained.pos_grid)
+    old, new = trained.grid_shape, target.grid_shape
+    if pos_embed == "error":
+        raise GeometryError(
+            f"{source}: the encoder was trained on {trained.frames}x{trained.img_size}^2 clips "
+            f"({'x'.join(map(str, old))} tokens) but is asked for {target.frames}x{target.img_size}^2 "
+            f"({'x'.join(map(str, new))} tokens), where its position table would mean other places; set "
+            f"pos_embed=interpolate to resample it over (t, h, w), or keep frames/img_size")
+    log.warning("%s: position table resampled from a %s to a %s token grid (pos_embed=interpolate); "
+                "transformers would rebuild a plain table for this model", source,
+                "x".join(map(str, trained.position_grid)), "x".join(map(str, new)))
+    return dataclasses.replace(target, pos_grid=trained.position_grid)
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -380,7 +452,7 @@ class VideoEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.dim)
-        self.register_buffer("pos_embed", sinusoid_table(cfg.num_tokens, cfg.dim), persistent=False)
+        self.register_buffer("pos_embed", position_table(cfg.grid_shape, cfg.dim, cfg.pos_grid), persistent=False)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
             Block(cfg.dim, cfg.heads, cfg.mlp_dim, cfg.layer_norm_eps, cfg.qv_bias, r) for r in rates
@@ -567,5 +639,5 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SIZES", "ModelConfig", "VideoEncoder", "PixelDecoder",
     "MaskedVideoModel", "PretrainOutput", "build_encoder", "build_pretraining_model", "patchify",
-    "unpatchify", "pixel_targets", "sinusoid_table", "mask_indices", "drop_path", "param_groups",
+    "unpatchify", "pixel_targets", "sinusoid_table", "position_table", "at_geometry", "GeometryError", "mask_indices", "drop_path", "param_groups",
 ]

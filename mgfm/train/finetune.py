@@ -80,25 +80,27 @@ class FinetuneData:
 
 
 def model_geometry(recipe: FinetuneRecipe):
-    """The encoder folder (None for a random init without a run) and the model config of the run."""
+    """The encoder folder, the run folder and the model config of the run: the encoder's, at the recipe's
+    ``frames`` / ``img_size`` (its position table kept, resampled or refused: ``pos_embed``)."""
     from mgfm.evaluate.linear_probe import RunError, newest_run
     from mgfm.model.hf import config_from_hf, read_hf_config
+    from mgfm.model.videomae import at_geometry
 
     run = Path(recipe.run) if recipe.run else newest_run(recipe.runs_dir)
     if not run.exists():
         raise RunError(f"{run}: no such run or encoder folder")
     encoder = run / "encoder" if (run / "encoder").is_dir() else run
-    cfg = config_from_hf(read_hf_config(encoder), encoder)
+    trained = config_from_hf(read_hf_config(encoder), encoder)
     changes = {"drop_path": recipe.drop_path}
     if recipe.frames is not None:
         changes["frames"] = recipe.frames
     if recipe.img_size is not None:
         changes["img_size"] = recipe.img_size
     try:
-        cfg = dataclasses.replace(cfg, **changes)
+        cfg = dataclasses.replace(trained, **changes)
     except ValueError as err:
         raise ValueError(f"frames/img_size/drop_path do not fit the encoder: {err}") from None
-    return encoder, (run if encoder != run else run.parent), cfg
+    return encoder, (run if encoder != run else run.parent), at_geometry(trained, cfg, recipe.pos_embed, str(encoder))
 
 
 def stream_configs(recipe: FinetuneRecipe, cfg) -> tuple:

@@ -90,6 +90,9 @@ class FinetuneRecipe:
     logit_adjust_tau: float = 1.0
     frames: int | None = None  # clip length; None = the encoder's
     img_size: int | None = None  # crop side; None = the encoder's
+    # Another frames/img_size than the encoder's: "error" (refuse) or "interpolate" (resample its position
+    # table over (t, h, w); the saved model then needs mgfm to load, transformers rebuilds a plain table).
+    pos_embed: Literal["error", "interpolate"] = "error"
     drop_path: float = 0.1
     cache_side: int | None = None  # side of the cached train clips random crops come from; None = img_size
     crop_scales: tuple[float, ...] = (1.0, 0.875, 0.75)

@@ -93,8 +93,8 @@ def init_patch_embed(encoder, recipe: PretrainRecipe, patches_per_clip: int = 12
 
 def run(recipe: PretrainRecipe) -> Path:
     """Pretrain as the recipe says; returns the run directory."""
-    from mgfm.model.hf import init_encoder_from_hf, save_encoder_hf
-    from mgfm.model.videomae import build_encoder, build_pretraining_model, param_groups
+    from mgfm.model.hf import config_from_hf, init_encoder_from_hf, read_hf_config, save_encoder_hf
+    from mgfm.model.videomae import at_geometry, build_encoder, build_pretraining_model, param_groups
 
     engine = Engine(recipe)
     setup_logging()
@@ -110,6 +110,9 @@ def run(recipe: PretrainRecipe) -> Path:
 
     check_geometry(recipe)
     resume_from = find_checkpoint(ckpt_root, recipe.resume)
+    if recipe.init_from:  # the model keeps (or resamples) the position table the encoder was trained with
+        trained = config_from_hf(read_hf_config(recipe.init_from), recipe.init_from)
+        recipe.model = at_geometry(trained, recipe.model, recipe.pos_embed, recipe.init_from)
     model = build_pretraining_model(recipe.model)
     if recipe.init_from:
         init_encoder_from_hf(model.encoder, recipe.init_from)

@@ -41,6 +41,9 @@ class PretrainRecipe:
     zero_stage: int = 0
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that supports it, else fp32
     init_from: str | None = None  # a Hugging Face VideoMAE folder to start the encoder from
+    # init_from an encoder of another clip length / crop size: "error" (refuse) or "interpolate" (resample its
+    # position table over (t, h, w) to the model's token grid).
+    pos_embed: Literal["error", "interpolate"] = "error"
     # How a fresh run starts the tubelet embedding: "random", or "motion_pca" = whitened principal components
     # of in-tubelet frame differences of `patch_init_clips` unlabelled train clips (mgfm/model/motion_init.py).
     patch_init: Literal["random", "motion_pca"] = "random"
