@@ -21,6 +21,18 @@ import pytest
 from mgfm.data.clip_index import Clip, ClipIndex
 from mgfm.data.video_io import encode_video
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` skip where CUDA is absent (this CI), saying so."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 TINY_HEIGHT, TINY_WIDTH, TINY_FPS = 48, 64, 25.0
 # video id -> (frames, subject, split)
 TINY_VIDEOS = {"v0": (30, "1", "train"), "v1": (24, "2", "train"), "v2": (20, "3", "test"), "v3": (16, "4", "test")}

@@ -265,3 +265,26 @@ def test_each_faiss_extra_installs_exactly_one_faiss():
                   and (r.marker is None or r.marker.evaluate({"extra": extra}))]
         assert len(chosen) == 1, f"[{extra}] installs {chosen}"
     assert not [r for r in base if r.name.startswith("faiss")], "the base install must not pick a faiss build"
+
+
+# ------------------------------------------------------------------------------------------ on a GPU
+
+
+@pytest.mark.gpu
+def test_bf16_step_on_cuda_keeps_fp32_weights_and_follows_the_schedule(fresh_accelerate):
+    engine = Engine(_recipe(precision="auto"))
+    assert engine.device.type == "cuda" and engine.precision in ("bf16", "no")
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
+    schedule = Schedule(total_steps=20, steps_per_epoch=10, warmup_steps=2, peak_lr=1e-3, min_lr=1e-6)
+    engine.prepare(model, [{"params": list(model.parameters())}], schedule)
+    losses = []
+    for step in range(20):
+        x = engine.inputs(torch.randn(32, 64))
+        with engine.accelerator.accumulate(engine.model):
+            loss = (engine.model(x).float() - x.sum(1, keepdim=True)).pow(2).mean()
+            engine.step(loss, step)
+        losses.append(loss.item())
+        assert engine.lr == pytest.approx(schedule.lr(step + 1))
+    state = engine.full_state_dict()
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in state.values())
+    assert losses[-1] < losses[0]

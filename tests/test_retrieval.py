@@ -208,3 +208,11 @@ def test_gpu_index_matches_cpu(tmp_path, kind):
     gpu.save(tmp_path / "g")
     _, c = RetrievalIndex.load(tmp_path / "g", use_gpu=False).search(q, 5)
     assert np.mean(c == b) > 0.95
+
+
+def test_missing_faiss_is_one_line_naming_the_extras(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # what a base install without the cpu/gpu extra has
+    with pytest.raises(FeatureError, match=r"faiss is not installed: pip install -e '\.\[cpu\]'"):
+        RetrievalIndex.build(np.eye(3, dtype=np.float32), [{"clip_id": str(i)} for i in range(3)])

@@ -120,8 +120,7 @@ class RetrievalIndex:
             use_gpu: ``"auto"`` (GPU when faiss has one), True (required) or False.
             seed: IVF k-means seed.
         """
-        import faiss
-
+        faiss = _faiss()
         x = _normalised(_as_matrix(features, "database"))
         if len(rows) != len(x):
             raise FeatureError(f"database: {len(x)} feature rows but {len(rows)} clip rows")
@@ -181,8 +180,7 @@ class RetrievalIndex:
             raise FeatureError(f"k must be >= 1, got {k}")
         k = min(int(k), self.ntotal)
         if self.kind == "hnsw":  # the beam must be at least k wide
-            import faiss
-
+            faiss = _faiss()
             beam = faiss.SearchParametersHNSW(efSearch=max(k, int(self.params["ef_search"])))
             scores, ids = self.search_index.search(q, k, params=beam)
         else:
@@ -193,8 +191,7 @@ class RetrievalIndex:
 
     def vectors(self) -> np.ndarray:
         """The normalised database vectors, float32 (N, D) (reconstructed from the CPU index)."""
-        import faiss
-
+        faiss = _faiss()
         if self.kind == "ivf":
             faiss.extract_index_ivf(self.cpu_index).make_direct_map(True)
         return self.cpu_index.reconstruct_n(0, self.ntotal)
@@ -202,8 +199,7 @@ class RetrievalIndex:
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/index.faiss`` and ``folder/rows.json`` (kind, params, rows), each atomically,
         the JSON last (a folder with both files is complete)."""
-        import faiss
-
+        faiss = _faiss()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / META_FILE).unlink(missing_ok=True)  # an old JSON must not vouch for a half-replaced index
@@ -219,8 +215,7 @@ class RetrievalIndex:
     @classmethod
     def load(cls, folder: str | Path, use_gpu: bool | str = "auto") -> "RetrievalIndex":
         """Read an index written by :meth:`save`."""
-        import faiss
-
+        faiss = _faiss()
         folder = Path(folder)
         index_path, meta_path = folder / INDEX_FILE, folder / META_FILE
         if not index_path.exists() or not meta_path.exists():
@@ -236,10 +231,18 @@ class RetrievalIndex:
         return cls(index, meta["rows"], meta["kind"], meta["params"], search_index, res)
 
 
+def _faiss():
+    """The faiss module; a one-line error when neither faiss build is installed (they are extras)."""
+    try:
+        import faiss
+    except ImportError:
+        raise FeatureError("faiss is not installed: pip install -e '.[cpu]' (or '.[gpu]' for faiss-gpu)") from None
+    return faiss
+
+
 def _set_search_params(index: object, kind: str, params: dict) -> None:
     """nprobe (IVF) / efSearch (HNSW) on a CPU index; a GPU clone made afterwards inherits them."""
-    import faiss
-
+    faiss = _faiss()
     if kind == "ivf":
         faiss.ParameterSpace().set_index_parameter(index, "nprobe", int(params["nprobe"]))
     elif kind == "hnsw":
@@ -248,8 +251,7 @@ def _set_search_params(index: object, kind: str, params: dict) -> None:
 
 def _gpu_resources(use_gpu: bool | str, kind: str) -> object:
     """``faiss.StandardGpuResources`` when the index should live on a GPU, else None."""
-    import faiss
-
+    faiss = _faiss()
     if use_gpu not in ("auto", True, False):
         raise FeatureError(f"use_gpu must be 'auto', True or False, got {use_gpu!r}")
     has_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
