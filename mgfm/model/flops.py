@@ -1,4 +1,5 @@
-"""Parameter and GMAC counts of the encoder, without allocating real weights.
+"""Parameter and GMAC counts of the encoder, without allocating real weights, and the model FLOPs of a
+pretraining step per clip (:func:`pretrain_gflops`, for model FLOPs utilisation).
 
 GMACs are multiply-accumulates of the matrix products (patch embedding, q/k/v/out projections, the two
 attention products ``QK^T`` and ``AV``, MLP) for one clip through the full encoder with no mask, the
@@ -33,6 +34,34 @@ def encoder_gmacs(cfg: ModelConfig, tokens: int | None = None) -> float:
     d = cfg.dim
     per_layer = n * (4 * d * d + 2 * d * cfg.mlp_dim) + 2 * n * n * d  # qkv+proj, mlp, QK^T and AV
     return (n * cfg.patch_dim * d + cfg.depth * per_layer) / 1e9
+
+
+def _blocks_macs(tokens: int, dim: int, mlp_dim: int, depth: int) -> int:
+    """MACs of ``depth`` transformer blocks over ``tokens`` tokens (the per-layer count of :func:`encoder_gmacs`)."""
+    return depth * (tokens * (4 * dim * dim + 2 * dim * mlp_dim) + 2 * tokens * tokens * dim)
+
+
+def pretrain_gflops(cfg: ModelConfig, mask_ratio: float = 0.9, decoder_keep_ratio: float | None = None) -> float:
+    """Model GFLOPs of one clip through a pretraining step: forward + backward (3 x the forward) x 2 FLOPs
+    per MAC x the forward's GMACs, counted as :func:`encoder_gmacs` counts them (matrix products only).
+
+    The forward: the encoder on the ``visible`` tokens a tube mask of ``mask_ratio`` leaves
+    (:func:`mgfm.data.masking.num_masked`), the ``encoder_to_decoder`` projection of those tokens, the decoder
+    blocks over ``visible + reconstructed`` tokens, and the pixel head (``decoder_dim x patch_dim``) on the
+    ``reconstructed`` ones: every masked token, or with VideoMAE-V2 decoder masking the
+    ``round(masked * decoder_keep_ratio)`` that :func:`mgfm.data.masking.decoder_mask` keeps. The backward is
+    taken as twice the forward (the usual convention, although no gradient flows into the input patches);
+    the optional contrastive and motion-map terms, norms, softmax, the loss and the optimiser are not counted.
+    """
+    from mgfm.data.masking import num_masked
+
+    masked = num_masked(cfg.grid, mask_ratio)
+    visible = cfg.num_tokens - masked
+    reconstructed = masked if decoder_keep_ratio is None else int(round(masked * decoder_keep_ratio))
+    d = cfg.decoder_dim
+    decoder_macs = (visible * cfg.dim * d + _blocks_macs(visible + reconstructed, d, cfg.decoder_mlp_dim,
+                                                         cfg.decoder_depth) + reconstructed * d * cfg.patch_dim)
+    return 3 * 2 * (encoder_gmacs(cfg, tokens=visible) + decoder_macs / 1e9)
 
 
 def measured_encoder_gmacs(cfg: ModelConfig) -> float:
@@ -70,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r['size']} | {r['dim']} / {r['depth']} / {r['heads']} | {r['params_M']:.1f}M | {r['gmacs']:.1f} |")
 
 
-__all__ = ["count_params", "encoder_gmacs", "measured_encoder_gmacs", "size_table"]
+__all__ = ["count_params", "encoder_gmacs", "measured_encoder_gmacs", "pretrain_gflops", "size_table"]
 
 if __name__ == "__main__":
     main()

@@ -379,10 +379,9 @@ def train(engine: Engine, batches: Iterator, loss_fn: Callable[[Any, int], Micro
             rate = clips / max(1e-9, time.time() - start)
             progress.update(1)
             progress.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{row['lr']:.2e}", clips_s=f"{rate:.1f}")
-            for key, value in row.items():
+            for key, value in {**row, "clips_per_s": rate}.items() if writer is not None else ():
                 if key not in ("step", "epoch") and isinstance(value, (int, float)):
                     writer.add_scalar(f"train/{key}", value, step)
-            writer.add_scalar("train/clips_per_s", rate, step)
             history.append(row)
             with (run_dir / "metrics.jsonl").open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
@@ -390,6 +389,7 @@ def train(engine: Engine, batches: Iterator, loss_fn: Callable[[Any, int], Micro
             engine.save(checkpoints, step, {"epoch": step // schedule.steps_per_epoch})
     if progress is not None:
         progress.close()
+    if writer is not None:
         writer.close()
     engine.clips_per_s = clips / max(1e-9, time.time() - start)
     if step > start_step or latest_checkpoint(checkpoints) is None:
@@ -412,7 +412,12 @@ def load_history(path: Path, upto_step: int) -> list[dict]:
 
 
 def _tensorboard(run_dir: Path):
-    from torch.utils.tensorboard import SummaryWriter
-
+    """A TensorBoard writer for ``run_dir/tensorboard``, or None (warned) where tensorboard is not installed
+    (a bare GPU box): ``metrics.jsonl`` has every step anyway."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed: no TensorBoard logs (metrics.jsonl has every step)")
+        return None
     return SummaryWriter(str(run_dir / "tensorboard"))
 
