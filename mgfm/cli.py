@@ -12,15 +12,17 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from mgfm.config import RecipeError, load_recipe
+from mgfm.files import storage_cause
 
 T = TypeVar("T")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from mgfm.evaluate.featureset import FeatureError
+    from mgfm.files import FolderInUse, StorageError
     from mgfm.model.hf import EncoderFolderError
 
-    return RecipeError, EncoderFolderError, FeatureError, FileNotFoundError, ValueError
+    return RecipeError, EncoderFolderError, FeatureError, StorageError, FolderInUse, FileNotFoundError, ValueError
 
 
 def run_cli(recipe_cls: type[T], action: Callable[[T], object], argv: list[str] | None, prog: str,
@@ -36,4 +38,10 @@ def run_cli(recipe_cls: type[T], action: Callable[[T], object], argv: list[str] 
         return action(recipe)
     except user_errors() as err:
         sys.stderr.write(f"{prog}: error: {err}\n")
+        raise SystemExit(2) from None
+    except OSError as err:  # a full disk or a read-only folder anywhere: the path and the cause, in one line
+        cause = storage_cause(err)
+        if cause is None:
+            raise
+        sys.stderr.write(f"{prog}: error: cannot write {err.filename or '?'}: {cause}\n")
         raise SystemExit(2) from None

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from mgfm.files import TextFileError, read_text
+
 T = TypeVar("T")
 
 
@@ -29,9 +31,9 @@ def load_recipe(cls: type[T], path: str | Path | None = None, overrides: list[st
     if path is not None:
         path = Path(path)
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except OSError as err:
-            raise RecipeError(f"{path}: cannot read recipe ({err.strerror})") from None
+            loaded = yaml.safe_load(read_text(path))
+        except TextFileError as err:
+            raise RecipeError(f"recipe {err}") from None
         except yaml.YAMLError as err:
             raise RecipeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if loaded is not None and not isinstance(loaded, dict):

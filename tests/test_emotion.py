@@ -247,7 +247,7 @@ def test_mixed_emotions_in_a_video_is_a_one_line_cli_error(tmp_path, tiny_shards
     run = tmp_path / "run"
     tiny_encoder_folder(run / "encoder")
     result = subprocess.run([sys.executable, "eval/emotion.py", f"run={run}", f"shards={tiny_shards}",
-                             "num_workers=0", f"cache_dir={tmp_path / 'cache'}"], cwd=REPO, capture_output=True,
+                             "num_workers=0", f"features_dir={tmp_path / 'cache'}"], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]

@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from mgfm.data.stream import StreamConfig, make_loader
+from mgfm.data.stream import SkipCounter, StreamConfig, make_loader
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ class ClipCache:
 
     ``video``: uint8 ``(N, V, T, 3, S, S)`` unnormalised RGB, ``V`` temporal windows per clip spread over
     the clip (window ``v`` at position ``(v + 0.5) / V``); ``labels``: int64 ``(N,)`` (-1 = unlabelled);
-    ``clip_ids``: N ids; ``skipped``: corrupt samples the stream skipped.
+    ``clip_ids``: N ids; ``skipped``: clips the stream lost (corrupt, or missing from their shards);
+    ``lost``: its skip records.
     """
 
     video: torch.Tensor
@@ -42,6 +43,7 @@ class ClipCache:
     clip_ids: list[str]
     skipped: int = 0
     index: dict[str, int] = field(default_factory=dict, repr=False)
+    lost: list[dict] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.video.dtype != torch.uint8 or self.video.dim() != 6:
@@ -63,7 +65,8 @@ class ClipCache:
         """The cached clips among ``clip_ids`` (ids not cached here are ignored: another rank holds them)."""
         rows = sorted(self.index[c] for c in set(clip_ids) if c in self.index)
         take = torch.tensor(rows, dtype=torch.long)
-        return ClipCache(self.video[take], self.labels[take], [self.clip_ids[i] for i in rows], self.skipped)
+        return ClipCache(self.video[take], self.labels[take], [self.clip_ids[i] for i in rows], self.skipped,
+                         lost=self.lost)
 
 
 def cache_split(source: str | Path | Sequence[str], split: str, cfg: StreamConfig, views: int = 1,
@@ -83,7 +86,7 @@ def cache_split(source: str | Path | Sequence[str], split: str, cfg: StreamConfi
     base = dataclasses.replace(cfg, masks=False, repeats=1, video_dtype="uint8")
     per_view: list[dict[str, torch.Tensor]] = []
     labels: dict[str, int] = {}
-    skipped = 0
+    counters = []
     for view in range(views):
         vcfg = base if views == 1 else dataclasses.replace(base, eval_view=view, eval_views=views)
         loader, skips = make_loader(source, split, vcfg, mode="eval")
@@ -95,17 +98,19 @@ def cache_split(source: str | Path | Sequence[str], split: str, cfg: StreamConfi
                 frames[clip_id] = clip.clone()
                 labels[clip_id] = int(label)
         per_view.append(frames)
-        skipped = max(skipped, skips.total)
+        counters.append(skips)
     ids = sorted(set.intersection(*(set(f) for f in per_view))) if per_view else []
     if ids:
         video = torch.stack([torch.stack([f[c] for f in per_view]) for c in ids])
     else:
         video = torch.zeros((0, views, cfg.frames, 3, cfg.img_size, cfg.img_size), dtype=torch.uint8)
-    if skipped:
-        log.warning("%s %s: %d corrupt samples skipped while caching", source, split, skipped)
+    lost = SkipCounter.merged(counters)
+    if lost.samples:
+        log.warning("%s %s: %d clips lost while caching (%s)", source, split, lost.samples, lost.summary())
     log.info("cached %d clips of %s/%s (%d view(s), %.0f MB)", len(ids), Path(str(source)).name, split, views,
              video.numel() / 2**20)
-    return ClipCache(video, torch.tensor([labels[c] for c in ids], dtype=torch.long), ids, skipped)
+    return ClipCache(video, torch.tensor([labels[c] for c in ids], dtype=torch.long), ids, lost.samples,
+                     lost=lost.records)
 
 
 __all__ = ["ClipCache", "cache_split"]

@@ -8,27 +8,37 @@ means "to the last frame"; the shard builder resolves it).
 
 from __future__ import annotations
 
+import collections
 import csv
+import difflib
+import logging
 from pathlib import Path
 
 from mgfm.data.clip_index import SPLITS, UNLABELED, AnnotationError, Clip, ClipIndex
+from mgfm.files import TextFileError, read_text
 
+log = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("path", "label", "subject", "split")
 EMOTIONS = {"1": 1, "positive": 1, "pos": 1, "win": 1, "0": 0, "negative": 0, "neg": 0, "lose": 0, "": None}
 DEFAULT_FPS = 25.0
 
 
-def read_csv_index(csv_path: str | Path, class_names: list[str] | None = None, name: str | None = None) -> ClipIndex:
+def read_csv_index(csv_path: str | Path, class_names: list[str] | None = None, name: str | None = None,
+                   dedupe: bool = False) -> ClipIndex:
     """Read a generic clip CSV into a :class:`ClipIndex`.
 
     Class names come from ``class_names`` if given, else from the ``label_name`` column, else from
-    the class names used in ``label`` (sorted), else ``class_0..class_{K-1}``.
+    the class names used in ``label`` (sorted), else ``class_0..class_{K-1}``. In a CSV that names its
+    classes only by ``label``, two names a typo apart ("touch forhead" beside "touch forehead") are an
+    error: a typo must not become a new class and shift every id (pass ``class_names`` when such names are
+    meant). Two rows for the same clip (same video and frames) are an error naming both lines, or, with
+    ``dedupe``, the later ones are dropped and counted (a warning).
     """
     csv_path = Path(csv_path)
     try:
-        text = csv_path.read_text()
-    except OSError as err:
-        raise AnnotationError(csv_path, None, None, f"cannot open clip CSV ({err.strerror})") from err
+        text = read_text(csv_path)
+    except TextFileError as err:
+        raise AnnotationError(csv_path, err.line, None, err.problem) from None
     reader = csv.DictReader(text.splitlines())
     header = [h.strip() for h in (reader.fieldnames or [])]
     reader.fieldnames = header
@@ -41,8 +51,30 @@ def read_csv_index(csv_path: str | Path, class_names: list[str] | None = None, n
 
     names = list(class_names) if class_names else _class_names(rows, csv_path)
     lookup = {n: i for i, n in enumerate(names)}
-    clips = [_parse_row(row, line, csv_path, names, lookup) for line, row in rows]
+    clips = _unique([(line, _parse_row(row, line, csv_path, names, lookup)) for line, row in rows], csv_path, dedupe)
     return ClipIndex(clips, names, name or csv_path.stem)
+
+
+def _unique(parsed: list[tuple[int, Clip]], csv_path: Path, dedupe: bool) -> list[Clip]:
+    """The clips with repeated rows (same source, video and frames) removed when ``dedupe``, else refused."""
+    first: dict[tuple, tuple[int, Clip]] = {}
+    kept, dropped = [], 0
+    for line, clip in parsed:
+        key = (clip.path, clip.video_id, clip.start_frame, clip.end_frame)
+        if key not in first:
+            first[key] = (line, clip)
+            kept.append(clip)
+            continue
+        earlier, seen = first[key]
+        if not dedupe or seen.label != clip.label:
+            why = "with another label " if seen.label != clip.label else ""
+            raise AnnotationError(csv_path, line, None, f"the same clip as line {earlier} {why}(video "
+                                                        f"{clip.video_id!r}, frames {clip.start_frame}-{clip.end_frame})"
+                                                        f"; remove one{'' if why else ' or read with --dedupe'}")
+        dropped += 1
+    if dropped:
+        log.warning("%s: %d repeated row(s) dropped (--dedupe)", csv_path, dropped)
+    return kept
 
 
 def _class_names(rows: list[tuple[int, dict]], csv_path: Path) -> list[str]:
@@ -68,10 +100,43 @@ def _class_names(rows: list[tuple[int, dict]], csv_path: Path) -> list[str]:
         name, line = next(iter(textual.items()))
         raise AnnotationError(csv_path, line, "label", f"class name {name!r} in a CSV whose other labels are integer ids")
     if textual:
+        counts = collections.Counter(row["label"] for _, row in rows)
+        _refuse_near_duplicates(textual, counts, csv_path)
         return sorted(textual)
     if not by_id:
         return []
     return [by_id.get(k, f"class_{k}") for k in range(max(by_id) + 1)]
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions) between two short strings."""
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        current = [i]
+        for j, cb in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def _normal(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").split())
+
+
+def _refuse_near_duplicates(first_lines: dict[str, int], counts: dict[str, int], csv_path: Path) -> None:
+    """Class names (``name -> first line``, ``name -> rows``) that differ only by case/spacing, or by one
+    edit per 8 letters, are taken for a typo: a one-line error at the rarer name's first line, suggesting
+    the more frequent one."""
+    names = sorted(first_lines, key=first_lines.get)
+    for i, b in enumerate(names):
+        for a in names[:i]:
+            limit = max(1, min(len(a), len(b)) // 8)
+            if _normal(a) == _normal(b) or (min(len(a), len(b)) >= 5 and edit_distance(a, b) <= limit):
+                typo, meant = (a, b) if counts[a] < counts[b] else (b, a)
+                raise AnnotationError(csv_path, first_lines[typo], "label",
+                                      f"class name {typo!r} ({counts[typo]} row(s)) is a near copy of {meant!r} "
+                                      f"({counts[meant]} rows): did you mean {meant!r}? (pass the class list when "
+                                      f"both are meant)")
 
 
 def _parse_row(row: dict, line: int, csv_path: Path, names: list[str], lookup: dict[str, int]) -> Clip:
@@ -102,7 +167,9 @@ def _parse_row(row: dict, line: int, csv_path: Path, names: list[str], lookup: d
     elif label_text in lookup:
         label = lookup[label_text]
     else:
-        raise AnnotationError(csv_path, line, "label", f"unknown class {label_text!r}; known: {', '.join(names[:8])}...")
+        near = difflib.get_close_matches(label_text, names, n=1, cutoff=0.6)
+        hint = f"did you mean {near[0]!r}?" if near else f"known: {', '.join(names[:8])}{'...' if len(names) > 8 else ''}"
+        raise AnnotationError(csv_path, line, "label", f"unknown class {label_text!r}; {hint}")
     split = row["split"].lower()
     if split not in SPLITS:
         raise AnnotationError(csv_path, line, "split", f"unknown split {row['split']!r}; expected one of {SPLITS}")

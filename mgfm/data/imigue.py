@@ -13,10 +13,12 @@ The protocol's facts are written here so the reader works for anyone who has the
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
 from mgfm.data.clip_index import AnnotationError, Clip, ClipIndex
+from mgfm.files import TextFileError, read_text
 
 FPS = 25
 ILLUSTRATIVE_CLASS = 99
@@ -88,17 +90,15 @@ def read_imigue(
     video_dir = Path(video_dir) if video_dir is not None else csv_path.parent
 
     try:
-        handle = csv_path.open(newline="")
-    except OSError as err:
-        raise AnnotationError(csv_path, None, None, f"cannot open annotation file ({err.strerror})") from err
-    clips: list[Clip] = []
-    with handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise AnnotationError(csv_path, 1, missing[0], f"missing column; the header must have {REQUIRED_COLUMNS}")
-        for line, row in enumerate(reader, start=2):
-            clips.append(_parse_row(row, csv_path, line, class_names, fps, train, test, video_dir, video_pattern))
+        text = read_text(csv_path)
+    except TextFileError as err:
+        raise AnnotationError(csv_path, err.line, None, err.problem) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise AnnotationError(csv_path, 1, missing[0], f"missing column; the header must have {REQUIRED_COLUMNS}")
+    clips = [_parse_row(row, csv_path, line, class_names, fps, train, test, video_dir, video_pattern)
+             for line, row in enumerate(reader, start=2)]
     return ClipIndex(clips, class_names, name, emotion_splits)
 
 

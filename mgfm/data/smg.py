@@ -13,10 +13,12 @@ The dataset's own class names are not in its label files; pass ``class_names`` t
 from __future__ import annotations
 
 import csv
+import io
 import re
 from pathlib import Path
 
 from mgfm.data.clip_index import AnnotationError, Clip, ClipIndex
+from mgfm.files import TextFileError, read_text
 
 NUM_CLASSES = 17
 TEST_SUBJECTS = (36, 37, 38, 39, 40)
@@ -66,14 +68,17 @@ def read_smg(root: str | Path, class_names: list[str] | None = None, fps: float 
 
 
 def _rows(path: Path, width: int):
-    with path.open(newline="") as handle:
-        for line, row in enumerate(csv.reader(handle), start=1):
-            row = [c.strip() for c in row if c.strip() != ""]
-            if not row:
-                continue
-            if len(row) != width:
-                raise AnnotationError(path, line, None, f"expected {width} columns, got {len(row)}: {row}")
-            yield line, row
+    try:
+        text = read_text(path)
+    except TextFileError as err:
+        raise AnnotationError(path, err.line, None, err.problem) from None
+    for line, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
+        row = [c.strip() for c in row if c.strip() != ""]
+        if not row:
+            continue
+        if len(row) != width:
+            raise AnnotationError(path, line, None, f"expected {width} columns, got {len(row)}: {row}")
+        yield line, row
 
 
 def _frame(path: Path, line: int, field_name: str, value: str) -> int:

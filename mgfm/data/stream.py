@@ -174,8 +174,10 @@ class ShardTask:
 
 
 def resolve_shards(source: str | Path | Sequence[str], split: str,
-                   remote_commands: dict[str, str] | None = None) -> list[ShardRef]:
-    """The shards of ``split`` in ``source`` (see the module docstring), non-empty ones only."""
+                   remote_commands: dict[str, str] | None = None, keep_missing: bool = False) -> list[ShardRef]:
+    """The shards of ``split`` in ``source`` (see the module docstring), non-empty ones only. Local shards
+    the manifest lists but the disk does not hold (missing, or too short to be a tar) are left out unless
+    ``keep_missing``; :func:`missing_local_shards` names them."""
     from webdataset.shardlists import expand_urls
 
     from mgfm.shards.manifest import MANIFEST, load_manifest
@@ -211,7 +213,39 @@ def resolve_shards(source: str | Path | Sequence[str], split: str,
     refs = [r for r in refs if r.samples != 0]
     if not refs:
         raise ValueError(f"{source}: no non-empty shards for split {split!r}")
+    if not keep_missing and all(_unreadable(r) for r in refs):
+        raise ValueError(f"{source}: every shard of split {split!r} is missing or empty "
+                         f"(e.g. {refs[0].url}: {_unreadable(refs[0])})")
+    if not keep_missing:
+        refs = [r for r in refs if not _unreadable(r)]
     return refs
+
+
+def _unreadable(ref: ShardRef) -> str | None:
+    """Why a local shard file cannot hold its samples (missing, or shorter than one tar header), else None."""
+    if "://" in ref.url or ref.url.startswith("pipe:"):
+        return None
+    try:
+        size = Path(ref.url).stat().st_size
+    except OSError as err:
+        return f"missing shard: {err.strerror}"
+    return f"empty shard: {size} bytes" if size < _BLOCK and ref.samples else None
+
+
+def missing_local_shards(source: str | Path | Sequence[str], split: str,
+                         remote_commands: dict[str, str] | None = None) -> list[dict]:
+    """Skip records of the shards of ``split`` that the manifest lists and the disk lacks (see
+    :func:`resolve_shards`): the same on every rank, so ranks agree on the shards they split."""
+    refs = resolve_shards(source, split, remote_commands, keep_missing=True)
+    out = []
+    for ref in refs:
+        why = _unreadable(ref)
+        if why:
+            out.append({"kind": "shard", "shard": ref.url, "key": None, "reason": why, "count": 1})
+            if ref.samples:
+                out.append({"kind": "sample", "shard": ref.url, "key": None, "part": None,
+                            "reason": f"lost: {why} ({ref.samples} samples)", "count": ref.samples})
+    return out
 
 
 def _remote(url: str, remote_commands: dict[str, str]) -> str:
@@ -270,16 +304,27 @@ def assign_shards(shards: Sequence[ShardRef], slot: Slot, mode: str = "eval", se
 
 
 class SkipCounter:
-    """What the stream skipped, as seen by the main process: ``samples`` (bad samples, plus the samples
-    a broken shard did not deliver when the manifest says how many it holds) and ``shard_errors``
-    (unopenable / truncated shards), by reason, with the first records kept."""
+    """What the stream skipped, as seen by the main process: ``samples`` (bad samples, plus the samples a
+    broken, cut or missing shard did not deliver when the manifest says how many it holds) and
+    ``shard_errors`` (unopenable / truncated / missing shards), by reason, with the first records kept.
+
+    Each lost clip counts once however often a resampling train stream meets it again (records are keyed by
+    shard and sample key, or by shard and part for losses without a key)."""
 
     def __init__(self, keep: int = 1000):
-        self.samples = 0
-        self.shard_errors = 0
         self.by_reason: collections.Counter = collections.Counter()
         self.records: list[dict] = []
         self.keep = keep
+        self._samples: dict[tuple, int] = {}
+        self._shards: set[str] = set()
+
+    @property
+    def samples(self) -> int:
+        return sum(self._samples.values())
+
+    @property
+    def shard_errors(self) -> int:
+        return len(self._shards)
 
     @property
     def total(self) -> int:
@@ -289,16 +334,87 @@ class SkipCounter:
         for rec in records:
             count = int(rec.get("count", 1))
             if rec["kind"] == "shard":
-                self.shard_errors += count
+                if rec["shard"] in self._shards:
+                    continue
+                self._shards.add(rec["shard"])
             else:
-                self.samples += count
+                key = (rec["shard"], rec.get("key"), rec.get("part"))
+                if key in self._samples:
+                    continue
+                self._samples[key] = count
             self.by_reason[rec["reason"].split(":")[0]] += count
             if len(self.records) < self.keep:
                 self.records.append(rec)
 
+    @classmethod
+    def merged(cls, counters: Iterable["SkipCounter"]) -> "SkipCounter":
+        """One counter over several (epochs, ranks, views): a clip lost in each of them counts once."""
+        out = cls()
+        for counter in counters:
+            out.add(counter.records)
+        return out
+
+    @classmethod
+    def merged_records(cls, records: Iterable[dict]) -> list[dict]:
+        """``records`` with repeats of one loss (other ranks, views, passes) dropped."""
+        out = cls()
+        out.add(records)
+        return out.records
+
     def summary(self) -> str:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.by_reason.items()))
         return f"skipped {self.samples} samples and {self.shard_errors} broken shards ({reasons or 'none'})"
+
+
+@dataclass
+class SplitRead:
+    """How completely an evaluation read a split: the clips its manifest lists (``expected``, None when
+    unknown), the clips that arrived (``read``) and the skip records of what did not (``lost``)."""
+
+    source: str
+    split: str
+    expected: int | None
+    read: int
+    lost: list[dict] = field(default_factory=list)
+
+    @property
+    def missing(self) -> int:
+        """Clips the split should have had but did not deliver."""
+        if self.expected is not None:
+            return max(0, self.expected - self.read)
+        return sum(int(r.get("count", 1)) for r in self.lost if r["kind"] != "shard")
+
+    @property
+    def complete(self) -> bool:
+        return self.missing == 0
+
+    def describe(self) -> str:
+        """``read 45 of 60 clips of test (15 lost: test-000001.tar: lost: the shard holds 0 of its 15 samples)``."""
+        of = f" of {self.expected}" if self.expected is not None else ""
+        text = f"read {self.read}{of} clips of {self.split}"
+        if self.complete:
+            return text
+        where = "; ".join(f"{Path(str(r['shard'])).name}{' key ' + str(r['key']) if r.get('key') else ''}: "
+                          f"{r['reason']}" for r in self.lost[:3])
+        more = f"; {len(self.lost) - 3} more" if len(self.lost) > 3 else ""
+        return f"{text} ({self.missing} lost: {where or 'unknown'}{more})"
+
+    def to_dict(self) -> dict:
+        return {"expected": self.expected, "read": self.read, "missing": self.missing,
+                "lost": [{k: r.get(k) for k in ("shard", "key", "reason", "count")} for r in self.lost[:100]]}
+
+
+def expected_clips(source: str | Path | Sequence[str], split: str, remote_commands: dict | None = None) -> int | None:
+    """Clips the manifest lists for ``split`` of ``source`` (None when shard sizes are unknown)."""
+    refs = resolve_shards(source, split, remote_commands, keep_missing=True)
+    return None if any(r.samples is None for r in refs) else sum(r.samples for r in refs)
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters of printable ASCII (an error about a garbage file can quote its
+    bytes; those must not reach the terminal)."""
+    clean = "".join(c if c.isprintable() and ord(c) < 128 else "?" for c in str(text))
+    return clean if len(clean) <= limit else clean[:limit] + "..."
 
 
 class _WorkerState:
@@ -312,8 +428,10 @@ class _WorkerState:
         self.failures_in_a_row = 0  # samples skipped since the last good one
         self.unexpected = 0  # errors that are not a known kind of bad sample (logged with a traceback)
 
-    def skip(self, kind: str, shard: str, key: str | None, reason: str, count: int = 1) -> None:
-        rec = {"kind": kind, "shard": shard, "key": key, "reason": reason, "count": count}
+    def skip(self, kind: str, shard: str, key: str | None, reason: str, count: int = 1,
+             part: str | None = None) -> None:
+        reason = printable(reason)
+        rec = {"kind": kind, "shard": shard, "key": key, "reason": reason, "count": count, "part": part}
         self.pending.append(rec)
         if self.logged < self.log_limit:
             log.warning("stream skip (%s) %s%s: %s", kind, shard, f" key {key}" if key else "", reason)
@@ -438,12 +556,16 @@ def _read_shards(tasks: Iterable[ShardTask], state: _WorkerState) -> Iterator[di
                     stream.close()
                 except Exception as exn:  # noqa: BLE001 - e.g. a pipe's non-zero exit status
                     errors.append(f"{type(exn).__name__}: {str(exn)[:200]}")
+        expected = task.expected
+        part = f"{task.rem}/{task.mod}"
         if errors:
             state.skip("shard", url, None, f"shard error: {errors[0]}")
-            expected = task.expected
             if expected is not None and kept < expected:
                 state.skip("sample", url, None, f"lost in broken shard: {expected - kept} of {expected} samples",
-                           count=expected - kept)
+                           count=expected - kept, part=part)
+        elif expected is not None and kept < expected:  # a valid tar cut short, or an empty one
+            state.skip("sample", url, None, f"lost: the shard holds {kept} of its {expected} samples",
+                       count=expected - kept, part=part)
 
 
 def _with_url(files: Iterable[dict], url: str) -> Iterator[dict]:
@@ -750,6 +872,7 @@ def make_loader(source: str | Path | Sequence[str], split: str, cfg: StreamConfi
     if rank is None or world is None:
         rank, world = rank_world()
     shards = resolve_shards(source, split, cfg.remote_commands)
+    missing = missing_local_shards(source, split, cfg.remote_commands)
     batches = cfg.batches_per_epoch
     if mode == "train" and batches is None:
         if any(s.samples is None for s in shards):
@@ -757,6 +880,9 @@ def make_loader(source: str | Path | Sequence[str], split: str, cfg: StreamConfi
         batches = max(1, sum(s.samples for s in shards) // (world * cfg.batch_size))
     dataset = ClipStream(shards, cfg, mode, epoch, rank, world, batches)
     counter = SkipCounter()
+    counter.add(missing)
+    for rec in missing[:cfg.log_skips] if rank == 0 else []:
+        log.warning("stream skip (%s) %s: %s", rec["kind"], rec["shard"], rec["reason"])
     # collate_fn: batches are made in the dataset; skip DataLoader's recursive conversion of them.
     kwargs: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": pin_memory(cfg), "collate_fn": _as_is}
     if cfg.num_workers > 0:

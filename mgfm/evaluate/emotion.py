@@ -44,8 +44,9 @@ from mgfm.evaluate.emotion_heads import (EmotionError, SequenceHeadConfig, binar
                                          fit_vector_head, majority_probability, require_both_emotions)
 from mgfm.evaluate.featureset import FeatureSet
 from mgfm.data.distributed import is_main_process
-from mgfm.evaluate.linear_probe import (EncoderEvalRecipe, encoders_to_compare, eval_device, resolve_encoder,
-                                        stream_for)
+from mgfm.evaluate.features import require_complete
+from mgfm.evaluate.linear_probe import (EncoderEvalRecipe, data_section, encoders_to_compare, eval_device,
+                                        features_folder, resolve_encoder, stream_for)
 from mgfm.evaluate.probe import ProbeConfig, train_probe
 from mgfm.evaluate.report import format_table, markdown_table, write_report
 
@@ -236,7 +237,6 @@ class EmotionRecipe(EncoderEvalRecipe):
     logistic: ProbeConfig = field(default_factory=lambda: ProbeConfig(c_grid=[1e-3, 1e-2, 1e-1, 1.0, 10.0]))
     oracle: bool = True  # add the true-MG-label rows (upper bound)
     explain_videos: int = 2  # test videos whose most relied-on micro-gestures go into the report
-    cache_dir: str | None = None  # feature cache; default <run>/features (the linear probe's)
     allow_missing_videos: bool = False
 
 
@@ -419,7 +419,7 @@ def evaluate_emotion(recipe: EmotionRecipe) -> dict:
     manifest = load_manifest(recipe.shards)
     class_names = [str(c) for c in manifest["class_names"]]
     out = Path(recipe.out) if recipe.out else run_dir / "emotion" / Path(recipe.shards.rstrip("/")).name
-    cache = Path(recipe.cache_dir) if recipe.cache_dir else run_dir / "features"
+    cache = features_folder(recipe, run_dir)
     if recipe.probe_split not in recipe.splits:
         raise EmotionError(f"probe_split {recipe.probe_split!r} is not one of splits {recipe.splits}")
     if not recipe.seeds:
@@ -434,6 +434,8 @@ def evaluate_emotion(recipe: EmotionRecipe) -> dict:
         log.info("emotion: features for %s", name)
         parts = {split: split_features(None, recipe.shards, split, stream, cache, recipe.views, encoder=encoder,
                                        encoder_id=encoder_id, device=device) for split in recipe.splits}
+        for split, part in parts.items():  # every clip of every split makes the video sequences
+            require_complete(part, f"{recipe.shards} ({split})", recipe.allow_missing)
         feats, origin = concat_features(parts)
         sequences = build_sequences(feats, manifest.get("emotion_splits") or {}, f"{recipe.shards}",
                                     recipe.allow_missing_videos)
@@ -461,8 +463,9 @@ def evaluate_emotion(recipe: EmotionRecipe) -> dict:
     assert data is not None
     headers, table = summary_table(results)
     gains = gain_lines(results)
+    data_read, warning = data_section(parts)
     report = {
-        "run": str(run_dir), "encoder": str(encoder_folder), "shards": recipe.shards, "views": recipe.views,
+        "incomplete": warning, "data": data_read, "run": str(run_dir), "encoder": str(encoder_folder), "shards": recipe.shards, "views": recipe.views,
         "videos": {"train": len(data.train), "test": len(data.test),
                    "train_positive": int(data.y_train.sum()), "test_positive": int(data.y_test.sum()),
                    "clips_per_video": float(np.mean([len(s.index) for s in data.sequences]))},
@@ -471,7 +474,11 @@ def evaluate_emotion(recipe: EmotionRecipe) -> dict:
         "summary": {"headers": headers, "rows": table},
     }
     if is_main_process():
-        write_report(out, report, report_markdown(report, class_names), "Video-level emotion recognition")
+        markdown = report_markdown(report, class_names)
+        write_report(out, report, f"{warning}\n\n{markdown}" if warning else markdown,
+                     "Video-level emotion recognition")
+        if warning:
+            print(warning.replace("**", ""))
         print(format_table(headers, table))
         for line in gains:
             print(line)

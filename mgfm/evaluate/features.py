@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from mgfm.data.distributed import rank_world
-from mgfm.data.stream import StreamConfig, make_loader
+from mgfm.data.stream import SkipCounter, SplitRead, StreamConfig, expected_clips, make_loader, resolve_shards
 from mgfm.data.transforms import normalise_video
 from mgfm.devices import autocast, feature_precision
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
+from mgfm.files import writing
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +76,27 @@ def eval_stream_config(cfg: StreamConfig, batch_size: int | None = None, num_wor
     return dataclasses.replace(cfg, **changes)
 
 
+def shard_files(shards: str | Path, split: str) -> list:
+    """``[name, size, mtime_ns]`` of each local shard file of ``split`` (``[name, None, None]`` when missing):
+    a shard restored, cut or rewritten since a cache was made changes this, its manifest does not."""
+    out = []
+    for ref in resolve_shards(shards, split, keep_missing=True):
+        if "://" in ref.url or ref.url.startswith("pipe:"):
+            continue
+        try:
+            stat = Path(ref.url).stat()
+            out.append([Path(ref.url).name, stat.st_size, stat.st_mtime_ns])
+        except OSError:
+            out.append([Path(ref.url).name, None, None])
+    return out
+
+
 def cache_key(encoder_id: str, shards: str | Path, split: str, cfg: StreamConfig, views: int,
               precision: str = "fp32") -> dict:
     return {
         "encoder": encoder_id,
         "manifest": manifest_checksum(shards),
+        "files": shard_files(shards, split),
         "split": split,
         "views": views,
         "precision": precision,
@@ -111,7 +128,7 @@ def encode_split(features_fn: Callable[[torch.Tensor], torch.Tensor], shards: st
     rows: dict[str, dict] = {}
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    skipped = 0
+    lost: list[dict] = []
     for view in range(views):
         loader, skips = make_loader(shards, split, _view_config(cfg, view, views), mode="eval")
         bar = tqdm(loader, desc=f"features {split} view {view + 1}/{views}", unit="batch",
@@ -129,26 +146,40 @@ def encode_split(features_fn: Callable[[torch.Tensor], torch.Tensor], shards: st
                     counts[clip_id] = 0
                 sums[clip_id] += feat
                 counts[clip_id] += 1
-        skipped = max(skipped, skips.total)
+        lost += skips.records
     partial = [c for c, n in counts.items() if n < views]
     if partial:
         log.warning("%s %s: %d clip(s) decoded in fewer than %d views (e.g. %s); their features average the "
                     "views that did", shards, split, len(partial), views, partial[0])
     local = (list(rows.values()), np.stack([sums[r["clip_id"]] / counts[r["clip_id"]] for r in rows.values()])
-             if rows else np.zeros((0, 0)))
+             if rows else np.zeros((0, 0)), lost)
     parts = _gather(local, world)
-    all_rows = [r for part_rows, _ in parts for r in part_rows]
-    mats = [m for _, m in parts if len(m)]
+    all_rows = [r for part_rows, _, _ in parts for r in part_rows]
+    mats = [m for _, m, _ in parts if len(m)]
     ids = [r["clip_id"] for r in all_rows]
     if len(set(ids)) != len(ids):
         raise RuntimeError(f"{shards} {split}: a clip was encoded twice across ranks; the eval stream split is broken")
+    read = SplitRead(str(shards), split, expected_clips(shards, split, cfg.remote_commands), len(all_rows),
+                     SkipCounter.merged_records(r for _, _, part_lost in parts for r in part_lost))
     if not all_rows:
-        raise FeatureError(f"{shards} split {split!r}: no clips (empty split)")
+        raise FeatureError(f"{shards} split {split!r}: no clips ({read.describe()})")
     order = np.argsort(ids, kind="stable")
     matrix = np.concatenate(mats)[order].astype(np.float32)
-    if skipped:
-        log.warning("%s %s: %d corrupt samples skipped while extracting features", shards, split, skipped)
-    return FeatureSet(matrix, [all_rows[i] for i in order], {"skipped": skipped})
+    if not read.complete:
+        log.warning("%s: %s", shards, read.describe())
+    return FeatureSet(matrix, [all_rows[i] for i in order], read=read.to_dict() | {"describe": read.describe()})
+
+
+def require_complete(features: FeatureSet, what: str, allow_missing: bool) -> None:
+    """One-line :class:`FeatureError` when ``features`` lack clips their manifest lists (an evaluation
+    must be exact or say so), unless ``allow_missing``: then a warning."""
+    read = features.read or {}
+    if not read.get("missing"):
+        return
+    if not allow_missing:
+        raise FeatureError(f"{what}: {read['describe']}; restore the shards (`python -m mgfm.shards verify` "
+                           f"names what is wrong) or set allow_missing=true to evaluate what is there")
+    log.warning("%s: %s (allow_missing=true)", what, read["describe"])
 
 
 def _view_config(cfg: StreamConfig, view: int, views: int) -> StreamConfig:
@@ -187,14 +218,18 @@ def split_features(encoder_folder: str | Path | None, shards: str | Path, split:
     stem = cache_stem(cache_dir, shards, split, key) if cache_dir is not None else None
     if stem is not None:
         cached = FeatureSet.load_if_key(stem, key)
-        if cached is not None:
+        if cached is not None and cached.read and not cached.read.get("missing"):
             log.info("features %s %s: cached at %s", Path(str(shards)).name, split, stem)
             return cached
     if encoder is None:
         encoder, _ = load_encoder_hf(encoder_folder)
     encoder = encoder.to(device).eval()
     result = encode_split(encoder.features, shards, split, cfg, views, device)
-    result.key = {**key, "skipped": result.key.get("skipped", 0)}
+    result.key = key
     if stem is not None and rank_world()[0] == 0:
-        FeatureSet(result.features, result.rows, key).save(stem)
+        if result.read.get("missing"):  # an incomplete set is never cached: the next run reads the shards again
+            log.info("features %s %s: not cached (incomplete)", Path(str(shards)).name, split)
+        else:
+            with writing(stem.parent):
+                result.save(stem)
     return result

@@ -20,11 +20,14 @@ class FeatureError(ValueError):
 
 @dataclass
 class FeatureSet:
-    """``features`` float32 ``(N, D)``; ``rows[i]`` is the clip-index row (dict) of ``features[i]``."""
+    """``features`` float32 ``(N, D)``; ``rows[i]`` is the clip-index row (dict) of ``features[i]``;
+    ``key`` what made them (the cache key); ``read`` how completely the split was read
+    (:meth:`mgfm.data.stream.SplitRead.to_dict` + ``describe``; empty for in-memory sets)."""
 
     features: np.ndarray
     rows: list[dict]
     key: dict = field(default_factory=dict)
+    read: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.features = np.ascontiguousarray(self.features, dtype=np.float32)
@@ -56,7 +59,8 @@ class FeatureSet:
 
     def labelled(self) -> "FeatureSet":
         keep = self.labels >= 0
-        return FeatureSet(self.features[keep], [r for r, k in zip(self.rows, keep) if k], dict(self.key))
+        return FeatureSet(self.features[keep], [r for r, k in zip(self.rows, keep) if k], dict(self.key),
+                          dict(self.read))
 
     def require(self, name: str, dim: int | None = None) -> "FeatureSet":
         """Raise a one-line :class:`FeatureError` if empty or of the wrong width; return self."""
@@ -75,7 +79,7 @@ class FeatureSet:
         save_file({"features": self.features}, str(tensor_tmp))
         tensor_tmp.replace(stem.with_name(stem.name + ".safetensors"))
         json_tmp = stem.with_name(stem.name + ".json.tmp")
-        json_tmp.write_text(json.dumps({"key": self.key, "rows": self.rows}))
+        json_tmp.write_text(json.dumps({"key": self.key, "read": self.read, "rows": self.rows}))
         json_tmp.replace(stem.with_name(stem.name + ".json"))
 
     @classmethod
@@ -87,7 +91,7 @@ class FeatureSet:
         if not meta_path.exists() or not tensor_path.exists():
             raise FileNotFoundError(f"{stem}: no complete feature cache (.json + .safetensors)")
         meta = json.loads(meta_path.read_text())
-        return cls(load_file(str(tensor_path))["features"], meta["rows"], meta.get("key", {}))
+        return cls(load_file(str(tensor_path))["features"], meta["rows"], meta.get("key", {}), meta.get("read", {}))
 
     @classmethod
     def load_if_key(cls, stem: str | Path, key: dict) -> "FeatureSet | None":

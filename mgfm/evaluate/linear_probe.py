@@ -21,8 +21,8 @@ from mgfm.data.distributed import is_main_process
 from mgfm.data.stream import StreamConfig
 from mgfm.devices import join_process_group, local_device
 from mgfm.evaluate.cluster import kmeans_scores
-from mgfm.evaluate.features import PixelEncoder, eval_stream_config, split_features
-from mgfm.evaluate.featureset import FeatureSet
+from mgfm.evaluate.features import PixelEncoder, eval_stream_config, require_complete, split_features
+from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.evaluate.metrics import classification_metrics, plot_confusion
 from mgfm.evaluate.probe import ProbeConfig, predict, train_probe
 from mgfm.evaluate.report import format_table, markdown_table, write_report
@@ -47,6 +47,10 @@ class EncoderEvalRecipe:
     num_workers: int = 2
     references: bool = True  # add random-init and raw-pixel rows
     device: str = "auto"  # encoder device: auto (this process's GPU when CUDA is there) | cpu | cuda | cuda:N
+    features_dir: str | None = None  # feature cache folder; default <run>/features
+    # Evaluate although the shards delivered fewer clips than their manifest lists (the report then says so
+    # first); by default a missing clip of a scored split is an error.
+    allow_missing: bool = False
     seed: int = 0
 
 
@@ -75,6 +79,18 @@ def resolve_encoder(recipe: EncoderEvalRecipe) -> tuple[Path, Path]:
         raise RunError(f"{run}: no such run or encoder folder")
     encoder = run / "encoder" if (run / "encoder").is_dir() else run
     return (run if encoder != run else run.parent), encoder
+
+
+def features_folder(recipe: EncoderEvalRecipe, run_dir: Path) -> Path:
+    """Where the feature cache lives: ``features_dir``, else ``<run>/features``."""
+    return Path(recipe.features_dir) if recipe.features_dir else run_dir / "features"
+
+
+def data_section(feats: dict[str, FeatureSet]) -> tuple[dict, str | None]:
+    """``({split: expected/read/missing/lost}, warning line or None)`` for a report: what each split read."""
+    data = {split: {k: v for k, v in fs.read.items() if k != "describe"} for split, fs in feats.items()}
+    short = [fs.read["describe"] for fs in feats.values() if fs.read.get("missing")]
+    return data, (f"**Incomplete data (allow_missing=true):** {'; '.join(short)}." if short else None)
 
 
 def eval_device(recipe: EncoderEvalRecipe) -> torch.device:
@@ -108,10 +124,22 @@ def encoders_to_compare(encoder_folder: Path, recipe: EncoderEvalRecipe):
 
 
 def probe_scores(train: FeatureSet, test: FeatureSet, class_names: list[str], exclude: list[int],
-                 cfg: ProbeConfig) -> tuple[dict, np.ndarray]:
+                 cfg: ProbeConfig, allow_missing: bool = False) -> tuple[dict, np.ndarray]:
+    """Fit the probe on ``train``, score ``test``. Test classes without a train clip (a damaged train split)
+    are a one-line error naming them, unless ``allow_missing``: they then score as never predicted."""
     probe = train_probe(train, len(class_names), cfg)
     test = test.labelled().require("probe test split", train.dim)
+    absent = sorted(set(test.labels.tolist()) - set(train.labelled().labels.tolist()))
+    if absent:
+        names = ", ".join(f"{k} ({class_names[k]!r})" for k in absent[:6]) + (", ..." if len(absent) > 6 else "")
+        lost = f"; {train.read['describe']}" if train.read.get("missing") else ""
+        message = (f"classes {names} have test clips but no train clips{lost}; the probe cannot learn them")
+        if not allow_missing:
+            raise FeatureError(message + " (restore the train shards, or set allow_missing=true)")
+        log.warning("%s (allow_missing=true: scored as never predicted)", message)
     logits = predict(probe, test)
+    if not np.isfinite(logits).all():  # classes the train split lacks: never predicted, ranked last
+        logits = np.where(np.isfinite(logits), logits, logits[np.isfinite(logits)].min() - 1e3)
     metrics = classification_metrics(logits, test.labels, class_names, exclude)
     metrics["C"] = probe.C
     metrics["cv_scores"] = {str(c): v for c, v in probe.cv_scores.items()}
@@ -128,7 +156,7 @@ def evaluate(recipe: EvalRecipe) -> dict:
     class_names = list(manifest["class_names"])
     exclude = [class_names.index(c) for c in recipe.exclude_classes if c in class_names]
     out = Path(recipe.out) if recipe.out else run_dir / "eval" / Path(recipe.shards.rstrip("/")).name
-    cache = run_dir / "features"
+    cache = features_folder(recipe, run_dir)
     encoders, cfg = encoders_to_compare(encoder_folder, recipe)
     stream = stream_for(cfg, recipe)
 
@@ -138,8 +166,9 @@ def evaluate(recipe: EvalRecipe) -> dict:
         feats = {split: split_features(None, recipe.shards, split, stream, cache, recipe.views, encoder=encoder,
                                        encoder_id=encoder_id, device=device)
                  for split in (recipe.train_split, recipe.test_split)}
+        require_complete(feats[recipe.test_split], f"{recipe.shards} (test)", recipe.allow_missing)
         metrics, _ = probe_scores(feats[recipe.train_split], feats[recipe.test_split], class_names, exclude,
-                                  recipe.probe)
+                                  recipe.probe, recipe.allow_missing)
         entry = {"probe": metrics, "feature_dim": feats[recipe.test_split].dim}
         if recipe.kmeans:
             test = feats[recipe.test_split].labelled()
@@ -148,22 +177,33 @@ def evaluate(recipe: EvalRecipe) -> dict:
         if name == "pretrained" and is_main_process():
             plot_confusion(metrics["confusion"], class_names, out / "confusion_pretrained.png")
 
+    data, warning = data_section(feats)
     report = {
-        "run": str(run_dir), "encoder": str(encoder_folder), "shards": recipe.shards,
+        "incomplete": warning, "run": str(run_dir), "encoder": str(encoder_folder), "shards": recipe.shards,
         "splits": {"train": recipe.train_split, "test": recipe.test_split}, "views": recipe.views,
-        "probe_config": dataclasses.asdict(recipe.probe), "results": results,
+        "data": data, "probe_config": dataclasses.asdict(recipe.probe), "results": results,
     }
     headers, rows = summary_rows(results, bool(exclude))
-    markdown = (f"Run `{run_dir}`, shards `{recipe.shards}` (train on `{recipe.train_split}`, test on "
+    markdown = (f"{warning + chr(10) * 2 if warning else ''}Run `{run_dir}`, shards `{recipe.shards}` (train on `{recipe.train_split}`, test on "
                 f"`{recipe.test_split}`), {recipe.views} temporal view(s) per clip.\n\n## Linear probe and k-means\n\n"
                 + markdown_table(headers, rows)
                 + "\n\n![confusion matrix](confusion_pretrained.png)\n\n## Per-class accuracy (pretrained)\n\n"
                 + per_class_table(results["pretrained"]["probe"]))
     if is_main_process():
         write_report(out, report, markdown, "Frozen-encoder recognition")
+        if warning:
+            print(warning.replace("**", ""))
         print(format_table(headers, rows))
+        print(data_table(feats))
         print(f"report: {out / 'report.md'}")
     return report
+
+
+def data_table(feats: dict[str, FeatureSet]) -> str:
+    """The clips each split read against its manifest, as a printed table."""
+    rows = [[split, fs.read.get("expected"), fs.read.get("read", len(fs)), fs.read.get("missing", 0)]
+            for split, fs in feats.items()]
+    return format_table(["split", "clips listed", "read", "lost"], rows)
 
 
 def summary_rows(results: dict[str, dict], has_without: bool) -> tuple[list[str], list[list]]:

@@ -32,10 +32,12 @@ from mgfm.data.sampling import sample_indices
 from mgfm.data.stream import StreamConfig
 from mgfm.data.transforms import centre_crop_box, crop_resize, normalise_into
 from mgfm.data.video_io import VideoDecodeError, decode_frames, probe
-from mgfm.evaluate.features import cache_key, cache_stem, split_features
+from mgfm.evaluate.features import cache_key, cache_stem, require_complete, split_features
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
-from mgfm.evaluate.linear_probe import (EncoderEvalRecipe, encoders_to_compare, eval_device, resolve_encoder,
-                                        stream_for)
+from mgfm.data.distributed import is_main_process
+from mgfm.devices import feature_precision
+from mgfm.evaluate.linear_probe import (EncoderEvalRecipe, data_section, encoders_to_compare, eval_device,
+                                        features_folder, resolve_encoder, stream_for)
 from mgfm.evaluate.report import format_table, markdown_table, save_figure, write_report
 from mgfm.evaluate.retrieval import KINDS, RetrievalIndex, retrieval_metrics
 
@@ -107,15 +109,18 @@ def index_settings(recipe: RetrievalRecipe) -> dict:
             "ef_search": recipe.ef_search, "seed": recipe.seed}
 
 
-def index_key(encoder_id: str, recipe: RetrievalRecipe, stream: StreamConfig) -> dict:
+def index_key(encoder_id: str, recipe: RetrievalRecipe, stream: StreamConfig, device: torch.device) -> dict:
     """What an index was built from: the database features' cache key plus the index settings."""
-    return {"features": cache_key(encoder_id, recipe.shards, recipe.database_split, stream, recipe.views),
+    return {"features": cache_key(encoder_id, recipe.shards, recipe.database_split, stream, recipe.views,
+                                  feature_precision(device)),
             "index": index_settings(recipe)}
 
 
-def feature_stem(cache_dir: Path, encoder_id: str, recipe: RetrievalRecipe, split: str, stream: StreamConfig) -> Path:
+def feature_stem(cache_dir: Path, encoder_id: str, recipe: RetrievalRecipe, split: str, stream: StreamConfig,
+                 device: torch.device) -> Path:
     """The feature-cache stem :func:`split_features` uses for ``split`` (same key, same place)."""
-    return cache_stem(cache_dir, recipe.shards, split, cache_key(encoder_id, recipe.shards, split, stream, recipe.views))
+    key = cache_key(encoder_id, recipe.shards, split, stream, recipe.views, feature_precision(device))
+    return cache_stem(cache_dir, recipe.shards, split, key)
 
 
 def build_index(database: FeatureSet, recipe: RetrievalRecipe) -> RetrievalIndex:
@@ -168,7 +173,7 @@ def evaluate(recipe: RetrievalRecipe) -> dict:
     for split in (recipe.database_split, recipe.query_split):
         require_split(manifest, recipe.shards, split)
     out = output_dir(recipe, run_dir)
-    cache = run_dir / "features"
+    cache = features_folder(recipe, run_dir)
     device = eval_device(recipe)
     encoders, cfg = encoders_to_compare(encoder_folder, recipe)
     stream = stream_for(cfg, recipe)
@@ -182,38 +187,46 @@ def evaluate(recipe: RetrievalRecipe) -> dict:
                                        encoder_id=encoder_id, device=device)
                  for split in (recipe.database_split, recipe.query_split)}
         db, queries = feats[recipe.database_split], feats[recipe.query_split]
+        require_complete(queries, f"{recipe.shards} ({recipe.query_split}, queries)", recipe.allow_missing)
+        if db.read.get("missing"):
+            log.warning("%s (database): %s", recipe.shards, db.read["describe"])
         db = db.require(f"{recipe.shards} split {recipe.database_split!r} (database)")
         queries = queries.labelled().require(f"{recipe.shards} split {recipe.query_split!r} (labelled queries)", db.dim)
         index = build_index(db, recipe)
         if name == "pretrained":
-            save_index(index, folder, index_key(encoder_id, recipe, stream))
+            save_index(index, folder, index_key(encoder_id, recipe, stream, device))
             loaded = RetrievalIndex.load(folder, use_gpu=recipe.use_gpu)
             selfcheck = check_same_search(index, loaded, queries.features[: recipe.selfcheck], max(recipe.ks))
             log.info("saved index %s reloaded: same neighbours on %d queries", folder, selfcheck["queries"])
             index = loaded
         metrics = retrieval_metrics(index, queries.features, queries.labels, recipe.ks)
         results[name] = {**metrics, "feature_dim": db.dim, "index_params": index.params, "on_gpu": index.on_gpu,
-                         "features": {split: str(feature_stem(cache, encoder_id, recipe, split, stream))
+                         "features": {split: str(feature_stem(cache, encoder_id, recipe, split, stream, device))
                                       for split in (recipe.database_split, recipe.query_split)}}
 
+    data, warning = data_section(feats)
     report = {
-        "run": str(run_dir), "encoder": str(encoder_folder), "shards": recipe.shards,
+        "incomplete": warning, "data": data, "run": str(run_dir), "encoder": str(encoder_folder),
+        "shards": recipe.shards,
         "splits": {"database": recipe.database_split, "queries": recipe.query_split}, "views": recipe.views,
         "index": {"kind": recipe.index, "folder": str(folder), **index_settings(recipe)}, "ks": list(recipe.ks),
         "selfcheck": selfcheck, "results": results,
     }
     headers, rows = summary_rows(results, recipe.ks)
     first = next(iter(results.values()))
-    markdown = (f"Run `{run_dir}`, shards `{recipe.shards}`: {first['n_database']} `{recipe.database_split}` clips "
+    markdown = (f"{warning + chr(10) * 2 if warning else ''}Run `{run_dir}`, shards `{recipe.shards}`: {first['n_database']} `{recipe.database_split}` clips "
                 f"indexed ({recipe.index}, cosine), {first['n_queries']} labelled `{recipe.query_split}` clips as "
                 f"queries, {recipe.views} temporal view(s) per clip. R@k: a clip of the query's class among the "
                 "k nearest; mAP over the full exact ranking.\n\n"
                 + markdown_table(headers, rows)
                 + f"\n\nIndex saved to `{folder}`; reloaded and checked against the built index on "
                 f"{selfcheck.get('queries', 0)} queries (identical neighbours).\n")
-    write_report(out, report, markdown, "Frozen-encoder retrieval")
-    print(format_table(headers, rows))
-    print(f"report: {out / 'report.md'}")
+    if is_main_process():
+        write_report(out, report, markdown, "Frozen-encoder retrieval")
+        if warning:
+            print(warning.replace("**", ""))
+        print(format_table(headers, rows))
+        print(f"report: {out / 'report.md'}")
     return report
 
 
@@ -287,7 +300,7 @@ def index_for_queries(recipe: RetrievalRecipe, run_dir: Path, encoder: torch.nn.
 
     With an explicit ``index_dir`` the saved index is used as it is (it must exist)."""
     folder = index_dir(recipe, output_dir(recipe, run_dir))
-    key = index_key(encoder_id, recipe, stream)
+    key = index_key(encoder_id, recipe, stream, device)
     if recipe.index_dir:
         return RetrievalIndex.load(folder, use_gpu=recipe.use_gpu)
     if saved_key(folder) == key:
@@ -297,7 +310,7 @@ def index_for_queries(recipe: RetrievalRecipe, run_dir: Path, encoder: torch.nn.
     from mgfm.shards.manifest import load_manifest
 
     require_split(load_manifest(recipe.shards), recipe.shards, recipe.database_split)
-    db = split_features(None, recipe.shards, recipe.database_split, stream, run_dir / "features", recipe.views,
+    db = split_features(None, recipe.shards, recipe.database_split, stream, features_folder(recipe, run_dir), recipe.views,
                         encoder=encoder, encoder_id=encoder_id, device=device)
     index = build_index(db.require(f"{recipe.shards} split {recipe.database_split!r} (database)"), recipe)
     save_index(index, folder, key)

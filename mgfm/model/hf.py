@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mgfm.files import writing
 from mgfm.model.videomae import CUSTOM, SIZES, ModelConfig, VideoEncoder
 
 log = logging.getLogger(__name__)
@@ -277,12 +278,14 @@ def write_hf_folder(folder: str | Path, state: dict[str, torch.Tensor], config: 
     """Write a Hugging Face folder (``model.safetensors``, ``config.json``, ``preprocessor_config.json``)
     atomically: built beside the target and swapped in, so a reader never sees half a folder."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    with writing(folder):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor_dict(cfg), indent=2) + "\n")
+        with writing(folder):
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            (tmp / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor_dict(cfg), indent=2) + "\n")
         old = None
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")

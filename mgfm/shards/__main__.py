@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from mgfm.files import storage_cause
 from mgfm.shards import manifest as mf
 from mgfm.shards.build import BuildConfig, build_shards, parse_part, read_source_index
 from mgfm.shards.verify import verify_shards
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--part", default="0/1", help="i/N: build only slice i of N (for N machines)")
     b.add_argument("--splits", default=None, help="comma-separated splits to build (default: all)")
     b.add_argument("--overwrite", action="store_true", help="replace shards built from another plan")
+    b.add_argument("--classes", default=None, help="csv/smg: text file of class names, one per line (ids follow it)")
+    b.add_argument("--dedupe", action="store_true", help="csv: drop repeated rows of one clip (counted) "
+                                                         "instead of stopping at the first")
 
     v = sub.add_parser("verify", help="decode every sample and check it against the manifest")
     v.add_argument("shards", help="shard folder")
@@ -65,13 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a full disk or a read-only folder: the path and the cause, in one line
+        cause = storage_cause(err)
+        if cause is None:
+            raise
+        print(f"error: cannot write {err.filename or getattr(args, 'out', None) or args.shards}: {cause}",
+              file=sys.stderr)
+        return 1
 
 
 def _build(args: argparse.Namespace) -> int:
     fmt = args.format or ("json" if args.index.endswith(".json") else None)
     if fmt is None:
         raise ValueError(f"--format is required for {args.index} (one of {', '.join(FORMATS)})")
-    index = read_source_index(fmt, args.index, args.protocol, args.video_dir, args.video_pattern)
+    index = read_source_index(fmt, args.index, args.protocol, args.video_dir, args.video_pattern, args.classes,
+                              args.dedupe)
     config = BuildConfig(
         short_side=args.short_side, context_frames=args.context, shard_mb=args.shard_mb,
         shard_samples=args.shard_samples, crf=args.crf, workers=args.workers, source_threads=args.source_threads, part=parse_part(args.part),

@@ -430,9 +430,12 @@ def _output_size(height: int, width: int, short_side: int) -> tuple[int, int]:
 
 
 def read_source_index(fmt: str, path: str | Path, protocol: str | None = None, video_dir: str | None = None,
-                      video_pattern: str | None = None) -> ClipIndex:
-    """Read a clip index for the builder via :func:`mgfm.data.readers.read_index`."""
+                      video_pattern: str | None = None, classes: str | Path | None = None,
+                      dedupe: bool = False) -> ClipIndex:
+    """Read a clip index for the builder via :func:`mgfm.data.readers.read_index`; ``classes`` is a text
+    file of class names, one per line (csv / smg)."""
     from mgfm.data.readers import read_index
+    from mgfm.files import read_text
 
     kwargs: dict = {}
     if fmt == "imigue":
@@ -441,6 +444,14 @@ def read_source_index(fmt: str, path: str | Path, protocol: str | None = None, v
             kwargs["video_pattern"] = video_pattern
     elif protocol or video_dir:
         raise ValueError(f"--protocol/--video-dir only apply to --format imigue, not {fmt}")
+    if classes is not None:
+        if fmt not in ("csv", "smg"):
+            raise ValueError(f"--classes only applies to --format csv or smg, not {fmt}")
+        kwargs["class_names"] = [line.strip() for line in read_text(classes).splitlines() if line.strip()]
+    if dedupe:
+        if fmt != "csv":
+            raise ValueError(f"--dedupe only applies to --format csv, not {fmt}")
+        kwargs["dedupe"] = True
     return read_index(fmt, path, **kwargs)
 
 

@@ -15,6 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
+from mgfm.files import StorageError, writing
 from mgfm.train.distributed import barrier, is_main_process
 
 log = logging.getLogger(__name__)
@@ -40,14 +41,21 @@ def save_checkpoint(accelerator, root: str | Path, step: int, meta: dict, keep: 
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
+    try:
+        with writing(tmp):
+            if is_main_process():
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            barrier()
+            accelerator.save_state(str(tmp))
+            barrier()
+            if is_main_process():
+                (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
+    except StorageError:  # the half-written folder goes; the complete checkpoints before it stay
+        if is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if is_main_process():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    accelerator.save_state(str(tmp))
-    barrier()
-    if is_main_process():
-        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

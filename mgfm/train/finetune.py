@@ -29,6 +29,7 @@ Face ``VideoMAEForVideoClassification`` folder with the label names. ``compare=t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -46,8 +47,10 @@ import torch.nn.functional as F
 from mgfm.config import recipe_to_dict, save_recipe
 from mgfm.data.clip_augment import crop_resize, normalise, strong_jitter
 from mgfm.data.clip_cache import ClipCache, cache_split
+from mgfm.data.stream import SkipCounter, SplitRead, expected_clips
 from mgfm.data.subset import stratified_subset
-from mgfm.train.distributed import barrier, is_main_process, rank_world
+from mgfm.files import FolderLock
+from mgfm.train.distributed import barrier, is_main_process, rank_world, setup_logging
 from mgfm.train.engine import Engine, MicroResult, Schedule, find_checkpoint, make_accelerator, to_model, train
 from mgfm.train.finetune_recipe import FinetuneRecipe
 
@@ -127,6 +130,13 @@ def _gather_objects(local):
     return parts
 
 
+def split_read(shards: str, split: str, cache: ClipCache) -> SplitRead:
+    """How completely the ranks together cached ``split`` (against its manifest)."""
+    parts = _gather_objects((len(cache), cache.lost))
+    return SplitRead(str(shards), split, expected_clips(shards, split), sum(n for n, _ in parts),
+                     SkipCounter.merged_records(r for _, lost in parts for r in lost))
+
+
 def load_data(recipe: FinetuneRecipe, cfg, fraction: float, cached: FinetuneData | None = None) -> FinetuneData:
     """Decode (or reuse ``cached``'s) splits and choose the labelled subset for ``fraction``."""
     from mgfm.shards.manifest import load_manifest
@@ -137,6 +147,13 @@ def load_data(recipe: FinetuneRecipe, cfg, fraction: float, cached: FinetuneData
         train = cache_split(recipe.shards, recipe.train_split, train_cfg, recipe.train_views,
                             desc=f"decode {recipe.train_split}")
         test = cache_split(recipe.shards, recipe.test_split, test_cfg, recipe.views, desc=f"decode {recipe.test_split}")
+        for split, cache, strict in ((recipe.train_split, train, False), (recipe.test_split, test, True)):
+            read = split_read(recipe.shards, split, cache)
+            if not read.complete and (strict and not recipe.allow_missing):
+                raise ValueError(f"{recipe.shards}: {read.describe()}; restore the shards (`python -m mgfm.shards "
+                                 f"verify` names what is wrong) or set allow_missing=true")
+            if not read.complete:
+                log.warning("%s: %s", recipe.shards, read.describe())
     else:
         class_names, train, test = cached.class_names, cached.train, cached.test
     pairs = [p for part in _gather_objects(list(zip(train.clip_ids, train.labels.tolist()))) for p in part]
@@ -505,14 +522,19 @@ def variants(recipe: FinetuneRecipe) -> list[FinetuneRecipe]:
 
 
 def run(recipe: FinetuneRecipe) -> dict:
-    """Fine-tune as the recipe says (one run, or the compare grid); returns the (summary) report."""
-    from mgfm.evaluate.report import format_table, markdown_table, write_report
-    from mgfm.train.distributed import setup_logging
-
+    """Fine-tune as the recipe says (one run, or the compare grid); returns the (summary) report. Rank 0
+    holds the output folder's :class:`FolderLock` meanwhile."""
     make_accelerator(recipe)  # initialises the process group (under accelerate launch) before any data
     setup_logging()
     encoder_folder, run_dir, cfg = model_geometry(recipe)
     out = Path(recipe.out) if recipe.out else run_dir / "finetune" / recipe.name
+    with FolderLock(out) if is_main_process() else contextlib.nullcontext():
+        return _run(recipe, encoder_folder, cfg, out)
+
+
+def _run(recipe: FinetuneRecipe, encoder_folder: Path, cfg, out: Path) -> dict:
+    from mgfm.evaluate.report import format_table, markdown_table, write_report
+
     data: FinetuneData | None = None
     reports = []
     for variant in variants(recipe):

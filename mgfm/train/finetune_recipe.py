@@ -106,6 +106,9 @@ class FinetuneRecipe:
     semi: SemiConfig = field(default_factory=SemiConfig)
     exclude_classes: list[str] = field(default_factory=lambda: ["illustrative"])
     eval_every: int = 0  # epochs between test evaluations logged during training (0 = at the end only)
+    # Train and test although the test shards delivered fewer clips than their manifest lists (by default an
+    # error; lost train clips are only reported).
+    allow_missing: bool = False
     zero_stage: int = 0
     mixed_precision: str = "auto"
     resume: str = "auto"  # auto | never

@@ -14,6 +14,7 @@ of batches per epoch, so ranks never wait on each other at an uneven end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,8 +25,9 @@ from typing import Iterator
 import torch
 
 from mgfm.config import save_recipe
-from mgfm.data.stream import make_loader
+from mgfm.data.stream import SkipCounter, make_loader
 from mgfm.data.transforms import normalise_video
+from mgfm.files import FolderLock
 from mgfm.model.contrastive import group_ids
 from mgfm.train.engine import Engine, MicroResult, Schedule, find_checkpoint, train
 from mgfm.train.distributed import barrier, is_main_process, setup_logging
@@ -45,13 +47,18 @@ def check_geometry(recipe: PretrainRecipe) -> None:
 
 
 def ensure_default_data(recipe: PretrainRecipe) -> None:
-    """Render the synthetic benchmark and shard it when the recipe's shards are missing (rank 0 only)."""
+    """Render the synthetic benchmark and shard it when the recipe's shards are missing (rank 0 only) and
+    are the default data path: any other missing ``shards=`` (a typo) is a one-line error, never a reason
+    to render the synthetic benchmark into it."""
     shards = Path(recipe.shards)
     if "://" in recipe.shards or "{" in recipe.shards or (shards / "manifest.json").exists():
         return
-    if recipe.synthetic_data is None:
-        raise FileNotFoundError(f"shards {recipe.shards}: no manifest.json there; build them with "
-                                f"`python -m mgfm.shards build ...` or set synthetic_data=...")
+    default = next(f.default for f in dataclasses.fields(PretrainRecipe) if f.name == "shards")
+    if recipe.synthetic_data is None or shards.resolve() != Path(default).resolve():
+        near = [str(p.parent) for p in shards.parent.glob("*/manifest.json")] if shards.parent.is_dir() else []
+        hint = f" (shard sets there: {', '.join(sorted(near)[:4])})" if near else ""
+        raise FileNotFoundError(f"shards {recipe.shards}: no manifest.json there{hint}; build them with "
+                                f"`python -m mgfm.shards build ...`")
     if is_main_process():
         from mgfm.pipeline import build_default_shards
 
@@ -92,20 +99,24 @@ def init_patch_embed(encoder, recipe: PretrainRecipe, patches_per_clip: int = 12
 
 
 def run(recipe: PretrainRecipe) -> Path:
-    """Pretrain as the recipe says; returns the run directory."""
+    """Pretrain as the recipe says; returns the run directory (held by rank 0's :class:`FolderLock` while
+    the run writes to it)."""
+    engine = Engine(recipe)
+    setup_logging()
+    torch.manual_seed(recipe.seed + engine.rank)
+    ensure_default_data(recipe)
+    run_dir = Path(recipe.out_dir) / recipe.name
+    with FolderLock(run_dir) if is_main_process() else contextlib.nullcontext():
+        return _pretrain(recipe, engine, run_dir)
+
+
+def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
     from mgfm.model.hf import config_from_hf, init_encoder_from_hf, read_hf_config, save_encoder_hf
     from mgfm.model.videomae import at_geometry, build_encoder, build_pretraining_model, param_groups
 
-    engine = Engine(recipe)
-    setup_logging()
     rank, world = engine.rank, engine.world
-    torch.manual_seed(recipe.seed + rank)
-    ensure_default_data(recipe)
-
-    run_dir = Path(recipe.out_dir) / recipe.name
     ckpt_root = run_dir / "checkpoints"
     if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
 
     check_geometry(recipe)
@@ -167,10 +178,11 @@ def run(recipe: PretrainRecipe) -> Path:
         encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
         save_encoder_hf(encoder, run_dir / "encoder")
         _plot_loss(history, run_dir / "loss.png")
-        skipped = sum(counter.total for counter in skips)
+        lost = SkipCounter.merged(skips)  # a clip lost in every epoch (or every resampled pass) counts once
+        skipped = lost.samples
         summary = {"run": str(run_dir), "steps": schedule.total_steps,
                    "final_loss": history[-1]["loss"] if history else None, "clips_per_s": engine.clips_per_s,
-                   "skipped_samples": skipped, "world_size": world, "precision": engine.precision,
+                   "skipped_samples": skipped, "broken_shards": lost.shard_errors, "world_size": world, "precision": engine.precision,
                    "deepspeed": engine.deepspeed, "resumed_from_step": step if resume_from else None,
                    "seconds": time.time() - start}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -222,7 +234,11 @@ def _audit_file(run_dir: Path, rank: int):
 def _plot_loss(history: list[dict], path: Path) -> None:
     if not history:
         return
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        log.warning("matplotlib is not installed: no %s (metrics.jsonl has the losses)", path.name)
+        return
 
     from mgfm.evaluate.report import save_figure
 

@@ -32,7 +32,8 @@ class PretrainRecipe:
     # Shards to pretrain on: a folder with manifest.json, a brace pattern or URLs.
     shards: str = "shards/synthetic"
     split: str = "train"
-    # When `shards` is missing and this is set, render this synthetic benchmark and shard it first.
+    # When `shards` is the default path (shards/synthetic) and missing, and this is set, render this synthetic
+    # benchmark and shard it first. Any other missing `shards` is an error.
     synthetic_data: str | None = "data/synthetic"
     model: ModelConfig = field(default_factory=ModelConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)

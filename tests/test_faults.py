@@ -1,0 +1,416 @@
+"""The fault kit: damaged shards, stale caches, concurrent runs, typos in data and paths, encodings, full or
+read-only disks. Each fault must end in a clear answer (a one-line error naming what is wrong, or a skip that
+is counted once and reported), never in a silent loss or a misleading message."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_CLASSES, read_tar, subprocess_env, tiny_encoder_folder
+
+from mgfm.data.clip_index import AnnotationError, Clip, ClipIndex
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"size": "custom", "img_size": 32, "frames": 4, "dim": 32, "depth": 1, "heads": 2,
+              "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 1, "norm_pix_loss": False}
+
+
+def _copy(shards: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "shards"
+    shutil.copytree(shards, out)
+    return out
+
+
+def _shard_files(shards: Path, split: str) -> list[Path]:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    return [shards / s["name"] for s in manifest["splits"][split]["shards"]]
+
+
+def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+def _last_line(result: subprocess.CompletedProcess) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+def _probe_args(run: Path, shards: Path, *extra: str) -> list[str]:
+    return ["eval/linear_probe.py", f"run={run}", f"shards={shards}", "num_workers=0", "batch_size=2",
+            "references=false", "kmeans=false", "probe.c_grid=[1.0]", *extra]
+
+
+# ------------------------------------------------------------------------------- 1. an empty shard
+
+
+@pytest.mark.parametrize("damage", ["zero bytes", "valid empty tar", "cut to one sample"])
+def test_a_test_shard_that_lost_its_clips_is_an_error_unless_allowed(tmp_path, tiny_shards, damage):
+    shards = _copy(tiny_shards, tmp_path)
+    broken = _shard_files(shards, "test")[1]
+    if damage == "zero bytes":
+        broken.write_bytes(b"")
+    else:
+        members = read_tar(broken)
+        keep = list(members)[:1] if damage == "cut to one sample" else []
+        with tarfile.open(broken, "w") as tar:
+            for key in keep:
+                for ext, data in members[key].items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    lost = 3 - (1 if damage == "cut to one sample" else 0)
+    run = tmp_path / "run"
+    tiny_encoder_folder(run / "encoder")
+
+    refused = _run(_probe_args(run, shards))
+    assert refused.returncode == 2
+    last = _last_line(refused)
+    assert f"read {6 - lost} of 6 clips of test ({lost} lost: {broken.name}" in last and "allow_missing=true" in last
+
+    allowed = _run(_probe_args(run, shards, "allow_missing=true"))
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    out = run / "eval" / "shards"
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["test"]["expected"] == 6 and report["data"]["test"]["read"] == 6 - lost
+    assert report["data"]["test"]["missing"] == lost and report["data"]["test"]["lost"][0]["shard"].endswith(broken.name)
+    assert report["results"]["pretrained"]["probe"]["n"] == 6 - lost
+    first = (out / "report.md").read_text().splitlines()[2]  # after the title
+    assert first.startswith("**Incomplete data (allow_missing=true):** read")
+    assert "Incomplete data" in allowed.stdout.splitlines()[0]
+
+
+def test_pretraining_counts_the_clips_of_an_empty_train_shard_once(tmp_path, tiny_shards):
+    shards = _copy(tiny_shards, tmp_path)
+    _shard_files(shards, "train")[0].write_bytes(b"")
+    recipe = {"name": "t", "out_dir": str(tmp_path / "runs"), "shards": str(shards), "synthetic_data": None,
+              "model": TINY_MODEL, "stream": {"img_size": 32, "frames": 4, "batch_size": 2, "num_workers": 0,
+                                               "mask_ratio": 0.5},
+              "optim": {"base_lr": 0.5, "epochs": 5, "warmup_epochs": 0}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = _run(["pretrain.py", "--recipe", str(tmp_path / "r.yaml")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "t" / "summary.json").read_text())
+    # 3 clips lost over 5 epochs of resampled passes: counted once each, the shard once
+    assert summary["skipped_samples"] == 3 and summary["broken_shards"] == 1
+    assert "empty shard: 0 bytes" in result.stderr
+
+
+# ------------------------------------------------------------------------------- 2. the feature cache
+
+
+def test_the_feature_cache_never_keeps_a_loss_and_follows_the_shard_files(tmp_path, tiny_shards):
+    from mgfm.data.stream import StreamConfig
+    from mgfm.evaluate.features import eval_stream_config, split_features
+
+    shards = _copy(tiny_shards, tmp_path)
+    encoder = tiny_encoder_folder(tmp_path / "encoder")
+    cfg = eval_stream_config(StreamConfig(frames=4, img_size=32), batch_size=2, num_workers=0)
+    cache = tmp_path / "cache"
+    shard = _shard_files(shards, "test")[0]
+    saved = shard.read_bytes()
+    shard.write_bytes(b"")
+    partial = split_features(encoder, shards, "test", cfg, cache)
+    assert len(partial) == 3 and partial.read["missing"] == 3
+    assert not list(cache.glob("*.json")), "an incomplete set must not be cached"
+
+    shard.write_bytes(saved)  # restored: every clip again, now cached
+    full = split_features(encoder, shards, "test", cfg, cache)
+    assert len(full) == 6 and full.read["missing"] == 0 and len(list(cache.glob("*.json"))) == 1
+
+    # the manifest is part of the key: a rewritten manifest (other classes, say) is never served stale
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["class_names"] = ["x", "y", "z"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    split_features(encoder, shards, "test", cfg, cache)
+    assert len(list(cache.glob("*.json"))) == 2
+    # so are the shard files: one rewritten in place (same manifest) is read again
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    split_features(encoder, shards, "test", cfg, cache)
+    assert len(list(cache.glob("*.json"))) == 3
+
+
+def test_features_dir_moves_the_evaluation_cache(tmp_path, tiny_shards):
+    run = tmp_path / "run"
+    tiny_encoder_folder(run / "encoder")
+    result = _run(_probe_args(run, tiny_shards, f"features_dir={tmp_path / 'elsewhere'}"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list((tmp_path / "elsewhere").glob("*.safetensors")) and not (run / "features").exists()
+
+
+# ------------------------------------------------------------------------------- 3. concurrent runs
+
+
+def _tiny_recipe(tmp_path: Path, shards: Path, **extra) -> Path:
+    recipe = {"name": "dup", "out_dir": str(tmp_path / "runs"), "shards": str(shards), "synthetic_data": None,
+              "model": TINY_MODEL, "stream": {"img_size": 32, "frames": 4, "batch_size": 2, "num_workers": 0,
+                                               "mask_ratio": 0.5},
+              "optim": {"base_lr": 0.5, "epochs": 1, "warmup_epochs": 0}, **extra}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_a_second_writer_of_a_run_folder_is_refused_and_a_dead_holders_lock_taken_over(tmp_path, tiny_shards):
+    from mgfm.files import FolderLock
+
+    recipe = _tiny_recipe(tmp_path, tiny_shards)
+    run = tmp_path / "runs" / "dup"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run.mkdir(parents=True)
+        lock = {"pid": holder.pid, "host": os.uname().nodename, "started": None, "since": "earlier"}
+        (run / FolderLock.NAME).write_text(json.dumps(lock))
+        refused = _run(["pretrain.py", "--recipe", str(recipe)])
+        assert refused.returncode == 2
+        assert f"is in use by pid {holder.pid}" in _last_line(refused)
+        assert not (run / "recipe.yaml").exists(), "the refused run must not write into the folder"
+    finally:
+        holder.kill()
+        holder.wait()
+    taken = _run(["pretrain.py", "--recipe", str(recipe)])  # the holder is gone now
+    assert taken.returncode == 0, taken.stderr[-2000:]
+    assert f"taking over the lock of pid {holder.pid}" in taken.stderr
+    assert not (run / FolderLock.NAME).exists() and (run / "encoder" / "config.json").exists()
+
+
+def test_folder_lock_in_process(tmp_path):
+    from mgfm.files import FolderInUse, FolderLock
+
+    with FolderLock(tmp_path / "run"):
+        with pytest.raises(FolderInUse, match=f"in use by pid {os.getpid()}"):
+            with FolderLock(tmp_path / "run"):
+                pass
+    with FolderLock(tmp_path / "run"):  # released on exit
+        pass
+
+
+# ------------------------------------------------------------------------------- 4. a mistyped shards path
+
+
+def test_a_mistyped_shards_path_is_an_error_not_a_reason_to_render(tmp_path, tiny_shards):
+    recipe = _tiny_recipe(tmp_path, tiny_shards)
+    synthetic = tmp_path / "data" / "synthetic"
+    result = _run(["pretrain.py", "--recipe", str(recipe), f"shards={tmp_path / 'shrads'}",
+                   f"synthetic_data={synthetic}"])
+    assert result.returncode == 2
+    assert "shrads: no manifest.json there" in _last_line(result)
+    assert not synthetic.exists() and not (tmp_path / "shrads").exists()
+
+
+# ------------------------------------------------------------------------------- 5. a damaged train split
+
+
+def test_classes_a_damaged_train_split_lost_are_named(tmp_path, tiny_videos):
+    from mgfm.shards import BuildConfig, build_shards
+
+    # train: class_a and class_b in the first shard, class_c alone in the second
+    clips = [Clip("v0", 0, 9, 0, "1", "train", 25.0, str(tiny_videos["v0"])),
+             Clip("v0", 10, 19, 1, "1", "train", 25.0, str(tiny_videos["v0"])),
+             Clip("v1", 2, 12, 2, "2", "train", 25.0, str(tiny_videos["v1"])),
+             Clip("v2", 0, 9, 0, "3", "test", 25.0, str(tiny_videos["v2"])),
+             Clip("v2", 10, 19, 2, "3", "test", 25.0, str(tiny_videos["v2"])),
+             Clip("v3", 0, 9, 1, "4", "test", 25.0, str(tiny_videos["v3"]))]
+    shards = tmp_path / "shards"
+    build_shards(ClipIndex(clips, list(TINY_CLASSES), "t", {}), shards, BuildConfig(short_side=32, shard_samples=2,
+                                                                                    crf=12), source={"format": "t"})
+    _shard_files(shards, "train")[1].write_bytes(b"")
+    run = tmp_path / "run"
+    tiny_encoder_folder(run / "encoder")
+    result = _run(_probe_args(run, shards))
+    assert result.returncode == 2
+    last = _last_line(result)
+    assert "classes 2 ('class_c') have test clips but no train clips" in last
+    assert "read 2 of 3 clips of train (1 lost" in last and "NaN" not in result.stderr
+
+
+# ------------------------------------------------------------------------------- 6. readers
+
+
+def _csv(tmp_path: Path, rows: list[str], name: str = "clips.csv", encoding: str = "utf-8") -> Path:
+    path = tmp_path / name
+    path.write_bytes(("path,label,subject,split\n" + "\n".join(rows) + "\n").encode(encoding))
+    return path
+
+
+def _read(path: Path, **kw) -> ClipIndex:
+    from mgfm.data.generic_csv import read_csv_index
+
+    return read_csv_index(path, **kw)
+
+
+def test_a_typo_in_a_names_only_csv_is_not_a_new_class(tmp_path):
+    rows = [f"v{i}.mp4,touch forehead,s{i},train" for i in range(5)] + ["v9.mp4,touch forhead,s9,test",
+                                                                        "v8.mp4,fold arms,s8,test"]
+    with pytest.raises(AnnotationError) as err:
+        _read(_csv(tmp_path, rows))
+    message = str(err.value)
+    assert "clips.csv:7 field 'label'" in message and "did you mean 'touch forehead'?" in message
+    assert "\n" not in message
+    # names a case apart are the same typo
+    with pytest.raises(AnnotationError, match="did you mean 'fold arms'"):
+        _read(_csv(tmp_path, ["a.mp4,fold arms,s1,train", "b.mp4,fold arms,s1,train", "c.mp4,Fold Arms,s2,test"]))
+    # a given class list: a name outside it is refused with a suggestion; near names are fine there
+    with pytest.raises(AnnotationError, match="unknown class 'touch forhead'; did you mean 'touch forehead'"):
+        _read(_csv(tmp_path, rows), class_names=["touch forehead", "fold arms"])
+    ok = _read(_csv(tmp_path, ["a.mp4,touch hat,s1,train", "b.mp4,touch hair,s2,test"]),
+               class_names=["touch hat", "touch hair"])
+    assert [c.label for c in ok.clips] == [0, 1]
+
+
+def test_repeated_rows_are_an_error_naming_both_lines_or_dropped_with_dedupe(tmp_path, caplog):
+    rows = ["a.mp4,x,s1,train", "b.mp4,y,s1,train", "a.mp4,x,s1,train", "c.mp4,x,s2,test"]
+    with pytest.raises(AnnotationError, match=r"clips.csv:4: the same clip as line 2 .*--dedupe"):
+        _read(_csv(tmp_path, rows))
+    index = _read(_csv(tmp_path, rows), dedupe=True)
+    assert len(index.clips) == 3 and "1 repeated row(s) dropped" in caplog.text
+    with pytest.raises(AnnotationError, match="the same clip as line 2 with another label"):
+        _read(_csv(tmp_path, ["a.mp4,x,s1,train", "a.mp4,y,s1,train"]), dedupe=True)
+
+
+def test_shard_builder_takes_a_class_list_and_dedupe(tmp_path):
+    from mgfm.shards.build import read_source_index
+
+    csv = _csv(tmp_path, ["a.mp4,touch hat,s1,train", "a.mp4,touch hat,s1,train", "b.mp4,touch hair,s2,test"])
+    (tmp_path / "classes.txt").write_text("touch hat\ntouch hair\n")
+    index = read_source_index("csv", csv, classes=tmp_path / "classes.txt", dedupe=True)
+    assert index.class_names == ["touch hat", "touch hair"] and len(index.clips) == 2
+
+
+# ------------------------------------------------------------------------------- 7. disks and permissions
+
+
+def test_a_read_only_run_folder_is_one_line(tmp_path, tiny_shards, monkeypatch, capsys):
+    import mgfm.train.pretrain as pretrain
+
+    def read_only(recipe, path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path) + ".tmp")
+
+    monkeypatch.setattr(pretrain, "save_recipe", read_only)
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(["--recipe", str(_tiny_recipe(tmp_path, tiny_shards))])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("pretrain.py: error: cannot write") and "recipe.yaml.tmp: read-only file system" in err
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    from accelerate.state import AcceleratorState
+
+    from test_engine import _recipe
+
+    from mgfm.files import StorageError
+    from mgfm.train import checkpoint
+    from mgfm.train.engine import Engine, Schedule
+
+    AcceleratorState._reset_state(True)
+    engine = Engine(_recipe())
+    model = torch.nn.Linear(2, 1)
+    engine.prepare(model, [{"params": list(model.parameters())}], Schedule(4, 4, 0, 1e-3, 1e-6))
+    good = engine.save(tmp_path / "ckpt", 1, {})
+
+    def full(path):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos; basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(engine.accelerator, "save_state", full)
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda p: shutil_module._ntuple_diskusage(100, 100, 0))
+    with pytest.raises(StorageError, match=r"cannot write .*step_00000002.tmp: no space left on the device"):
+        engine.save(tmp_path / "ckpt", 2, {})
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path / "ckpt")] == [good.name]
+    assert not (tmp_path / "ckpt" / "step_00000002.tmp").exists()
+    AcceleratorState._reset_state(True)
+
+
+def test_a_full_disk_while_building_shards_is_one_line(tmp_path, tiny_csv, monkeypatch, capsys):
+    import mgfm.shards.__main__ as shards_cli
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "train-000000.tar.tmp"))
+
+    monkeypatch.setattr(shards_cli, "build_shards", full)
+    assert shards_cli.main(["build", "--format", "csv", "--index", str(tiny_csv), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: cannot write {tmp_path / 'out' / 'train-000000.tar.tmp'}: no space left on the device"
+
+
+# ------------------------------------------------------------------------------- 8. encodings
+
+
+def test_a_csv_with_a_byte_order_mark_reads(tmp_path):
+    index = _read(_csv(tmp_path, ["a.mp4,x,s1,train", "b.mp4,y,s2,test"], encoding="utf-8-sig"))
+    assert [c.label_name for c in index.clips] == ["x", "y"]
+
+
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
+    path = _csv(tmp_path, ["a.mp4,touch forehead,s1,train", "b.mp4,café,s2,test"], encoding="latin-1")
+    with pytest.raises(AnnotationError, match=r"clips.csv:3: not UTF-8 text \(byte 0xe9 at column 10\)"):
+        _read(path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(b"name: x\n\x89PNG\r\n\x1a\n\x00\x00")
+    result = _run(["pretrain.py", "--recipe", str(recipe)])
+    assert result.returncode == 2
+    assert _last_line(result) == (f"pretrain.py: error: recipe {recipe}:2: not UTF-8 text (byte 0x89 at column 1); "
+                                  f"save it as UTF-8")
+
+
+# ------------------------------------------------------------------------------- 9. streams
+
+
+def test_a_garbage_mp4_is_skipped_without_printing_its_bytes(tmp_path, tiny_shards):
+    shards = _copy(tiny_shards, tmp_path)
+    shard = _shard_files(shards, "test")[0]
+    members = read_tar(shard)
+    first = next(iter(members))
+    members[first]["mp4"] = bytes(range(256)) * 4
+    with tarfile.open(shard, "w") as tar:
+        for key, files in members.items():
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    run = tmp_path / "run"
+    tiny_encoder_folder(run / "encoder")
+    result = _run(_probe_args(run, shards, "allow_missing=true"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all(c.isprintable() or c in "\n\r\t\x1b" for c in result.stderr + result.stdout), "binary on the terminal"
+    report = json.loads((run / "eval" / "shards" / "report.json").read_text())
+    assert report["data"]["test"]["missing"] == 1 and report["data"]["test"]["lost"][0]["key"] == first
+
+
+@pytest.mark.slow
+def test_two_ranks_with_a_missing_train_shard_skip_and_count_like_one(tmp_path, tiny_shards):
+    shards = _copy(tiny_shards, tmp_path)
+    _shard_files(shards, "train")[1].unlink()
+    recipe = _tiny_recipe(tmp_path, shards, optim={"base_lr": 0.5, "epochs": 3, "warmup_epochs": 0})
+    launch = ["-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/multi_cpu_deepspeed.yaml"]
+    result = _run([*launch, "pretrain.py", "--recipe", str(recipe)])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "dup" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["skipped_samples"] == 3 and summary["broken_shards"] == 1
+    assert "missing shard" in result.stderr
+
+
+def test_fine_tuning_refuses_a_test_split_that_lost_clips(tmp_path, tiny_shards):
+    shards = _copy(tiny_shards, tmp_path)
+    _shard_files(shards, "test")[0].write_bytes(b"")
+    encoder = tiny_encoder_folder(tmp_path / "encoder")
+    args = ["eval/finetune.py", f"run={encoder}", f"shards={shards}", f"out={tmp_path / 'ft'}", "stream.num_workers=0",
+            "stream.batch_size=2", "optim.epochs=1", "views=1", "head_init=random"]
+    refused = _run(args)
+    assert refused.returncode == 2
+    assert "read 3 of 6 clips of test (3 lost" in _last_line(refused) and "allow_missing=true" in _last_line(refused)
+    allowed = _run([*args, "allow_missing=true"])
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert json.loads((tmp_path / "ft" / "report.json").read_text())["test_clips"] == 3
