@@ -300,3 +300,20 @@ def test_uint8_batches_are_normalised_by_the_trainer(tmp_path, tiny_shards):
     losses = [m["loss"] for m in _metrics(tmp_path / "runs" / "tiny")]
     # Un-normalised 0..255 pixels through the pixel loss would give losses in the thousands.
     assert losses and all(loss < 10 for loss in losses)
+
+
+def test_pretraining_on_a_weighted_mixture_of_shard_sets(tmp_path, tiny_shards):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_shards, other)
+    recipe = _recipe(tmp_path, tiny_shards, audit_data=True)
+    result = _pretrain(["--recipe", str(recipe), f"shards=[{tiny_shards},{other}]", "shard_weights=[1,3]",
+                        "optim.epochs=4"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    drawn = [clip for _, clip in _audit(run)]
+    sets = {clip.split("/")[0] for clip in drawn}
+    assert sets == {tiny_shards.name, "other"}
+    # 12 clips per epoch (both sets' train clips), 4 epochs of 6 steps; about a quarter from the first set
+    assert len(drawn) == 48 and 0.1 < sum(c.startswith(f"{tiny_shards.name}/") for c in drawn) / 48 < 0.45
+    bad = _pretrain(["--recipe", str(recipe), f"shards=[{tiny_shards},{other}]", "shard_weights=[1]"])
+    assert bad.returncode == 2 and "1 weights for 2 shard sets" in bad.stderr.strip().splitlines()[-1]

@@ -424,3 +424,46 @@ def test_tar_reader_matches_tarfile_on_pax_gnu_and_truncated_tars():
         assert [(m["fname"], m["data"]) for m in tar_members(io.BytesIO(data))] == expected
         with pytest.raises(EOFError):
             list(tar_members(io.BytesIO(data[:1500])))
+
+
+# ------------------------------------------------------------------------------------- mixtures
+
+
+@pytest.fixture(scope="module")
+def two_sets(tiny_index, tmp_path_factory) -> tuple[Path, Path]:
+    """Two shard sets of the tiny clips, one clip per shard: ``a`` and ``b`` (the same clips, other names)."""
+    root = tmp_path_factory.mktemp("mix")
+    for name in ("a", "b"):
+        build_shards(tiny_index, root / name, BuildConfig(short_side=32, shard_samples=1, crf=12),
+                     source={"format": "test"})
+    return root / "a", root / "b"
+
+
+def test_a_mixture_evaluates_every_clip_of_every_set_exactly_once(two_sets):
+    from mgfm.data.stream import Mixture
+
+    mixture = Mixture(tuple(str(p) for p in two_sets), (5.0, 1.0))
+    seen = []
+    for rank in range(3):  # three ranks: together every clip once, each set's clips tagged with the set
+        loader, skips = make_loader(mixture, "test", small_cfg(), mode="eval", rank=rank, world=3)
+        seen += [c for b in loader for c in b["clip_id"]]
+        assert skips.total == 0
+    assert sorted(seen) == sorted(f"{s}/{k}" for s in ("a", "b") for k in TEST_KEYS)
+
+
+def test_a_mixture_trains_on_disjoint_clips_per_rank_in_the_given_proportions(two_sets):
+    from mgfm.data.stream import Mixture
+
+    mixture = Mixture(tuple(str(p) for p in two_sets), (3.0, 1.0))
+    per_rank = []
+    for rank in range(2):
+        loader, _ = make_loader(mixture, "train", small_cfg(batches_per_epoch=40, shuffle_buffer=1), mode="train",
+                                rank=rank, world=2)
+        per_rank.append([c for b in loader for c in b["clip_id"]])
+    # each rank reads its own shards of each set: the clips of two ranks never meet within an epoch
+    assert not set(per_rank[0]) & set(per_rank[1])
+    drawn = per_rank[0] + per_rank[1]
+    share_a = sum(c.startswith("a/") for c in drawn) / len(drawn)
+    assert len(drawn) == 160 and 0.65 < share_a < 0.85, share_a  # 3:1 -> 0.75
+    with pytest.raises(ValueError, match="2 weights for 1 shard sets"):
+        Mixture((str(two_sets[0]),), (1.0, 2.0))

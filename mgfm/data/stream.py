@@ -170,6 +170,46 @@ class ShardTask:
         return None if n is None else len(range(self.rem, n, self.mod))
 
 
+@dataclass(frozen=True)
+class Mixture:
+    """Several shard sets streamed as one (pretraining a foundation model on many datasets): ``sources``,
+    each anything :func:`make_loader` takes, and their sampling ``weights`` (None = in proportion to their
+    clips, i.e. plain concatenation). Train batches mix the sets' clips in these proportions; eval reads
+    every clip of every set exactly once. With several sets a clip id is prefixed with its set's name."""
+
+    sources: tuple
+    weights: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", tuple(str(s) for s in self.sources))
+        if not self.sources:
+            raise ValueError("a shard mixture needs at least one shard set")
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+            if len(self.weights) != len(self.sources):
+                raise ValueError(f"shard_weights: {len(self.weights)} weights for {len(self.sources)} shard sets")
+            if any(w < 0 for w in self.weights) or not sum(self.weights) > 0:
+                raise ValueError(f"shard_weights: expected non-negative weights, not all 0, got {list(self.weights)}")
+
+    @property
+    def names(self) -> list[str]:
+        """A short name per set (its folder name, made unique) that prefixes its clip ids."""
+        names: list[str] = []
+        for source in self.sources:
+            base = Path(source.rstrip("/")).name or "set"
+            names.append(base if base not in names else f"{base}{len(names)}")
+        return names
+
+
+def shard_sets(source, split: str, remote_commands: dict[str, str] | None = None,
+               keep_missing: bool = False) -> list[tuple[str | None, list[ShardRef]]]:
+    """``[(set name or None, shards)]`` of ``source``: one set, or each set of a :class:`Mixture`."""
+    if isinstance(source, Mixture):
+        return [(name, resolve_shards(s, split, remote_commands, keep_missing))
+                for name, s in zip(source.names, source.sources)]
+    return [(None, resolve_shards(source, split, remote_commands, keep_missing))]
+
+
 # ----------------------------------------------------------------------------------------- sources
 
 
@@ -232,11 +272,10 @@ def _unreadable(ref: ShardRef) -> str | None:
     return f"empty shard: {size} bytes" if size < _BLOCK and ref.samples else None
 
 
-def missing_local_shards(source: str | Path | Sequence[str], split: str,
-                         remote_commands: dict[str, str] | None = None) -> list[dict]:
+def missing_local_shards(source, split: str, remote_commands: dict[str, str] | None = None) -> list[dict]:
     """Skip records of the shards of ``split`` that the manifest lists and the disk lacks (see
     :func:`resolve_shards`): the same on every rank, so ranks agree on the shards they split."""
-    refs = resolve_shards(source, split, remote_commands, keep_missing=True)
+    refs = [r for _, refs in shard_sets(source, split, remote_commands, keep_missing=True) for r in refs]
     out = []
     for ref in refs:
         why = _unreadable(ref)
@@ -404,9 +443,9 @@ class SplitRead:
                 "lost": [{k: r.get(k) for k in ("shard", "key", "reason", "count")} for r in self.lost[:100]]}
 
 
-def expected_clips(source: str | Path | Sequence[str], split: str, remote_commands: dict | None = None) -> int | None:
-    """Clips the manifest lists for ``split`` of ``source`` (None when shard sizes are unknown)."""
-    refs = resolve_shards(source, split, remote_commands, keep_missing=True)
+def expected_clips(source, split: str, remote_commands: dict | None = None) -> int | None:
+    """Clips the manifests list for ``split`` of ``source`` (None when shard sizes are unknown)."""
+    refs = [r for _, refs in shard_sets(source, split, remote_commands, keep_missing=True) for r in refs]
     return None if any(r.samples is None for r in refs) else sum(r.samples for r in refs)
 
 
@@ -446,16 +485,24 @@ class _WorkerState:
 
 
 class ClipStream(IterableDataset):
-    """The per-process clip stream; build it with :func:`make_loader` (it also sets rank/world)."""
+    """The per-process clip stream; build it with :func:`make_loader` (it also sets rank/world).
 
-    def __init__(self, shards: Sequence[ShardRef], cfg: StreamConfig, mode: str = "train", epoch: int = 0,
-                 rank: int = 0, world: int = 1, batches_per_epoch: int | None = None):
+    ``sets``: ``[(name or None, shards)]``, one or several shard sets (:class:`Mixture`), each split over
+    ranks and workers on its own; ``weights``: their sampling weights in train mode (None: by size)."""
+
+    def __init__(self, sets: Sequence[tuple[str | None, Sequence[ShardRef]]], cfg: StreamConfig,
+                 mode: str = "train", epoch: int = 0, rank: int = 0, world: int = 1,
+                 batches_per_epoch: int | None = None, weights: Sequence[float] | None = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"stream mode must be one of {MODES}, got {mode!r}")
         if mode == "train" and not batches_per_epoch:
             raise ValueError("train stream needs batches_per_epoch >= 1")
-        self.shards = list(shards)
+        self.sets = [(name, list(refs)) for name, refs in sets]
+        if weights is None:
+            weights = [sum(r.samples or _UNKNOWN_SHARD_SAMPLES for r in refs) for _, refs in self.sets]
+        total = float(sum(weights))
+        self.weights = [w / total for w in weights]
         self.cfg = cfg
         self.mode = mode
         self.epoch = epoch
@@ -477,7 +524,8 @@ class ClipStream(IterableDataset):
             return int(self.batches_per_epoch)
         total = 0
         for w in range(max(1, workers)):
-            tasks = assign_shards(self.shards, Slot(self.rank, self.world, w, max(1, workers)))
+            slot = Slot(self.rank, self.world, w, max(1, workers))
+            tasks = [t for _, refs in self.sets for t in assign_shards(refs, slot)]
             counts = [t.expected for t in tasks]
             if any(c is None for c in counts):
                 return None
@@ -491,11 +539,15 @@ class ClipStream(IterableDataset):
         train = self.mode == "train"
         state = _WorkerState(self.cfg.log_skips)
         rng = np.random.default_rng([self.cfg.seed, self.epoch, slot.rank, slot.worker, int(train)])
-        tasks = assign_shards(self.shards, slot, self.mode, self.cfg.seed, self.epoch)
-        stages: list[Any] = [
-            partial(_task_source, tasks=tasks, train=train, rng=rng, state=state),
-            partial(_read_shards, state=state),
-        ]
+        per_set = [(name, assign_shards(refs, slot, self.mode, self.cfg.seed, self.epoch)) for name, refs in self.sets]
+        tasks = [t for _, set_tasks in per_set for t in set_tasks]
+        if train and len(per_set) > 1:  # one endless source per set, drawn from by weight
+            stages: list[Any] = [partial(_mixed_sources, sets=per_set, weights=self.weights, rng=rng, state=state)]
+        elif len(per_set) > 1:  # eval: each set's clips once, set after set
+            stages = [partial(_sets_in_turn, sets=per_set, rng=rng, state=state)]
+        else:
+            stages = [partial(_task_source, tasks=tasks, train=train, rng=rng, state=state),
+                      partial(_read_shards, state=state)]
         if train and self.cfg.shuffle_buffer > 1:
             stages.append(wds.filters.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer // 2,
                                               rng=random.Random(int(rng.integers(2**62)))))
@@ -507,6 +559,34 @@ class ClipStream(IterableDataset):
         stages.append(partial(_batch_stage, cfg=self.cfg, train=train, rng=rng, state=state, limit=limit,
                               partial_last=not train))
         return iter(wds.DataPipeline(*stages))
+
+
+def _mixed_sources(sets: list[tuple[str | None, list[ShardTask]]], weights: list[float], rng: np.random.Generator,
+                   state: _WorkerState) -> Iterator[dict]:
+    """Train samples of several shard sets, each next one from a set drawn with ``weights``; a set whose
+    shards all broke drops out (the others' weights renormalised)."""
+    sources = [_read_shards(_task_source(tasks, True, rng, state), state) for _, tasks in sets]
+    names = [name for name, _ in sets]
+    live = [i for i, (_, tasks) in enumerate(sets) if tasks and weights[i] > 0]
+    while live:
+        p = np.array([weights[i] for i in live])
+        i = live[int(rng.choice(len(live), p=p / p.sum()))]
+        try:
+            sample = next(sources[i])
+        except StopIteration:
+            live.remove(i)
+            continue
+        sample["__set__"] = names[i]
+        yield sample
+
+
+def _sets_in_turn(sets: list[tuple[str | None, list[ShardTask]]], rng: np.random.Generator,
+                  state: _WorkerState) -> Iterator[dict]:
+    """Eval samples of several shard sets: every clip of each set once, tagged with its set."""
+    for name, tasks in sets:
+        for sample in _read_shards(_task_source(tasks, False, rng, state), state):
+            sample["__set__"] = name
+            yield sample
 
 
 def _task_source(tasks: list[ShardTask], train: bool, rng: np.random.Generator, state: _WorkerState):
@@ -707,8 +787,11 @@ def _decode_one(sample: dict, cfg: StreamConfig, train: bool, repeats: int, rng:
         frames = _decode(mp4, lookup, cfg)
         if len(frames) != len(lookup):
             raise _SampleError(f"decode error: got {len(frames)} frames for {len(lookup)} indices")
-    return {"frames": frames, "lookup": lookup, "views": views, "label": label,
-            "clip_id": str(meta.get("clip_id", key)), "meta": meta}
+    clip_id = str(meta.get("clip_id", key))
+    if sample.get("__set__"):  # a mixture: clip ids of different sets must not collide
+        meta["set"] = sample["__set__"]
+        clip_id = f"{sample['__set__']}/{clip_id}"
+    return {"frames": frames, "lookup": lookup, "views": views, "label": label, "clip_id": clip_id, "meta": meta}
 
 
 def _decode(mp4: bytes, indices: np.ndarray | None, cfg: StreamConfig) -> np.ndarray:
@@ -862,23 +945,26 @@ def pin_memory(cfg: StreamConfig) -> bool:
     return torch.cuda.is_available()
 
 
-def make_loader(source: str | Path | Sequence[str], split: str, cfg: StreamConfig, mode: str = "train",
+def make_loader(source: str | Path | Sequence[str] | Mixture, split: str, cfg: StreamConfig, mode: str = "train",
                 epoch: int = 0, rank: int | None = None, world: int | None = None) -> tuple[StreamLoader, SkipCounter]:
-    """A batched DataLoader over the ``split`` shards of ``source`` and the counter of what it skips.
+    """A batched DataLoader over the ``split`` shards of ``source`` (one shard set, or a :class:`Mixture` of
+    several) and the counter of what it skips.
 
     ``rank``/``world`` default to :func:`mgfm.data.distributed.rank_world`. Create a new loader per
     epoch (``epoch`` reseeds shard order, shuffling, crops and masks). Do not ``accelerator.prepare`` it.
     """
     if rank is None or world is None:
         rank, world = rank_world()
-    shards = resolve_shards(source, split, cfg.remote_commands)
+    sets = shard_sets(source, split, cfg.remote_commands)
+    shards = [r for _, refs in sets for r in refs]
     missing = missing_local_shards(source, split, cfg.remote_commands)
     batches = cfg.batches_per_epoch
     if mode == "train" and batches is None:
         if any(s.samples is None for s in shards):
             raise ValueError(f"{source}: shard sizes unknown (no manifest); set batches_per_epoch for training")
         batches = max(1, sum(s.samples for s in shards) // (world * cfg.batch_size))
-    dataset = ClipStream(shards, cfg, mode, epoch, rank, world, batches)
+    weights = source.weights if isinstance(source, Mixture) else None
+    dataset = ClipStream(sets, cfg, mode, epoch, rank, world, batches, weights)
     counter = SkipCounter()
     counter.add(missing)
     for rec in missing[:cfg.log_skips] if rank == 0 else []:

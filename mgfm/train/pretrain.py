@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 
 from mgfm.config import save_recipe
-from mgfm.data.stream import SkipCounter, make_loader
+from mgfm.data.stream import Mixture, SkipCounter, make_loader
 from mgfm.data.transforms import normalise_video
 from mgfm.files import FolderLock
 from mgfm.model.contrastive import group_ids
@@ -48,24 +48,39 @@ def check_geometry(recipe: PretrainRecipe) -> None:
 
 def ensure_default_data(recipe: PretrainRecipe) -> None:
     """Render the synthetic benchmark and shard it when the recipe's shards are missing (rank 0 only) and
-    are the default data path: any other missing ``shards=`` (a typo) is a one-line error, never a reason
-    to render the synthetic benchmark into it."""
-    shards = Path(recipe.shards)
-    if "://" in recipe.shards or "{" in recipe.shards or (shards / "manifest.json").exists():
-        return
+    are the default data path: any other missing shard set (a typo) is a one-line error, never a reason to
+    render the synthetic benchmark into it."""
     default = next(f.default for f in dataclasses.fields(PretrainRecipe) if f.name == "shards")
-    if recipe.synthetic_data is None or shards.resolve() != Path(default).resolve():
-        near = [str(p.parent) for p in shards.parent.glob("*/manifest.json")] if shards.parent.is_dir() else []
-        hint = f" (shard sets there: {', '.join(sorted(near)[:4])})" if near else ""
-        raise FileNotFoundError(f"shards {recipe.shards}: no manifest.json there{hint}; build them with "
-                                f"`python -m mgfm.shards build ...`")
-    if is_main_process():
-        from mgfm.pipeline import build_default_shards
+    for source in shard_sources(recipe):
+        shards = Path(source)
+        if "://" in source or "{" in source or (shards / "manifest.json").exists():
+            continue
+        if recipe.synthetic_data is None or shards.resolve() != Path(default).resolve():
+            near = [str(p.parent) for p in shards.parent.glob("*/manifest.json")] if shards.parent.is_dir() else []
+            hint = f" (shard sets there: {', '.join(sorted(near)[:4])})" if near else ""
+            raise FileNotFoundError(f"shards {source}: no manifest.json there{hint}; build them with "
+                                    f"`python -m mgfm.shards build ...`")
+        if is_main_process():
+            from mgfm.pipeline import build_default_shards
 
-        log.info("shards %s are missing: building the synthetic benchmark at %s and its shards",
-                 recipe.shards, recipe.synthetic_data)
-        build_default_shards(recipe.synthetic_data, recipe.shards)
+            log.info("shards %s are missing: building the synthetic benchmark at %s and its shards", source,
+                     recipe.synthetic_data)
+            build_default_shards(recipe.synthetic_data, source)
     barrier()
+
+
+def shard_sources(recipe: PretrainRecipe) -> list[str]:
+    """The recipe's shard sets (``shards`` is one, or a list of several)."""
+    return [recipe.shards] if isinstance(recipe.shards, str) else list(recipe.shards)
+
+
+def stream_source(recipe: PretrainRecipe) -> str | Mixture:
+    """What the train stream reads: the one shard set, or the weighted :class:`Mixture` of several."""
+    if isinstance(recipe.shards, str):
+        if recipe.shard_weights is not None:
+            raise ValueError("shard_weights: give one weight per shard set of shards=[...], not for a single set")
+        return recipe.shards
+    return Mixture(tuple(recipe.shards), None if recipe.shard_weights is None else tuple(recipe.shard_weights))
 
 
 def init_patch_embed(encoder, recipe: PretrainRecipe, patches_per_clip: int = 128) -> None:
@@ -75,7 +90,7 @@ def init_patch_embed(encoder, recipe: PretrainRecipe, patches_per_clip: int = 12
 
     cfg = encoder.cfg
     stream = dataclasses.replace(recipe.stream, masks=False, repeats=1)
-    loader, _ = make_loader(recipe.shards, recipe.split, stream, mode="train", epoch=999_999)  # not a training epoch
+    loader, _ = make_loader(stream_source(recipe), recipe.split, stream, mode="train", epoch=999_999)  # not an epoch
     gen = torch.Generator().manual_seed(recipe.seed)
     diffs, clips = [], 0
     for batch in loader:
@@ -194,7 +209,7 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
 
 def train_batches_per_epoch(recipe: PretrainRecipe) -> int:
     """Micro-batches per rank and epoch (what the stream yields), at least one optimiser step's worth."""
-    loader, _ = make_loader(recipe.shards, recipe.split, recipe.stream, mode="train", epoch=0)
+    loader, _ = make_loader(stream_source(recipe), recipe.split, recipe.stream, mode="train", epoch=0)
     n = len(loader)
     if n // recipe.optim.grad_accum < 1:
         raise ValueError(f"an epoch of {n} batches is shorter than optim.grad_accum={recipe.optim.grad_accum}; "
@@ -210,7 +225,7 @@ def train_stream(recipe: PretrainRecipe, schedule: Schedule, start_step: int, sk
     per_epoch = schedule.steps_per_epoch * recipe.optim.grad_accum
     epoch, done = divmod(start_step, schedule.steps_per_epoch)
     while True:
-        loader, counter = make_loader(recipe.shards, recipe.split, recipe.stream, mode="train",
+        loader, counter = make_loader(stream_source(recipe), recipe.split, recipe.stream, mode="train",
                                       epoch=epoch * 1000 + done)
         skips.append(counter)
         need, got = (schedule.steps_per_epoch - done) * recipe.optim.grad_accum, 0

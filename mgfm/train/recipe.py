@@ -29,8 +29,10 @@ class PretrainRecipe:
 
     name: str = "tiny-synthetic"
     out_dir: str = "runs"
-    # Shards to pretrain on: a folder with manifest.json, a brace pattern or URLs.
-    shards: str = "shards/synthetic"
+    # Shards to pretrain on: a folder with manifest.json, a brace pattern or URLs; or a list of several such
+    # shard sets, streamed as one mixture sampled with `shard_weights` (default: in proportion to their clips).
+    shards: str | list[str] = "shards/synthetic"
+    shard_weights: list[float] | None = None
     split: str = "train"
     # When `shards` is the default path (shards/synthetic) and missing, and this is set, render this synthetic
     # benchmark and shard it first. Any other missing `shards` is an error.
