@@ -1,7 +1,8 @@
 """The one command-line shape of every mgfm entry script: ``[--recipe FILE] [key=value ...]``.
 
-Errors a user can fix (a recipe typo, a missing checkpoint or shard set, features of the wrong width)
-end in one ``<prog>: error: ...`` line and exit code 2 instead of a traceback.
+Errors a user can fix (:class:`mgfm.errors.MgfmError`: a recipe typo, a missing checkpoint or shard set,
+features of the wrong width, a full disk; and a missing file) end in one ``<prog>: error: ...`` line and
+exit code 2; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,18 +12,17 @@ import sys
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from mgfm.config import RecipeError, load_recipe
+from mgfm.config import load_recipe
+from mgfm.errors import MgfmError
 from mgfm.files import storage_cause
 
 T = TypeVar("T")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from mgfm.evaluate.featureset import FeatureError
-    from mgfm.files import FolderInUse, StorageError
-    from mgfm.model.hf import EncoderFolderError
-
-    return RecipeError, EncoderFolderError, FeatureError, StorageError, FolderInUse, FileNotFoundError, ValueError
+    """What an entry point reports as one line: the project's own errors and a missing file. Anything else
+    (a ValueError from torch, sklearn or our own asserts included) is a bug: it keeps its traceback."""
+    return MgfmError, FileNotFoundError
 
 
 def run_cli(recipe_cls: type[T], action: Callable[[T], object], argv: list[str] | None, prog: str,

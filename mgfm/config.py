@@ -16,12 +16,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from mgfm.errors import MgfmError
 from mgfm.files import TextFileError, read_text
 
 T = TypeVar("T")
 
 
-class RecipeError(ValueError):
+class RecipeError(MgfmError, ValueError):
     """A recipe file or override that does not fit the recipe's fields."""
 
 

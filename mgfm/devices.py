@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from mgfm.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +40,7 @@ def local_device(name: str = "auto") -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError:
-        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+        raise InputError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
 
 
 def join_process_group() -> bool:

@@ -18,10 +18,12 @@ import shutil
 import socket
 from pathlib import Path
 
+from mgfm.errors import MgfmError
+
 log = logging.getLogger(__name__)
 
 
-class TextFileError(ValueError):
+class TextFileError(MgfmError, ValueError):
     """A file that cannot be read as UTF-8 text: ``path``, ``line`` (1-based, or None) and ``problem``."""
 
     def __init__(self, path: str | Path, line: int | None, problem: str) -> None:
@@ -48,7 +50,7 @@ def read_text(path: str | Path) -> str:
                                         f"save it as UTF-8") from None
 
 
-class StorageError(Exception):
+class StorageError(MgfmError):
     """Writing failed for a reason the user must fix on the machine (full disk, quota, read-only or not
     permitted folder); the message is one line naming the path and the cause."""
 
@@ -94,7 +96,7 @@ def writing(path: str | Path):
         raise StorageError(f"cannot write {where}: {cause}") from None
 
 
-class FolderInUse(Exception):
+class FolderInUse(MgfmError):
     """Another live process holds a folder's lock; the message names it (pid, host, since when)."""
 
 

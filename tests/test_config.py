@@ -64,3 +64,43 @@ def test_typo_in_file_names_the_file(tmp_path):
     path.write_text("optim:\n  warmup_epoch: 2\n")
     with pytest.raises(RecipeError, match=r"r.yaml: optim: unknown key 'warmup_epoch'; did you mean 'warmup_epochs'"):
         load_recipe(Recipe, path)
+
+
+# ------------------------------------------------------------------------------------- the CLI shape
+
+
+def _cli(action, argv: list[str]):
+    from mgfm.cli import run_cli
+
+    return run_cli(Recipe, action, argv, "prog", "a test entry")
+
+
+def test_a_bug_keeps_its_traceback_but_user_errors_are_one_line(tmp_path, capsys):
+    def shape_bug(recipe):
+        import torch
+
+        return torch.zeros(2, 3) @ torch.zeros(2, 3)  # what an internal shape bug raises
+
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        _cli(shape_bug, [])
+
+    def value_bug(recipe):
+        raise ValueError("an internal assertion, not the user's doing")
+
+    with pytest.raises(ValueError, match="internal assertion"):
+        _cli(value_bug, [])
+
+    from mgfm.data.generic_csv import read_csv_index
+
+    bad_csv = tmp_path / "clips.csv"
+    bad_csv.write_text("path,label,subject,split\na.mp4,0,s1,holdout\n")
+    for action, argv, expected in [
+        (lambda r: None, ["optim.lr=fast"], "prog: error: recipe: optim: lr: expected a number, got 'fast'"),
+        (lambda r: read_csv_index(bad_csv), [], f"prog: error: {bad_csv}:2 field 'split': unknown split 'holdout'"),
+        (lambda r: open(tmp_path / "missing.yaml").read(), [], "prog: error: [Errno 2] No such file or directory"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            _cli(action, argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(expected), err

@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 import torch
 
 from mgfm.data.stream import SkipCounter, StreamConfig, make_loader
+from mgfm.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def cache_split(source: str | Path | Sequence[str], split: str, cfg: StreamConfi
     from mgfm.data.distributed import rank_world
 
     if views < 1:
-        raise ValueError(f"views must be >= 1, got {views}")
+        raise InputError(f"views must be >= 1, got {views}")
     rank, _ = rank_world()
     base = dataclasses.replace(cfg, masks=False, repeats=1, video_dtype="uint8")
     per_view: list[dict[str, torch.Tensor]] = []

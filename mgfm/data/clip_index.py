@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from mgfm.errors import InputError, MgfmError
+
 SPLITS = ("train", "val", "test", "unlabeled")
 UNLABELED = -1
 
 
-class AnnotationError(ValueError):
+class AnnotationError(MgfmError, ValueError):
     """A bad row in an annotation file. The message names the file, the line and the field."""
 
     def __init__(self, path: str | Path, line: int | None, field_name: str | None, problem: str):
@@ -96,7 +98,7 @@ class ClipIndex:
         self.clips = fixed
         dup = [k for k, n in collections.Counter(c.clip_id for c in self.clips).items() if n > 1]
         if dup:
-            raise ValueError(f"{self.name}: duplicate clip ids, e.g. {dup[:3]}")
+            raise InputError(f"{self.name}: duplicate clip ids, e.g. {dup[:3]}")
 
     def __len__(self) -> int:
         return len(self.clips)

@@ -8,6 +8,7 @@ from mgfm.data.clip_index import ClipIndex
 from mgfm.data.generic_csv import read_csv_index
 from mgfm.data.imigue import read_imigue
 from mgfm.data.smg import read_smg
+from mgfm.errors import InputError
 
 FORMATS = ("imigue", "smg", "csv", "json")
 
@@ -28,4 +29,4 @@ def read_index(fmt: str, path: str | Path, **kwargs) -> ClipIndex:
         return read_csv_index(path, **kwargs)
     if fmt == "json":
         return ClipIndex.load_json(path)
-    raise ValueError(f"unknown clip-index format {fmt!r}; expected one of {FORMATS}")
+    raise InputError(f"unknown clip-index format {fmt!r}; expected one of {FORMATS}")

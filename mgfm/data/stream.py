@@ -83,6 +83,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from mgfm.data.distributed import Slot, rank_world, worker_info
 from mgfm.data.masking import MaskGenerator, TokenGrid
+from mgfm.errors import InputError
 from mgfm.data.sampling import sample_indices
 from mgfm.data.transforms import centre_crop_box, crop_resize_planar, multiscale_crop_box, normalise_into
 from mgfm.data.video_io import VideoDecodeError, decode_frames
@@ -183,13 +184,13 @@ class Mixture:
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", tuple(str(s) for s in self.sources))
         if not self.sources:
-            raise ValueError("a shard mixture needs at least one shard set")
+            raise InputError("a shard mixture needs at least one shard set")
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
             if len(self.weights) != len(self.sources):
-                raise ValueError(f"shard_weights: {len(self.weights)} weights for {len(self.sources)} shard sets")
+                raise InputError(f"shard_weights: {len(self.weights)} weights for {len(self.sources)} shard sets")
             if any(w < 0 for w in self.weights) or not sum(self.weights) > 0:
-                raise ValueError(f"shard_weights: expected non-negative weights, not all 0, got {list(self.weights)}")
+                raise InputError(f"shard_weights: expected non-negative weights, not all 0, got {list(self.weights)}")
 
     @property
     def names(self) -> list[str]:
@@ -242,7 +243,7 @@ def resolve_shards(source: str | Path | Sequence[str], split: str,
                 log.warning("%s: shard set is incomplete (%d shards missing); streaming the complete ones",
                             text, len(manifest.get("missing_shards", [])))
             if split not in manifest["splits"]:
-                raise ValueError(f"{text}: no split {split!r} in the manifest (has {sorted(manifest['splits'])})")
+                raise InputError(f"{text}: no split {split!r} in the manifest (has {sorted(manifest['splits'])})")
             listed = manifest["splits"][split]["shards"]
             if is_url:
                 refs = [ShardRef(_remote(base + s["name"], remote_commands), s["samples"]) for s in listed]
@@ -252,9 +253,9 @@ def resolve_shards(source: str | Path | Sequence[str], split: str,
             refs = [ShardRef(_remote(u, remote_commands)) for u in expand_urls(text.replace("{split}", split))]
     refs = [r for r in refs if r.samples != 0]
     if not refs:
-        raise ValueError(f"{source}: no non-empty shards for split {split!r}")
+        raise InputError(f"{source}: no non-empty shards for split {split!r}")
     if not keep_missing and all(_unreadable(r) for r in refs):
-        raise ValueError(f"{source}: every shard of split {split!r} is missing or empty "
+        raise InputError(f"{source}: every shard of split {split!r} is missing or empty "
                          f"(e.g. {refs[0].url}: {_unreadable(refs[0])})")
     if not keep_missing:
         refs = [r for r in refs if not _unreadable(r)]
@@ -961,7 +962,7 @@ def make_loader(source: str | Path | Sequence[str] | Mixture, split: str, cfg: S
     batches = cfg.batches_per_epoch
     if mode == "train" and batches is None:
         if any(s.samples is None for s in shards):
-            raise ValueError(f"{source}: shard sizes unknown (no manifest); set batches_per_epoch for training")
+            raise InputError(f"{source}: shard sizes unknown (no manifest); set batches_per_epoch for training")
         batches = max(1, sum(s.samples for s in shards) // (world * cfg.batch_size))
     weights = source.weights if isinstance(source, Mixture) else None
     dataset = ClipStream(sets, cfg, mode, epoch, rank, world, batches, weights)

@@ -16,8 +16,10 @@ from typing import Sequence
 
 import numpy as np
 
+from mgfm.errors import MgfmError
 
-class SubsetError(ValueError):
+
+class SubsetError(MgfmError, ValueError):
     """A label fraction or clip list that cannot give a complete stratified subset."""
 
 

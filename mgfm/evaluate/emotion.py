@@ -177,7 +177,7 @@ def mg_probabilities(features: FeatureSet, in_pool: np.ndarray, num_classes: int
     from sklearn.model_selection import GroupKFold
 
     if folds < 2:
-        raise ValueError(f"probe_folds must be >= 2, got {folds}")
+        raise EmotionError(f"probe_folds must be >= 2, got {folds}")
     rows = features.rows
     subjects_of_video: dict[str, set] = {}
     for r in rows:

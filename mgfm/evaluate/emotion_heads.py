@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from mgfm.errors import MgfmError
 from mgfm.evaluate.featureset import FeatureSet
 from mgfm.evaluate.probe import LinearProbe, ProbeConfig, train_probe
 
 
-class EmotionError(ValueError):
+class EmotionError(MgfmError, ValueError):
     """Emotion data that cannot be evaluated (no emotion labels, empty videos, one emotion only)."""
 
 

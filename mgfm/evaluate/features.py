@@ -28,6 +28,7 @@ from mgfm.data.distributed import rank_world
 from mgfm.data.stream import SkipCounter, SplitRead, StreamConfig, expected_clips, make_loader, resolve_shards
 from mgfm.data.transforms import normalise_video
 from mgfm.devices import autocast, feature_precision
+from mgfm.errors import InputError
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.files import writing
 
@@ -184,7 +185,7 @@ def require_complete(features: FeatureSet, what: str, allow_missing: bool) -> No
 
 def _view_config(cfg: StreamConfig, view: int, views: int) -> StreamConfig:
     if views < 1:
-        raise ValueError(f"views must be >= 1, got {views}")
+        raise InputError(f"views must be >= 1, got {views}")
     if views == 1:  # a single view: the config's own eval_view / eval_views decide the window
         return cfg
     return dataclasses.replace(cfg, eval_view=view, eval_views=views)

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mgfm.errors import MgfmError
 
-class FeatureError(ValueError):
+
+class FeatureError(MgfmError, ValueError):
     """Features that do not fit what an evaluation expects (width, count, emptiness)."""
 
 

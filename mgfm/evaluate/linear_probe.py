@@ -20,6 +20,7 @@ import torch
 from mgfm.data.distributed import is_main_process
 from mgfm.data.stream import StreamConfig
 from mgfm.devices import join_process_group, local_device
+from mgfm.errors import MgfmError
 from mgfm.evaluate.cluster import kmeans_scores
 from mgfm.evaluate.features import PixelEncoder, eval_stream_config, require_complete, split_features
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
@@ -30,7 +31,7 @@ from mgfm.evaluate.report import format_table, markdown_table, write_report
 log = logging.getLogger(__name__)
 
 
-class RunError(ValueError):
+class RunError(MgfmError, ValueError):
     """A run folder that cannot be evaluated (missing, no encoder)."""
 
 

@@ -103,7 +103,7 @@ def train_probe(train: FeatureSet, num_classes: int, cfg: ProbeConfig | None = N
     """Fit a :class:`LinearProbe` on the labelled rows of ``train``."""
     cfg = cfg or ProbeConfig()
     if cfg.class_weighting not in ("none", "balanced"):
-        raise ValueError(f"probe class_weighting: expected 'none' or 'balanced', got {cfg.class_weighting!r}")
+        raise FeatureError(f"probe class_weighting: expected 'none' or 'balanced', got {cfg.class_weighting!r}")
     train = train.labelled().require("probe train split")
     y = train.labels
     if int(y.max()) >= num_classes:

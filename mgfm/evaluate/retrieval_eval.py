@@ -36,6 +36,7 @@ from mgfm.evaluate.features import cache_key, cache_stem, require_complete, spli
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.data.distributed import is_main_process
 from mgfm.devices import feature_precision
+from mgfm.errors import MgfmError
 from mgfm.evaluate.linear_probe import (EncoderEvalRecipe, data_section, encoders_to_compare, eval_device,
                                         features_folder, resolve_encoder, stream_for)
 from mgfm.evaluate.report import format_table, markdown_table, save_figure, write_report
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 KEY_FILE = "key.json"  # beside RetrievalIndex's own files: what the saved index was built from
 
 
-class QueryError(ValueError):
+class QueryError(MgfmError, ValueError):
     """A query video that cannot be used (missing, not decodable, bad frame range); one line."""
 
 
@@ -257,7 +258,7 @@ def eval_clip(source: bytes | str | Path, cfg: StreamConfig, start: int = 0, end
     n = int(n_frames) if n_frames is not None else probe(source)["n_frames"]
     last = n - 1 if end < 0 else int(end)
     if not 0 <= start <= last < n:
-        raise ValueError(f"frames {start}..{end} are outside the video's {n} frames")
+        raise QueryError(f"frames {start}..{end} are outside the video's {n} frames")
     indices = start + sample_indices(last - start + 1, cfg.frames, cfg.stride_policy, cfg.stride, None, cfg.pad)
     lookup = np.unique(indices)
     try:

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mgfm.files import writing
+from mgfm.errors import MgfmError
 from mgfm.model.videomae import CUSTOM, SIZES, ModelConfig, VideoEncoder
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ _BIAS_ALIASES = {"q_bias": ("attention.attention.q_bias", "attention.attention.q
 _LAYER_RE = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 
 
-class EncoderFolderError(ValueError):
+class EncoderFolderError(MgfmError, ValueError):
     """A folder that is not a loadable VideoMAE encoder; the message is one line naming the folder."""
 
     def __init__(self, folder: str | Path, problem: str) -> None:

@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mgfm.data.masking import TokenGrid
+from mgfm.errors import MgfmError
 from mgfm.model.contrastive import ClipContrast
 from mgfm.model.motion_map import MotionMapHead
 
@@ -276,7 +277,7 @@ def position_table(grid: tuple[int, int, int], dim: int, trained: tuple[int, int
     return resized.permute(0, 2, 3, 4, 1).reshape(n, dim).contiguous()
 
 
-class GeometryError(ValueError):
+class GeometryError(MgfmError, ValueError):
     """An encoder asked to work on clips whose token grid its position table does not fit; one line."""
 
 

@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from mgfm.errors import InputError, MgfmError
 from mgfm.files import storage_cause
 from mgfm.shards import manifest as mf
 from mgfm.shards.build import BuildConfig, build_shards, parse_part, read_source_index
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = mf.rebuild_manifest(args.shards)
         print(mf.format_manifest(manifest))
         return 0 if manifest["complete"] else 2
-    except (ValueError, FileNotFoundError) as err:
+    except (MgfmError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # a full disk or a read-only folder: the path and the cause, in one line
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 def _build(args: argparse.Namespace) -> int:
     fmt = args.format or ("json" if args.index.endswith(".json") else None)
     if fmt is None:
-        raise ValueError(f"--format is required for {args.index} (one of {', '.join(FORMATS)})")
+        raise InputError(f"--format is required for {args.index} (one of {', '.join(FORMATS)})")
     index = read_source_index(fmt, args.index, args.protocol, args.video_dir, args.video_pattern, args.classes,
                               args.dedupe)
     config = BuildConfig(

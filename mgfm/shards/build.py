@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from mgfm.data.clip_index import Clip, ClipIndex
 from mgfm.data.video_io import VideoWriter
+from mgfm.errors import InputError
 from mgfm.shards import manifest as mf
 
 log = logging.getLogger(__name__)
@@ -65,18 +66,18 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         if self.short_side < 0 or self.short_side % 2:
-            raise ValueError(f"short_side must be an even number >= 0, got {self.short_side}")
+            raise InputError(f"short_side must be an even number >= 0, got {self.short_side}")
         if self.context_frames < 0:
-            raise ValueError(f"context_frames must be >= 0, got {self.context_frames}")
+            raise InputError(f"context_frames must be >= 0, got {self.context_frames}")
         if self.shard_samples is not None and self.shard_samples < 1:
-            raise ValueError(f"shard_samples must be >= 1, got {self.shard_samples}")
+            raise InputError(f"shard_samples must be >= 1, got {self.shard_samples}")
         if self.shard_mb <= 0:
-            raise ValueError(f"shard_mb must be > 0, got {self.shard_mb}")
+            raise InputError(f"shard_mb must be > 0, got {self.shard_mb}")
         i, n = self.part
         if not (n >= 1 and 0 <= i < n):
-            raise ValueError(f"part must be i/N with 0 <= i < N, got {i}/{n}")
+            raise InputError(f"part must be i/N with 0 <= i < N, got {i}/{n}")
         if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+            raise InputError(f"workers must be >= 1, got {self.workers}")
 
     def output_fields(self) -> dict:
         """The fields that decide the shards' content (hashed into the plan)."""
@@ -90,7 +91,7 @@ def parse_part(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise ValueError(f"--part expects i/N (e.g. 0/4), got {text!r}") from None
+        raise InputError(f"--part expects i/N (e.g. 0/4), got {text!r}") from None
     return i, n
 
 
@@ -185,7 +186,7 @@ def build_shards(index: ClipIndex, out_dir: str | Path, config: BuildConfig | No
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_shards(index, config)
     if not plan:
-        raise ValueError(f"{index.name}: no clips to shard (splits {config.splits})")
+        raise InputError(f"{index.name}: no clips to shard (splits {config.splits})")
     digest = plan_hash(plan, config)
     _write_plan(out_dir, index, plan, digest, config, source or {}, overwrite)
 
@@ -222,7 +223,7 @@ def _write_plan(out_dir: Path, index: ClipIndex, plan: dict, digest: str, config
     old = mf.read_plan(out_dir)
     if old is not None and old.get("plan_hash") != digest:
         if not overwrite:
-            raise ValueError(f"{out_dir}: holds shards of a different plan (other index or output settings); "
+            raise InputError(f"{out_dir}: holds shards of a different plan (other index or output settings); "
                              "use another --out or --overwrite")
         for name in old.get("shards", {}):
             (out_dir / name).unlink(missing_ok=True)
@@ -443,14 +444,14 @@ def read_source_index(fmt: str, path: str | Path, protocol: str | None = None, v
         if video_pattern:
             kwargs["video_pattern"] = video_pattern
     elif protocol or video_dir:
-        raise ValueError(f"--protocol/--video-dir only apply to --format imigue, not {fmt}")
+        raise InputError(f"--protocol/--video-dir only apply to --format imigue, not {fmt}")
     if classes is not None:
         if fmt not in ("csv", "smg"):
-            raise ValueError(f"--classes only applies to --format csv or smg, not {fmt}")
+            raise InputError(f"--classes only applies to --format csv or smg, not {fmt}")
         kwargs["class_names"] = [line.strip() for line in read_text(classes).splitlines() if line.strip()]
     if dedupe:
         if fmt != "csv":
-            raise ValueError(f"--dedupe only applies to --format csv, not {fmt}")
+            raise InputError(f"--dedupe only applies to --format csv, not {fmt}")
         kwargs["dedupe"] = True
     return read_index(fmt, path, **kwargs)
 

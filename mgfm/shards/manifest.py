@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mgfm.errors import InputError
+
 MANIFEST = "manifest.json"
 META_DIR = "_meta"
 PLAN = "plan.json"
@@ -66,7 +68,7 @@ def read_plan(out_dir: str | Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); delete it to re-plan") from None
+        raise InputError(f"{path}: not valid JSON ({err}); delete it to re-plan") from None
 
 
 def is_complete(out_dir: str | Path, name: str, plan_hash: str) -> bool:
@@ -167,9 +169,9 @@ def load_manifest(source: str | Path) -> dict:
     try:
         manifest = json.loads(data)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: manifest is not valid JSON ({err})") from None
+        raise InputError(f"{where}: manifest is not valid JSON ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{where}: not an mgfm shard manifest (expected format {FORMAT!r})")
+        raise InputError(f"{where}: not an mgfm shard manifest (expected format {FORMAT!r})")
     return manifest
 
 

@@ -49,6 +49,7 @@ from mgfm.data.clip_augment import crop_resize, normalise, strong_jitter
 from mgfm.data.clip_cache import ClipCache, cache_split
 from mgfm.data.stream import SkipCounter, SplitRead, expected_clips
 from mgfm.data.subset import stratified_subset
+from mgfm.errors import InputError
 from mgfm.files import FolderLock
 from mgfm.train.distributed import barrier, is_main_process, rank_world, setup_logging
 from mgfm.train.engine import Engine, MicroResult, Schedule, find_checkpoint, make_accelerator, to_model, train
@@ -102,7 +103,7 @@ def model_geometry(recipe: FinetuneRecipe):
     try:
         cfg = dataclasses.replace(trained, **changes)
     except ValueError as err:
-        raise ValueError(f"frames/img_size/drop_path do not fit the encoder: {err}") from None
+        raise InputError(f"frames/img_size/drop_path do not fit the encoder: {err}") from None
     return encoder, (run if encoder != run else run.parent), at_geometry(trained, cfg, recipe.pos_embed, str(encoder))
 
 
@@ -110,7 +111,7 @@ def stream_configs(recipe: FinetuneRecipe, cfg) -> tuple:
     """(train cache stream, test stream): the recipe's decoding settings cut to the model's geometry."""
     side = recipe.cache_side or cfg.img_size
     if side < cfg.img_size:
-        raise ValueError(f"cache_side={side} is smaller than img_size={cfg.img_size}")
+        raise InputError(f"cache_side={side} is smaller than img_size={cfg.img_size}")
     # no masks are made, so the token geometry is irrelevant here (patch=1 lets cache_side be any size)
     common = dict(frames=cfg.frames, tubelet=cfg.tubelet, patch=1, masks=False, repeats=1,
                   mean=tuple(cfg.pixel_mean[:3]), std=tuple(cfg.pixel_std[:3]), seed=recipe.seed)
@@ -150,7 +151,7 @@ def load_data(recipe: FinetuneRecipe, cfg, fraction: float, cached: FinetuneData
         for split, cache, strict in ((recipe.train_split, train, False), (recipe.test_split, test, True)):
             read = split_read(recipe.shards, split, cache)
             if not read.complete and (strict and not recipe.allow_missing):
-                raise ValueError(f"{recipe.shards}: {read.describe()}; restore the shards (`python -m mgfm.shards "
+                raise InputError(f"{recipe.shards}: {read.describe()}; restore the shards (`python -m mgfm.shards "
                                  f"verify` names what is wrong) or set allow_missing=true")
             if not read.complete:
                 log.warning("%s: %s", recipe.shards, read.describe())
@@ -158,7 +159,7 @@ def load_data(recipe: FinetuneRecipe, cfg, fraction: float, cached: FinetuneData
         class_names, train, test = cached.class_names, cached.train, cached.test
     pairs = [p for part in _gather_objects(list(zip(train.clip_ids, train.labels.tolist()))) for p in part]
     if not pairs:
-        raise ValueError(f"{recipe.shards}: split {recipe.train_split!r} has no clips")
+        raise InputError(f"{recipe.shards}: split {recipe.train_split!r} has no clips")
     ids, labels = zip(*pairs)
     labelled_ids = stratified_subset(ids, labels, fraction, recipe.seed, class_names)
     lab = dict(pairs)
@@ -406,7 +407,7 @@ def train_variant(recipe: FinetuneRecipe, data: FinetuneData, encoder_folder: Pa
         if report.get("recipe") == json.loads(json.dumps(resolved)):
             log.info("%s is already complete; reusing its report", out)
             return report
-        raise ValueError(f"{out}: holds a finished run of a different recipe; set out=... or name=... elsewhere")
+        raise InputError(f"{out}: holds a finished run of a different recipe; set out=... or name=... elsewhere")
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, out / "recipe.yaml")

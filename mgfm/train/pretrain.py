@@ -27,6 +27,7 @@ import torch
 from mgfm.config import save_recipe
 from mgfm.data.stream import Mixture, SkipCounter, make_loader
 from mgfm.data.transforms import normalise_video
+from mgfm.errors import InputError
 from mgfm.files import FolderLock
 from mgfm.model.contrastive import group_ids
 from mgfm.train.engine import Engine, MicroResult, Schedule, find_checkpoint, train
@@ -42,7 +43,7 @@ def check_geometry(recipe: PretrainRecipe) -> None:
     model, stream = recipe.model, recipe.stream
     for key in ("frames", "img_size", "tubelet", "patch"):
         if getattr(model, key) != getattr(stream, key):
-            raise ValueError(f"model.{key}={getattr(model, key)} but stream.{key}={getattr(stream, key)}: "
+            raise InputError(f"model.{key}={getattr(model, key)} but stream.{key}={getattr(stream, key)}: "
                              f"set both to the same value")
 
 
@@ -78,7 +79,7 @@ def stream_source(recipe: PretrainRecipe) -> str | Mixture:
     """What the train stream reads: the one shard set, or the weighted :class:`Mixture` of several."""
     if isinstance(recipe.shards, str):
         if recipe.shard_weights is not None:
-            raise ValueError("shard_weights: give one weight per shard set of shards=[...], not for a single set")
+            raise InputError("shard_weights: give one weight per shard set of shards=[...], not for a single set")
         return recipe.shards
     return Mixture(tuple(recipe.shards), None if recipe.shard_weights is None else tuple(recipe.shard_weights))
 
@@ -105,7 +106,7 @@ def init_patch_embed(encoder, recipe: PretrainRecipe, patches_per_clip: int = 12
         if clips >= recipe.patch_init_clips:
             break
     if not diffs:
-        raise ValueError(f"patch_init=motion_pca: no clips in {recipe.shards} split {recipe.split!r}")
+        raise InputError(f"patch_init=motion_pca: no clips in {recipe.shards} split {recipe.split!r}")
     rows_set = init_patch_embed_from_motion(encoder.patch_embed, torch.cat(diffs), cfg.channels, cfg.tubelet)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         for tensor in (encoder.patch_embed.weight, encoder.patch_embed.bias):
@@ -212,7 +213,7 @@ def train_batches_per_epoch(recipe: PretrainRecipe) -> int:
     loader, _ = make_loader(stream_source(recipe), recipe.split, recipe.stream, mode="train", epoch=0)
     n = len(loader)
     if n // recipe.optim.grad_accum < 1:
-        raise ValueError(f"an epoch of {n} batches is shorter than optim.grad_accum={recipe.optim.grad_accum}; "
+        raise InputError(f"an epoch of {n} batches is shorter than optim.grad_accum={recipe.optim.grad_accum}; "
                          f"lower stream.batch_size or set stream.batches_per_epoch")
     return n
 
@@ -235,7 +236,7 @@ def train_stream(recipe: PretrainRecipe, schedule: Schedule, start_step: int, sk
             if got == need:
                 break
         if got < need:
-            raise RuntimeError(f"the train stream of {recipe.shards} ended after {got + done * recipe.optim.grad_accum}"
+            raise InputError(f"the train stream of {recipe.shards} ended after {got + done * recipe.optim.grad_accum}"
                                f" of {per_epoch} batches in epoch {epoch}")
         epoch, done = epoch + 1, 0
 
