@@ -42,11 +42,12 @@ log = logging.getLogger("bench_semi_headroom")
 def load_features(run: str, shards: str, views: int) -> tuple[FeatureSet, FeatureSet, list[str]]:
     """(train, test, class names): the run's cached frozen features, as ``eval/linear_probe.py`` makes them."""
     from mgfm.evaluate.features import split_features
-    from mgfm.evaluate.linear_probe import EvalRecipe, resolve_encoder, stream_for
+    from mgfm.evaluate.encoder_eval import resolve_encoder, stream_for
+    from mgfm.evaluate.probe_eval import ProbeRecipe
     from mgfm.model.hf import config_from_hf, read_hf_config
     from mgfm.shards.manifest import load_manifest
 
-    recipe = EvalRecipe(run=run, shards=shards, views=views)
+    recipe = ProbeRecipe(run=run, shards=shards, views=views)
     run_dir, encoder = resolve_encoder(recipe)
     stream = stream_for(config_from_hf(read_hf_config(encoder), encoder), recipe)
     train, test = (split_features(encoder, shards, split, stream, run_dir / "features", views).labelled()

@@ -346,7 +346,7 @@ def stage_features(ctx: Context) -> dict:
 
     from mgfm.devices import feature_precision, local_device
     from mgfm.evaluate.features import split_features
-    from mgfm.evaluate.linear_probe import stream_for
+    from mgfm.evaluate.encoder_eval import stream_for
     from mgfm.model.hf import load_encoder_hf, save_encoder_hf
     from mgfm.model.videomae import ModelConfig, build_encoder
 

@@ -1,12 +1,12 @@
 """Linear probe + k-means of a run's frozen encoder: `python eval/linear_probe.py [run=runs/NAME] [shards=DIR] [key=value ...]`.
 
-With no arguments: the newest run in runs/ on the default synthetic shards. See mgfm.evaluate.linear_probe.
+With no arguments: the newest run in runs/ on the default synthetic shards. See mgfm.evaluate.probe_eval.
 """
 
 from mgfm.cli import run_cli
-from mgfm.evaluate.linear_probe import EvalRecipe, evaluate
+from mgfm.evaluate.probe_eval import ProbeRecipe, run
 from mgfm.train.distributed import setup_logging
 
 if __name__ == "__main__":
     setup_logging()
-    run_cli(EvalRecipe, evaluate, None, "eval/linear_probe.py", __doc__.splitlines()[0])
+    run_cli(ProbeRecipe, run, None, "eval/linear_probe.py", __doc__.splitlines()[0])

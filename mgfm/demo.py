@@ -7,7 +7,7 @@ Stages, each skipped when its output is already complete (rerunning resumes):
 3. ``pretrain``: masked video pretraining of the tiny encoder (recipes/pretrain/tiny_cpu.yaml);
 4. ``eval``: frozen-encoder linear probe + k-means against random-init and raw-pixel references;
 5. ``retrieval``: a FAISS index over the train clips queried with the test clips (same cached features);
-6. ``emotion``: video-level emotion heads over the same cached clip features (``mgfm.evaluate.emotion``).
+6. ``emotion``: video-level emotion heads over the same cached clip features (``mgfm.evaluate.emotion_eval``).
 
 Finally ``<runs>/<run>/demo_summary.md`` gathers the numbers.
 """
@@ -73,31 +73,33 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     start = time.time()
-    from mgfm.evaluate.linear_probe import EvalRecipe, evaluate
+    from mgfm.evaluate.probe_eval import ProbeRecipe
+    from mgfm.evaluate.probe_eval import run as run_probe
 
-    report = evaluate(EvalRecipe(run=str(run_dir), shards=args.shards))
+    report = run_probe(ProbeRecipe(run=str(run_dir), shards=args.shards))
     timings["eval"] = time.time() - start
     retrieval = None
     if last >= STAGES.index("retrieval"):
         start = time.time()
         from mgfm.evaluate.retrieval_eval import RetrievalRecipe
-        from mgfm.evaluate.retrieval_eval import evaluate as evaluate_retrieval
+        from mgfm.evaluate.retrieval_eval import run as run_retrieval
 
-        retrieval = evaluate_retrieval(RetrievalRecipe(run=str(run_dir), shards=args.shards))
+        retrieval = run_retrieval(RetrievalRecipe(run=str(run_dir), shards=args.shards))
         timings["retrieval"] = time.time() - start
     emotion = None
     if last >= STAGES.index("emotion"):
         start = time.time()
-        from mgfm.evaluate.emotion import EmotionRecipe, evaluate_emotion
+        from mgfm.evaluate.emotion_eval import EmotionRecipe
+        from mgfm.evaluate.emotion_eval import run as run_emotion
 
-        emotion = evaluate_emotion(EmotionRecipe(run=str(run_dir), shards=args.shards))
+        emotion = run_emotion(EmotionRecipe(run=str(run_dir), shards=args.shards))
         timings["emotion"] = time.time() - start
     write_summary(run_dir, index.summary(), report, timings, emotion, retrieval)
 
 
 def write_summary(run_dir: Path, data_summary: dict, probe_report: dict, timings: dict[str, float],
                   emotion_report: dict | None = None, retrieval_report: dict | None = None) -> Path:
-    from mgfm.evaluate.linear_probe import summary_rows
+    from mgfm.evaluate.probe_eval import summary_rows
     from mgfm.evaluate.report import markdown_table
 
     results = probe_report["results"]

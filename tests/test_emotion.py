@@ -15,10 +15,11 @@ import pytest
 import torch
 from conftest import tiny_encoder_folder
 
-from mgfm.evaluate.emotion import (EmotionRecipe, build_sequences, concat_features, evaluate_emotion,
-                                   mg_probabilities, one_hot_labels, split_sequences, subject_prior_row)
-from mgfm.evaluate.emotion_heads import (EmotionError, SequenceHeadConfig, binary_metrics, fit_sequence_head,
-                                         fit_vector_head, majority_probability)
+from mgfm.evaluate.emotion import (EmotionError, SequenceHeadConfig, binary_metrics, build_sequences, concat_features,
+                                   fit_sequence_head, fit_vector_head, majority_probability, mg_probabilities,
+                                   one_hot_labels)
+from mgfm.evaluate.emotion_eval import EmotionRecipe, split_sequences, subject_prior_row
+from mgfm.evaluate.emotion_eval import run as evaluate_emotion
 from mgfm.evaluate.featureset import FeatureSet
 from mgfm.evaluate.probe import ProbeConfig
 

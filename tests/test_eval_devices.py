@@ -41,7 +41,7 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("evaluator", ["linear_probe", "emotion", "retrieval_eval"])
+@pytest.mark.parametrize("evaluator", ["probe_eval", "emotion_eval", "retrieval_eval"])
 def test_the_recipe_device_reaches_feature_extraction(monkeypatch, tmp_path, tiny_shards, evaluator):
     import importlib
 
@@ -52,18 +52,15 @@ def test_the_recipe_device_reaches_feature_extraction(monkeypatch, tmp_path, tin
         seen.append(torch.device(device))
         raise _Stop
 
-    monkeypatch.setattr("mgfm.evaluate.features.split_features", spy)
-    if hasattr(module, "split_features"):
-        monkeypatch.setattr(module, "split_features", spy)
+    monkeypatch.setattr("mgfm.evaluate.encoder_eval.split_features", spy)  # where every evaluator gets features
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")
     run = tmp_path / "run"
     tiny_encoder_folder(run / "encoder")
-    recipe_cls, entry = {"linear_probe": ("EvalRecipe", "evaluate"), "emotion": ("EmotionRecipe", "evaluate_emotion"),
-                         "retrieval_eval": ("RetrievalRecipe", "evaluate")}[evaluator]
+    recipe_cls = {"probe_eval": "ProbeRecipe", "emotion_eval": "EmotionRecipe", "retrieval_eval": "RetrievalRecipe"}[evaluator]
     recipe = getattr(module, recipe_cls)(run=str(run), shards=str(tiny_shards), num_workers=0)
     with pytest.raises(_Stop):
-        getattr(module, entry)(recipe)
+        module.run(recipe)
     assert seen == [torch.device("cuda", 1)]
 
 

@@ -178,11 +178,12 @@ def test_features_exactly_once_under_two_processes(tmp_path, tiny_shards):
 
 
 def test_linear_probe_report_and_references(tmp_path, tiny_shards):
-    from mgfm.evaluate.linear_probe import EvalRecipe, evaluate
+    from mgfm.evaluate.probe_eval import ProbeRecipe
+    from mgfm.evaluate.probe_eval import run as run_probe
 
     run = tmp_path / "run"
     tiny_encoder_folder(run / "encoder")
-    report = evaluate(EvalRecipe(run=str(run), shards=str(tiny_shards), num_workers=0, batch_size=4,
+    report = run_probe(ProbeRecipe(run=str(run), shards=str(tiny_shards), num_workers=0, batch_size=4,
                                  probe=ProbeConfig(c_grid=[0.01, 1.0])))
     assert set(report["results"]) == {"pretrained", "random init", "raw pixels"}
     probe = report["results"]["pretrained"]["probe"]

@@ -21,7 +21,7 @@ from mgfm.config import RecipeError, load_recipe
 from mgfm.data.clip_index import ClipIndex
 from mgfm.data.stream import make_loader
 from mgfm.evaluate.featureset import FeatureSet
-from mgfm.evaluate.linear_probe import stream_for
+from mgfm.evaluate.encoder_eval import stream_for
 from mgfm.evaluate.retrieval import RetrievalIndex
 from mgfm.evaluate.retrieval_eval import (KEY_FILE, RetrievalRecipe, check_same_search, eval_clip, query_video,
                                           read_shard_clips, run)

@@ -1,58 +1,233 @@
-"""Video-level emotion recognition from the time-ordered sequence of a video's micro-gesture clips.
-
-In iMiGUE the emotion (win -> positive, lose -> negative) belongs to a whole video and has its own video
-split (102 train / 100 test), different from the recognition (clip) split. So the frozen features of the
-clips of *every* shard split are gathered, regrouped by ``video_id``, ordered by start frame, and each
-video is put in the emotion split the shard manifest's ``emotion_splits`` gives it (when the manifest has
-none, e.g. SMG emotion segments or a generic CSV, a video's own clip split is used; SMG's reader already
-makes each relaxed/stressed segment a "video"). Heads, each mapping a video to p(positive):
-
-* majority class of the emotion-train videos, and the subject prior (each test video scored by its subject's
-  emotion-train positive rate, present when test subjects also have train videos) -- references;
-* (a) mean-pooled clip features + logistic regression;
-* (b) BiLSTM with attention pooling over the clip features;
-* (c) the same BiLSTM over the clips' predicted MG distributions (the "MG sequence" route), and, order-free,
-  the mean predicted MG distribution + logistic regression (its per-class contributions explain it);
-* oracle rows: the same two over the TRUE MG labels (one-hot) -- an upper bound, not a result.
-
-MG distributions without leaks: the MG probe (:func:`mgfm.evaluate.probe.train_probe`) learns only from the
-recognition-train split's labelled clips (the "pool"). Pool clips are cross-fitted: the pool's groups
-(subjects; videos when a video spans several subjects) go to ``probe_folds`` folds and each clip gets the
-probabilities of the probe fitted on the other folds; every other clip gets the probe fitted on the whole
-pool. So no clip's MG distribution comes from a probe that saw its own subject/video, whichever emotion split
-its video is in (on iMiGUE, emotion-test videos can sit in the recognition-train split), and emotion-train
-inputs look like emotion-test inputs (held-out predictions, not memorised ones). C is chosen once by the
-probe's subject-grouped CV on the whole pool and reused for the folds.
-
-Scores (accuracy, balanced accuracy, macro-F1, AUROC) are over the emotion-test videos, averaged over
-``seeds`` (the BiLSTMs; the logistic regressions are deterministic) with the standard deviation, because
-test sets are ~100 videos. Writes ``report.json`` / ``report.md`` and prints the table.
+"""Video-level emotion from micro-gesture sequences, the library: a video's clips in time order
+(:func:`build_sequences`), per-clip MG distributions without leaks (:func:`mg_probabilities`), the heads that
+map a video to p(positive) (:class:`VectorHead`, :class:`SequenceHead`) and their binary metrics. The runner
+that reads a run's features and writes the report is :mod:`mgfm.evaluate.emotion_eval`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import numpy as np
+import torch
+from torch import nn
 
-from mgfm.evaluate.emotion_heads import (EmotionError, SequenceHeadConfig, binary_metrics, fit_sequence_head,
-                                         fit_vector_head, majority_probability, require_both_emotions)
+from mgfm.errors import MgfmError
 from mgfm.evaluate.featureset import FeatureSet
-from mgfm.data.distributed import is_main_process
-from mgfm.evaluate.features import require_complete
-from mgfm.evaluate.linear_probe import (EncoderEvalRecipe, data_section, encoders_to_compare, eval_device,
-                                        features_folder, resolve_encoder, stream_for)
-from mgfm.evaluate.probe import ProbeConfig, train_probe
-from mgfm.evaluate.report import format_table, markdown_table, write_report
+from mgfm.evaluate.probe import LinearProbe, ProbeConfig, train_probe
 
 log = logging.getLogger(__name__)
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 EMOTION_NAMES = {1: "positive", 0: "negative"}
+
+
+class EmotionError(MgfmError, ValueError):
+    """Emotion data that cannot be evaluated (no emotion labels, empty videos, one emotion only)."""
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+def binary_metrics(y_true: Sequence[int], p_positive: Sequence[float], threshold: float = 0.5) -> dict:
+    """Scores of video-level emotion predictions.
+
+    Args:
+        y_true: (V,) 0/1 true emotions.
+        p_positive: (V,) predicted probability of emotion 1; the prediction is ``p >= threshold``.
+
+    Returns:
+        ``{"n", "accuracy", "balanced_accuracy" (mean recall over the emotions present), "macro_f1" (mean F1
+        of both emotions, an absent/never-predicted one counting 0), "auroc" (None when the test videos
+        hold one emotion only)}``.
+    """
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+    y = np.asarray(y_true).astype(np.int64)
+    p = np.asarray(p_positive, dtype=np.float64)
+    if y.ndim != 1 or p.shape != y.shape:
+        raise EmotionError(f"emotion metrics: {y.shape} labels vs {p.shape} scores; expected two (V,) vectors")
+    if len(y) == 0:
+        raise EmotionError("emotion metrics: no test videos")
+    if not np.isin(y, (0, 1)).all():
+        raise EmotionError(f"emotion metrics: labels must be 0/1, got {sorted(set(y.tolist()))}")
+    if not np.isfinite(p).all():
+        raise EmotionError("emotion metrics: scores contain NaN or inf")
+    pred = (p >= threshold).astype(np.int64)
+    two = len(np.unique(y)) == 2
+    with warnings.catch_warnings():  # a one-emotion test set: sklearn warns about predicted-only classes
+        warnings.simplefilter("ignore", UserWarning)
+        return {
+            "n": int(len(y)),
+            "accuracy": float(accuracy_score(y, pred)),
+            "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+            "macro_f1": float(f1_score(y, pred, labels=[0, 1], average="macro", zero_division=0)),
+            "auroc": float(roc_auc_score(y, p)) if two else None,
+        }
+
+
+def require_both_emotions(y: np.ndarray, what: str) -> None:
+    """One-line :class:`EmotionError` unless ``y`` (V,) holds videos of both emotions."""
+    if len(y) == 0:
+        raise EmotionError(f"{what}: no videos")
+    values = sorted(set(np.asarray(y).tolist()))
+    if len(values) < 2:
+        name = {1: "positive", 0: "negative"}.get(values[0], str(values[0]))
+        raise EmotionError(f"{what}: all {len(y)} videos are {name}; an emotion head needs both emotions to learn from")
+
+
+def majority_probability(y_train: np.ndarray) -> float:
+    """The majority-class head's constant ``p(positive)``: 1.0 when positives are the majority, else 0.0
+    (ties go to negative, emotion 0, the lower class id)."""
+    return 1.0 if int(np.sum(y_train == 1)) > int(np.sum(y_train == 0)) else 0.0
+
+
+# --------------------------------------------------------------------------- logistic regression head
+
+@dataclass
+class VectorHead:
+    """Standardised logistic regression on one vector per video (a fitted :class:`LinearProbe`, 2 classes)."""
+
+    probe: LinearProbe
+
+    def standardise(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, dtype=np.float64) - self.probe.mean) / self.probe.scale
+
+    def p_positive(self, x: np.ndarray) -> np.ndarray:
+        """``(V, D)`` -> ``(V,)`` p(emotion 1)."""
+        model = self.probe.model
+        return model.predict_proba(self.standardise(x))[:, list(model.classes_).index(1)]
+
+    def contributions(self, x: np.ndarray) -> np.ndarray:
+        """``(V, D)`` -> ``(V, D)``: each input dimension's additive share of the positive-vs-negative logit
+        (coefficient x standardised value); positive = pushes towards emotion 1."""
+        return self.standardise(x) * self.probe.model.coef_[0][None, :]
+
+
+def fit_vector_head(x: np.ndarray, y: np.ndarray, groups: Sequence[str], cfg: ProbeConfig) -> VectorHead:
+    """Fit :class:`VectorHead` on ``x`` (V, D) and 0/1 ``y`` (V,); C chosen by CV over ``groups`` (subjects)."""
+    require_both_emotions(y, "emotion train split")
+    rows = [{"label": int(label), "subject": str(g), "clip_id": str(i)} for i, (label, g) in enumerate(zip(y, groups))]
+    return VectorHead(train_probe(FeatureSet(x, rows), 2, cfg))
+
+
+# ------------------------------------------------------------------------------------ sequence head
+
+@dataclass
+class SequenceHeadConfig:
+    """The BiLSTM emotion head and how it is trained (full batch, AdamW, class-balanced BCE)."""
+
+    hidden: int = 64  # input projection width = 2 x LSTM state width
+    dropout: float = 0.3  # on the input features and the pooled state
+    clip_dropout: float = 0.2  # each epoch, each training clip is dropped with this probability (order kept)
+    epochs: int = 150
+    lr: float = 3e-3
+    weight_decay: float = 1e-2
+
+
+class SequenceHead(nn.Module):
+    """Projection -> BiLSTM -> attention pooling over time -> one emotion logit.
+
+    ``forward(x (B, T, D) float, lengths (B,) int)`` -> ``(logits (B,), attention (B, T))``; attention is
+    a softmax over each video's valid clips (0 on padding).
+    """
+
+    def __init__(self, in_dim: int, cfg: SequenceHeadConfig) -> None:
+        super().__init__()
+        if cfg.hidden < 2 or cfg.hidden % 2:
+            raise ValueError(f"sequence head hidden must be an even number >= 2, got {cfg.hidden}")
+        self.project = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(in_dim, cfg.hidden), nn.GELU())
+        self.rnn = nn.LSTM(cfg.hidden, cfg.hidden // 2, batch_first=True, bidirectional=True)
+        self.attend = nn.Linear(cfg.hidden, 1)
+        self.classify = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, 1))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+        t = x.shape[1]
+        packed = pack_padded_sequence(self.project(x), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        states, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=t)
+        valid = torch.arange(t, device=x.device)[None, :] < lengths[:, None]
+        attention = self.attend(states).squeeze(-1).masked_fill(~valid, float("-inf")).softmax(dim=1)
+        pooled = (attention.unsqueeze(-1) * states).sum(dim=1)
+        return self.classify(pooled).squeeze(-1), attention
+
+
+def _pad(seqs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """list of (T_i, D) -> (padded (B, T_max, D) float32, lengths (B,) int64)."""
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+    out = torch.zeros(len(seqs), int(lengths.max()), seqs[0].shape[1])
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.float32))
+    return out, lengths
+
+
+@dataclass
+class FittedSequenceHead:
+    """A trained :class:`SequenceHead` plus the train clips' per-dimension mean/scale it standardises with."""
+
+    model: SequenceHead
+    mean: np.ndarray
+    scale: np.ndarray
+
+    def _inputs(self, seqs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return [((np.asarray(s, dtype=np.float64) - self.mean) / self.scale).astype(np.float32) for s in seqs]
+
+    @torch.no_grad()
+    def predict(self, seqs: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """list of (T_i, D) -> (p(positive) (V,), [attention (T_i,)])."""
+        self.model.eval()
+        x, lengths = _pad(self._inputs(seqs))
+        logits, attention = self.model(x, lengths)
+        return torch.sigmoid(logits).numpy().astype(np.float64), [a[:n].numpy() for a, n in zip(attention, lengths)]
+
+
+def fit_sequence_head(seqs: Sequence[np.ndarray], y: np.ndarray, cfg: SequenceHeadConfig,
+                      seed: int) -> FittedSequenceHead:
+    """Train a :class:`SequenceHead` on ``seqs`` (list of (T_i, D) time-ordered clip vectors) and 0/1 ``y``.
+
+    Deterministic for a given seed (CPU). The loss weights each emotion by inverse frequency.
+    """
+    require_both_emotions(np.asarray(y), "emotion train split")
+    if any(len(s) == 0 for s in seqs):
+        raise EmotionError("sequence head: a training video has no clips")
+    stacked = np.concatenate([np.asarray(s, dtype=np.float64) for s in seqs])
+    mean, scale = stacked.mean(axis=0), stacked.std(axis=0)
+    scale[scale < 1e-6] = 1.0
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = SequenceHead(stacked.shape[1], cfg)
+    fitted = FittedSequenceHead(model, mean, scale)
+    inputs = fitted._inputs(seqs)
+    target = torch.tensor(np.asarray(y), dtype=torch.float32)
+    positives = float(target.sum())
+    pos_weight = torch.tensor((len(target) - positives) / positives)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    for _ in range(cfg.epochs):
+        batch = []
+        for s in inputs:
+            keep = rng.random(len(s)) >= cfg.clip_dropout
+            if not keep.any():
+                keep[rng.integers(len(s))] = True
+            batch.append(s[keep])
+        x, lengths = _pad(batch)
+        logits, _ = model(x, lengths)
+        loss = loss_fn(logits, target)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    return fitted
+
+
+__all__ = [
+    "EmotionError", "binary_metrics", "require_both_emotions", "majority_probability",
+    "VectorHead", "fit_vector_head", "SequenceHeadConfig", "SequenceHead", "FittedSequenceHead",
+    "fit_sequence_head",
+]
 
 
 # ------------------------------------------------------------------------------------------- sequences
@@ -216,345 +391,3 @@ def one_hot_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
     known = labels >= 0
     out[np.flatnonzero(known), labels[known]] = 1.0
     return out
-
-
-# ------------------------------------------------------------------------------------------- recipe
-
-@dataclass
-class EmotionRecipe(EncoderEvalRecipe):
-    """What ``make emotion`` / ``eval/emotion.py`` evaluate, and how (``out`` default:
-    <run>/emotion/<shards name>/; features shared with the linear probe's cache <run>/features/)."""
-
-    references: bool = False  # also run the feature heads on random-init / raw-pixel features
-    splits: list[str] = field(default_factory=lambda: ["train", "test"])  # shard splits whose clips are gathered
-    probe_split: str = "train"  # the recognition-train shard split the MG probe learns from
-    train_emotion: str = "train"  # emotion split names (manifest emotion_splits, else the clip split)
-    test_emotion: str = "test"
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    probe: ProbeConfig = field(default_factory=ProbeConfig)  # the MG probe (route c)
-    probe_folds: int = 5
-    head: SequenceHeadConfig = field(default_factory=SequenceHeadConfig)  # the BiLSTM heads
-    logistic: ProbeConfig = field(default_factory=lambda: ProbeConfig(c_grid=[1e-3, 1e-2, 1e-1, 1.0, 10.0]))
-    oracle: bool = True  # add the true-MG-label rows (upper bound)
-    explain_videos: int = 2  # test videos whose most relied-on micro-gestures go into the report
-    allow_missing_videos: bool = False
-
-
-# --------------------------------------------------------------------------------------- evaluation
-
-@dataclass
-class _Data:
-    sequences: list[VideoSequence]
-    train: list[VideoSequence]
-    test: list[VideoSequence]
-
-    @property
-    def y_train(self) -> np.ndarray:
-        return np.array([s.emotion for s in self.train], dtype=np.int64)
-
-    @property
-    def y_test(self) -> np.ndarray:
-        return np.array([s.emotion for s in self.test], dtype=np.int64)
-
-
-def split_sequences(sequences: list[VideoSequence], train: str, test: str) -> _Data:
-    """Train/test videos; one-line :class:`EmotionError` for an empty side or a one-emotion train side."""
-    tr = [s for s in sequences if s.split == train]
-    te = [s for s in sequences if s.split == test]
-    if not tr or not te:
-        found = dict(Counter(s.split for s in sequences))
-        raise EmotionError(f"emotion splits: need videos in {train!r} and {test!r}, found {found or 'none'}")
-    data = _Data(sequences, tr, te)
-    require_both_emotions(data.y_train, f"emotion train split {train!r}")
-    return data
-
-
-def _summarise(per_seed: list[dict]) -> dict:
-    out = {}
-    for m in METRICS:
-        values = [r[m] for r in per_seed if r[m] is not None]
-        out[m] = {"mean": float(np.mean(values)) if values else None,
-                  "std": float(np.std(values)) if values else None}
-    return out
-
-
-def _vector_row(data: _Data, vectors: np.ndarray, cfg: ProbeConfig) -> tuple[dict, object]:
-    """Logistic regression on one vector per video (V_all, D) in ``data.sequences`` order."""
-    pos = {id(s): k for k, s in enumerate(data.sequences)}
-    xtr = vectors[[pos[id(s)] for s in data.train]]
-    xte = vectors[[pos[id(s)] for s in data.test]]
-    head = fit_vector_head(xtr, data.y_train, [s.subject for s in data.train], cfg)
-    p = head.p_positive(xte)
-    metrics = binary_metrics(data.y_test, p)
-    return {"seeds": 1, "per_seed": [metrics], "C": head.probe.C, **_summarise([metrics])}, (head, xte, p)
-
-
-def _sequence_row(data: _Data, clip_vectors: np.ndarray, recipe: EmotionRecipe) -> tuple[dict, object]:
-    train_seqs = [clip_vectors[s.index] for s in data.train]
-    test_seqs = [clip_vectors[s.index] for s in data.test]
-    per_seed, first = [], None
-    for seed in recipe.seeds:
-        fitted = fit_sequence_head(train_seqs, data.y_train, recipe.head, seed)
-        p, attention = fitted.predict(test_seqs)
-        per_seed.append({"seed": seed, **binary_metrics(data.y_test, p)})
-        if first is None:
-            first = (p, attention)
-    return {"seeds": len(per_seed), "per_seed": per_seed, **_summarise(per_seed)}, first
-
-
-def _pool(data: _Data, clip_vectors: np.ndarray) -> np.ndarray:
-    return np.stack([clip_vectors[s.index].mean(axis=0) for s in data.sequences])
-
-
-def run_heads(data: _Data, clip_features: np.ndarray | None, mg_probs: np.ndarray | None,
-              mg_true: np.ndarray | None, recipe: EmotionRecipe, prefix: str = "") -> tuple[dict, dict]:
-    """Every head whose input is given; returns (rows {name: scores}, artefacts for explanations)."""
-    rows: dict[str, dict] = {}
-    extra: dict[str, object] = {}
-    plans: list[tuple[str, str, Callable[[], tuple[dict, object]]]] = []
-    if clip_features is not None:
-        plans += [("(a) pooled features + logistic regression", "clip features",
-                   lambda: _vector_row(data, _pool(data, clip_features), recipe.logistic)),
-                  ("(b) BiLSTM over clip features", "clip features",
-                   lambda: _sequence_row(data, clip_features, recipe))]
-    if mg_probs is not None:
-        plans += [("(c) BiLSTM over predicted MG distributions", "predicted MG sequence",
-                   lambda: _sequence_row(data, mg_probs, recipe)),
-                  ("(c) mean predicted MG distribution + logistic regression", "predicted MG histogram",
-                   lambda: _vector_row(data, _pool(data, mg_probs), recipe.logistic))]
-    if mg_true is not None:
-        plans += [("oracle: BiLSTM over true MG labels", "true MG sequence (oracle)",
-                   lambda: _sequence_row(data, mg_true, recipe)),
-                  ("oracle: true MG histogram + logistic regression", "true MG histogram (oracle)",
-                   lambda: _vector_row(data, _pool(data, mg_true), recipe.logistic))]
-    for name, inputs, fit in plans:
-        log.info("emotion head: %s%s", prefix, name)
-        row, artefact = fit()
-        rows[prefix + name] = {"input": inputs, **row}
-        extra[prefix + name] = artefact
-    return rows, extra
-
-
-def majority_row(data: _Data) -> dict:
-    p = np.full(len(data.test), majority_probability(data.y_train))
-    metrics = binary_metrics(data.y_test, p)
-    return {"input": "train emotion counts", "seeds": 1, "per_seed": [metrics], **_summarise([metrics])}
-
-
-def subject_prior_row(data: _Data) -> dict | None:
-    """Reference: score a test video by the positive rate of its subject's emotion-train videos (the train
-    rate overall for unseen subjects). Far from 0.5 only when emotion and subject identity are entangled
-    across the split -- then appearance-driven heads inherit that bias. None when no test subject is seen
-    in training (a subject-disjoint emotion split)."""
-    rates: dict[str, list[int]] = {}
-    for s in data.train:
-        rates.setdefault(s.subject, []).append(s.emotion)
-    if not any(s.subject in rates for s in data.test):
-        return None
-    overall = float(data.y_train.mean())
-    p = np.array([np.mean(rates[s.subject]) if s.subject in rates else overall for s in data.test])
-    metrics = binary_metrics(data.y_test, p)
-    seen = sum(s.subject in rates for s in data.test)
-    return {"input": f"subject identity ({seen}/{len(data.test)} test videos' subjects seen)", "seeds": 1,
-            "per_seed": [metrics], **_summarise([metrics])}
-
-
-def explain(data: _Data, mg_probs: np.ndarray, class_names: Sequence[str], seq_artefact, vec_artefact,
-            n_videos: int, top: int = 3) -> list[dict]:
-    """For up to ``n_videos`` test videos (the most confidently right positive and negative first): the
-    micro-gestures the BiLSTM-over-MG head (first seed) leaned on -- the classes whose share of the video's
-    predicted MG distribution rises most when clips are weighted by attention instead of equally -- its
-    most attended clips, and the per-class contributions of the MG-histogram logistic regression."""
-    p_seq, attention = seq_artefact
-    head, x_test, p_vec = vec_artefact
-    contributions = head.contributions(x_test)
-    y = data.y_test
-    confidence = np.where(y == 1, p_seq, 1 - p_seq)
-    picks: list[int] = []
-    for emotion in (1, 0):
-        ranked = [int(i) for i in np.argsort(-confidence) if y[i] == emotion and int(i) not in picks]
-        picks += ranked[:1]
-    picks += [int(i) for i in np.argsort(-confidence) if int(i) not in picks]
-    out = []
-    for i in picks[:n_videos]:
-        seq = data.test[i]
-        clip_probs = mg_probs[seq.index]
-        pred_class = clip_probs.argmax(axis=1)
-        attended = attention[i] @ clip_probs  # (C,) MG distribution as the head weighted the clips
-        base = clip_probs.mean(axis=0)  # (C,) the same with every clip weighted equally
-        order = np.argsort(-(attended - base))[:top]
-        clips = np.argsort(-attention[i])[:top]
-        contrib = contributions[i]
-        toward = np.argsort(-contrib if p_vec[i] >= 0.5 else contrib)[:top]
-        out.append({
-            "video_id": seq.video_id, "emotion": EMOTION_NAMES[seq.emotion], "clips": int(len(seq.index)),
-            "p_positive": float(p_seq[i]),
-            "attention_by_mg": [{"mg": class_names[k], "attended": float(attended[k]), "base": float(base[k])}
-                                for k in order if attended[k] > base[k]],
-            "top_clips": [{"start_frame": int(seq.start_frames[k]), "mg": class_names[int(pred_class[k])],
-                           "attention": float(attention[i][k])} for k in clips],
-            "histogram_p_positive": float(p_vec[i]),
-            "histogram_contributions": [{"mg": class_names[k], "logit": float(contrib[k])} for k in toward],
-        })
-    return out
-
-
-def histogram_weights(head, class_names: Sequence[str], top: int = 5) -> dict:
-    """The micro-gestures an MG-histogram logistic regression weighs most: ``{"positive": [...],
-    "negative": [...]}``, each ``top`` (class name, coefficient on the standardised share) pairs."""
-    coef = head.probe.model.coef_[0]
-    order = np.argsort(-coef)
-    return {"positive": [(class_names[k], float(coef[k])) for k in order[:top] if coef[k] > 0],
-            "negative": [(class_names[k], float(coef[k])) for k in order[::-1][:top] if coef[k] < 0]}
-
-
-def evaluate_emotion(recipe: EmotionRecipe) -> dict:
-    """Run the emotion evaluation; returns the report dict (also written to ``out``). The report has
-    ``summary`` = {"headers", "rows"} (rows of formatted "mean ± std" cells) for a demo summary."""
-    from mgfm.evaluate.features import split_features
-    from mgfm.shards.manifest import load_manifest
-
-    device = eval_device(recipe)
-    run_dir, encoder_folder = resolve_encoder(recipe)
-    manifest = load_manifest(recipe.shards)
-    class_names = [str(c) for c in manifest["class_names"]]
-    out = Path(recipe.out) if recipe.out else run_dir / "emotion" / Path(recipe.shards.rstrip("/")).name
-    cache = features_folder(recipe, run_dir)
-    if recipe.probe_split not in recipe.splits:
-        raise EmotionError(f"probe_split {recipe.probe_split!r} is not one of splits {recipe.splits}")
-    if not recipe.seeds:
-        raise EmotionError("seeds: give at least one seed")
-    encoders, cfg = encoders_to_compare(encoder_folder, recipe)
-    stream = stream_for(cfg, recipe)
-
-    results: dict[str, dict] = {}
-    data = None
-    probe_info, explanations, weights = {}, [], {}
-    for name, encoder, encoder_id in encoders:
-        log.info("emotion: features for %s", name)
-        parts = {split: split_features(None, recipe.shards, split, stream, cache, recipe.views, encoder=encoder,
-                                       encoder_id=encoder_id, device=device) for split in recipe.splits}
-        for split, part in parts.items():  # every clip of every split makes the video sequences
-            require_complete(part, f"{recipe.shards} ({split})", recipe.allow_missing)
-        feats, origin = concat_features(parts)
-        sequences = build_sequences(feats, manifest.get("emotion_splits") or {}, f"{recipe.shards}",
-                                    recipe.allow_missing_videos)
-        data = split_sequences(sequences, recipe.train_emotion, recipe.test_emotion)
-        if not results:
-            results["majority class"] = majority_row(data)
-            prior = subject_prior_row(data)
-            if prior is not None:
-                results["subject prior (reference)"] = prior
-        mg_probs, info = mg_probabilities(feats, origin == recipe.probe_split, len(class_names), recipe.probe,
-                                          recipe.probe_folds)
-        probe_info[name] = info
-        prefix = "" if name == "pretrained" else f"[{name}] "
-        mg_true = one_hot_labels(feats.labels, len(class_names)) if recipe.oracle and name == "pretrained" else None
-        rows, artefacts = run_heads(data, feats.features, mg_probs, mg_true, recipe, prefix)
-        results.update(rows)
-        for row, artefact in artefacts.items():
-            if "MG" in row and "logistic regression" in row:
-                weights[row] = histogram_weights(artefact[0], class_names)
-        if name == "pretrained" and recipe.explain_videos > 0:
-            explanations = explain(data, mg_probs, class_names,
-                                   artefacts["(c) BiLSTM over predicted MG distributions"],
-                                   artefacts["(c) mean predicted MG distribution + logistic regression"],
-                                   recipe.explain_videos)
-    assert data is not None
-    headers, table = summary_table(results)
-    gains = gain_lines(results)
-    data_read, warning = data_section(parts)
-    report = {
-        "incomplete": warning, "data": data_read, "run": str(run_dir), "encoder": str(encoder_folder), "shards": recipe.shards, "views": recipe.views,
-        "videos": {"train": len(data.train), "test": len(data.test),
-                   "train_positive": int(data.y_train.sum()), "test_positive": int(data.y_test.sum()),
-                   "clips_per_video": float(np.mean([len(s.index) for s in data.sequences]))},
-        "seeds": list(recipe.seeds), "mg_probe": probe_info, "head": dataclasses.asdict(recipe.head),
-        "results": results, "explanations": explanations, "histogram_weights": weights, "gains": gains,
-        "summary": {"headers": headers, "rows": table},
-    }
-    if is_main_process():
-        markdown = report_markdown(report, class_names)
-        write_report(out, report, f"{warning}\n\n{markdown}" if warning else markdown,
-                     "Video-level emotion recognition")
-        if warning:
-            print(warning.replace("**", ""))
-        print(format_table(headers, table))
-        for line in gains:
-            print(line)
-        print(f"report: {out / 'report.md'}")
-    return report
-
-
-# ------------------------------------------------------------------------------------------ reporting
-
-def _cell(entry: dict, metric: str) -> str:
-    value = entry[metric]
-    if value["mean"] is None:
-        return "-"
-    return f"{value['mean']:.3f} ± {value['std']:.3f}" if entry["seeds"] > 1 else f"{value['mean']:.3f}"
-
-
-def summary_table(results: dict[str, dict]) -> tuple[list[str], list[list]]:
-    """(headers, rows): one row per head, "mean ± std" over seeds (one value for deterministic heads)."""
-    headers = ["head", "input", "seeds", "accuracy", "balanced acc", "macro-F1", "AUROC"]
-    rows = [[name, e["input"], e["seeds"], *(_cell(e, m) for m in METRICS)] for name, e in results.items()]
-    return headers, rows
-
-
-def gain_lines(results: dict[str, dict]) -> list[str]:
-    """How far each MG-sequence head lands above the majority class (balanced accuracy), over seeds."""
-    base = results["majority class"]["balanced_accuracy"]["mean"]
-    lines = []
-    for name, entry in results.items():
-        if "MG" not in name:
-            continue
-        values = np.array([r["balanced_accuracy"] for r in entry["per_seed"]]) - base
-        lines.append(f"{name}: balanced accuracy {100 * values.mean():+.1f} ± {100 * values.std():.1f} points over "
-                     f"the majority class ({base:.3f}); worst seed {100 * values.min():+.1f}, best "
-                     f"{100 * values.max():+.1f} ({len(values)} seed(s))")
-    return lines
-
-
-def report_markdown(report: dict, class_names: Sequence[str]) -> str:
-    v = report["videos"]
-    lines = [
-        f"Run `{report['run']}`, shards `{report['shards']}`: {v['train']} emotion-train videos "
-        f"({v['train_positive']} positive), {v['test']} emotion-test videos ({v['test_positive']} positive), "
-        f"{v['clips_per_video']:.1f} clips per video on average. Scores are over the test videos; BiLSTM rows are "
-        f"mean ± std over seeds {report['seeds']}, logistic-regression rows are deterministic. Oracle rows use "
-        "the TRUE micro-gesture labels: an upper bound, not a result. The subject-prior row (when present) scores a "
-        "test video by its subject's emotion-train positive rate: far below 0.5 it means emotion and subject "
-        "identity are anti-correlated across the split, and heads that pick up appearance land below chance "
-        "too.", "",
-        "## Emotion heads", "", markdown_table(*report["summary"].values()), "",
-        "## Gain of the MG-sequence heads over the majority class", "",
-        *[f"- {line}" for line in report["gains"]], "",
-        "## MG probe behind the predicted MG distributions", "",
-        "Trained on the recognition-train clips only; those clips get cross-fitted (out-of-fold) probabilities, "
-        "so no clip's distribution comes from a probe that saw its own group.", "",
-        *[f"- {name}: C={i['C']}, {i['folds']} folds by {i['group_by']}, {i['pool_clips']} pool clips, "
-          f"{i['cross_fitted_clips']} clips cross-fitted" for name, i in report["mg_probe"].items()], "",
-    ]
-    if report["histogram_weights"]:
-        lines += ["## Micro-gestures the MG-histogram heads weigh most", "",
-                  "Logistic-regression coefficients on the standardised per-video MG shares (positive = towards "
-                  "positive emotion).", ""]
-        for row, w in report["histogram_weights"].items():
-            pos = ", ".join(f"{k} {v:+.2f}" for k, v in w["positive"])
-            neg = ", ".join(f"{k} {v:+.2f}" for k, v in w["negative"])
-            lines.append(f"- {row}: towards positive: {pos or 'none'}; towards negative: {neg or 'none'}")
-        lines.append("")
-    if report["explanations"]:
-        lines += ["## What the MG-sequence heads leaned on (test videos)", ""]
-        for e in report["explanations"]:
-            att = ", ".join(f"{a['mg']} {a['attended']:.3f} (vs {a['base']:.3f})" for a in e["attention_by_mg"])
-            clips = ", ".join(f"frame {c['start_frame']} {c['mg']} ({c['attention']:.2f})" for c in e["top_clips"])
-            contrib = ", ".join(f"{c['mg']} {c['logit']:+.2f}" for c in e["histogram_contributions"])
-            lines += [f"- video {e['video_id']} (true {e['emotion']}, {e['clips']} clips, BiLSTM p(positive) "
-                      f"{e['p_positive']:.2f}): MGs its attention raised most (attention-weighted share of the "
-                      f"predicted MG distribution vs the plain mean): {att or 'none'}; most attended clips: {clips}; "
-                      f"MG-histogram logistic regression (p(positive) {e['histogram_p_positive']:.2f}), largest "
-                      f"contributions towards its prediction: {contrib}"]
-        lines.append("")
-    return "\n".join(lines)

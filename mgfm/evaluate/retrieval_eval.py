@@ -32,14 +32,13 @@ from mgfm.data.sampling import sample_indices
 from mgfm.data.stream import StreamConfig
 from mgfm.data.transforms import centre_crop_box, crop_resize, normalise_into
 from mgfm.data.video_io import VideoDecodeError, decode_frames, probe
-from mgfm.evaluate.features import cache_key, cache_stem, require_complete, split_features
-from mgfm.evaluate.featureset import FeatureError, FeatureSet
-from mgfm.data.distributed import is_main_process
 from mgfm.devices import feature_precision
 from mgfm.errors import MgfmError
-from mgfm.evaluate.linear_probe import (EncoderEvalRecipe, data_section, encoders_to_compare, eval_device,
-                                        features_folder, resolve_encoder, stream_for)
-from mgfm.evaluate.report import format_table, markdown_table, save_figure, write_report
+from mgfm.evaluate.encoder_eval import (EncoderEvalRecipe, eval_device, features_folder, finish, output_folder,
+                                        prepare, resolve_encoder, stream_for)
+from mgfm.evaluate.features import cache_key, cache_stem, split_features
+from mgfm.evaluate.featureset import FeatureError, FeatureSet
+from mgfm.evaluate.report import format_table, markdown_table, save_figure
 from mgfm.evaluate.retrieval import KINDS, RetrievalIndex, retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -86,10 +85,6 @@ class RetrievalRecipe(EncoderEvalRecipe):
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def output_dir(recipe: RetrievalRecipe, run_dir: Path) -> Path:
-    return Path(recipe.out) if recipe.out else run_dir / "retrieval" / Path(recipe.shards.rstrip("/")).name
 
 
 def index_dir(recipe: RetrievalRecipe, out: Path) -> Path:
@@ -169,66 +164,49 @@ def evaluate(recipe: RetrievalRecipe) -> dict:
     Returns the report dict (also written to ``<out>/report.json``)."""
     from mgfm.shards.manifest import load_manifest
 
-    run_dir, encoder_folder = resolve_encoder(recipe)
+    setup = prepare(recipe, "retrieval")
     manifest = load_manifest(recipe.shards)
     for split in (recipe.database_split, recipe.query_split):
         require_split(manifest, recipe.shards, split)
-    out = output_dir(recipe, run_dir)
-    cache = features_folder(recipe, run_dir)
-    device = eval_device(recipe)
-    encoders, cfg = encoders_to_compare(encoder_folder, recipe)
-    stream = stream_for(cfg, recipe)
-
     results: dict[str, dict] = {}
     selfcheck: dict = {}
-    folder = index_dir(recipe, out)
-    for name, encoder, encoder_id in encoders:
+    folder = index_dir(recipe, setup.out)
+    for name, encoder, encoder_id in setup.encoders:
         log.info("retrieval for %s", name)
-        feats = {split: split_features(None, recipe.shards, split, stream, cache, recipe.views, encoder=encoder,
-                                       encoder_id=encoder_id, device=device)
-                 for split in (recipe.database_split, recipe.query_split)}
-        db, queries = feats[recipe.database_split], feats[recipe.query_split]
-        require_complete(queries, f"{recipe.shards} ({recipe.query_split}, queries)", recipe.allow_missing)
-        if db.read.get("missing"):
-            log.warning("%s (database): %s", recipe.shards, db.read["describe"])
-        db = db.require(f"{recipe.shards} split {recipe.database_split!r} (database)")
-        queries = queries.labelled().require(f"{recipe.shards} split {recipe.query_split!r} (labelled queries)", db.dim)
+        feats = {recipe.database_split: setup.features(encoder, encoder_id, recipe.database_split, scored=False),
+                 recipe.query_split: setup.features(encoder, encoder_id, recipe.query_split, scored=True)}
+        db = feats[recipe.database_split].require(f"{recipe.shards} split {recipe.database_split!r} (database)")
+        queries = feats[recipe.query_split].labelled().require(
+            f"{recipe.shards} split {recipe.query_split!r} (labelled queries)", db.dim)
         index = build_index(db, recipe)
         if name == "pretrained":
-            save_index(index, folder, index_key(encoder_id, recipe, stream, device))
+            save_index(index, folder, index_key(encoder_id, recipe, setup.stream, setup.device))
             loaded = RetrievalIndex.load(folder, use_gpu=recipe.use_gpu)
             selfcheck = check_same_search(index, loaded, queries.features[: recipe.selfcheck], max(recipe.ks))
             log.info("saved index %s reloaded: same neighbours on %d queries", folder, selfcheck["queries"])
             index = loaded
         metrics = retrieval_metrics(index, queries.features, queries.labels, recipe.ks)
         results[name] = {**metrics, "feature_dim": db.dim, "index_params": index.params, "on_gpu": index.on_gpu,
-                         "features": {split: str(feature_stem(cache, encoder_id, recipe, split, stream, device))
+                         "features": {split: str(feature_stem(setup.cache, encoder_id, recipe, split, setup.stream,
+                                                              setup.device))
                                       for split in (recipe.database_split, recipe.query_split)}}
 
-    data, warning = data_section(feats)
     report = {
-        "incomplete": warning, "data": data, "run": str(run_dir), "encoder": str(encoder_folder),
-        "shards": recipe.shards,
+        "run": str(setup.run_dir), "encoder": str(setup.encoder_folder), "shards": recipe.shards,
         "splits": {"database": recipe.database_split, "queries": recipe.query_split}, "views": recipe.views,
         "index": {"kind": recipe.index, "folder": str(folder), **index_settings(recipe)}, "ks": list(recipe.ks),
         "selfcheck": selfcheck, "results": results,
     }
     headers, rows = summary_rows(results, recipe.ks)
     first = next(iter(results.values()))
-    markdown = (f"{warning + chr(10) * 2 if warning else ''}Run `{run_dir}`, shards `{recipe.shards}`: {first['n_database']} `{recipe.database_split}` clips "
-                f"indexed ({recipe.index}, cosine), {first['n_queries']} labelled `{recipe.query_split}` clips as "
-                f"queries, {recipe.views} temporal view(s) per clip. R@k: a clip of the query's class among the "
+    markdown = (f"Run `{setup.run_dir}`, shards `{recipe.shards}`: {first['n_database']} `{recipe.database_split}` "
+                f"clips indexed ({recipe.index}, cosine), {first['n_queries']} labelled `{recipe.query_split}` clips "
+                f"as queries, {recipe.views} temporal view(s) per clip. R@k: a clip of the query's class among the "
                 "k nearest; mAP over the full exact ranking.\n\n"
                 + markdown_table(headers, rows)
                 + f"\n\nIndex saved to `{folder}`; reloaded and checked against the built index on "
                 f"{selfcheck.get('queries', 0)} queries (identical neighbours).\n")
-    if is_main_process():
-        write_report(out, report, markdown, "Frozen-encoder retrieval")
-        if warning:
-            print(warning.replace("**", ""))
-        print(format_table(headers, rows))
-        print(f"report: {out / 'report.md'}")
-    return report
+    return finish(setup.out, report, markdown, "Frozen-encoder retrieval", feats, [format_table(headers, rows)])
 
 
 def summary_rows(results: dict[str, dict], ks: Sequence[int]) -> tuple[list[str], list[list]]:
@@ -300,7 +278,7 @@ def index_for_queries(recipe: RetrievalRecipe, run_dir: Path, encoder: torch.nn.
     """The saved index when it was built from this encoder, shards and settings; else build and save one.
 
     With an explicit ``index_dir`` the saved index is used as it is (it must exist)."""
-    folder = index_dir(recipe, output_dir(recipe, run_dir))
+    folder = index_dir(recipe, output_folder(recipe, run_dir, "retrieval"))
     key = index_key(encoder_id, recipe, stream, device)
     if recipe.index_dir:
         return RetrievalIndex.load(folder, use_gpu=recipe.use_gpu)
@@ -386,8 +364,9 @@ def query_video(recipe: RetrievalRecipe) -> dict:
     feature = encode_clip(encoder, video, device)
     index = index_for_queries(recipe, run_dir, encoder, encoder_checksum(encoder_folder), stream, device)
     if index.dim != len(feature):
-        raise FeatureError(f"{index_dir(recipe, output_dir(recipe, run_dir))}: the index holds {index.dim}-d vectors "
-                           f"but encoder {encoder_folder} gives {len(feature)}-d features")
+        folder = index_dir(recipe, output_folder(recipe, run_dir, "retrieval"))
+        raise FeatureError(f"{folder}: the index holds {index.dim}-d vectors but encoder {encoder_folder} gives "
+                           f"{len(feature)}-d features")
     scores, ids = index.search(feature[None], recipe.k)
     neighbours = []
     for rank, (score, i) in enumerate(zip(scores[0], ids[0]), 1):

@@ -86,7 +86,7 @@ class FinetuneData:
 def model_geometry(recipe: FinetuneRecipe):
     """The encoder folder, the run folder and the model config of the run: the encoder's, at the recipe's
     ``frames`` / ``img_size`` (its position table kept, resampled or refused: ``pos_embed``)."""
-    from mgfm.evaluate.linear_probe import RunError, newest_run
+    from mgfm.evaluate.encoder_eval import RunError, newest_run
     from mgfm.model.hf import config_from_hf, read_hf_config
     from mgfm.model.videomae import at_geometry
 

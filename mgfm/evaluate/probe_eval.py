@@ -1,0 +1,119 @@
+"""Frozen-encoder recognition: linear probe + k-means on a shard set, with reference rows in the same run.
+
+For the run's encoder, a randomly initialised encoder of the same size, and raw pixels, extract (cached)
+train and test features, fit the linear probe on train, score the test split (top-1/5, mean class
+accuracy, per class, and without the excluded classes, e.g. iMiGUE's "illustrative"), and cluster the test
+features with k-means (Hungarian accuracy, NMI, ARI). Writes ``report.json``, ``report.md`` and a
+confusion-matrix PNG, and prints a short table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mgfm.data.distributed import is_main_process
+from mgfm.evaluate.cluster import kmeans_scores
+from mgfm.evaluate.encoder_eval import EncoderEvalRecipe, finish, prepare
+from mgfm.evaluate.featureset import FeatureError, FeatureSet
+from mgfm.evaluate.metrics import classification_metrics, plot_confusion
+from mgfm.evaluate.probe import ProbeConfig, predict, train_probe
+from mgfm.evaluate.report import format_table, markdown_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProbeRecipe(EncoderEvalRecipe):
+    """What ``make linear-probe`` / ``eval/linear_probe.py`` evaluate, and how (``out`` default:
+    ``<run>/eval/<shards name>``)."""
+
+    train_split: str = "train"
+    test_split: str = "test"
+    exclude_classes: list[str] = field(default_factory=lambda: ["illustrative"])
+    kmeans: bool = True
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+
+def probe_scores(train: FeatureSet, test: FeatureSet, class_names: list[str], exclude: list[int],
+                 cfg: ProbeConfig, allow_missing: bool = False) -> tuple[dict, np.ndarray]:
+    """Fit the probe on ``train``, score ``test``. Test classes without a train clip (a damaged train split)
+    are a one-line error naming them, unless ``allow_missing``: they then score as never predicted."""
+    probe = train_probe(train, len(class_names), cfg)
+    test = test.labelled().require("probe test split", train.dim)
+    absent = sorted(set(test.labels.tolist()) - set(train.labelled().labels.tolist()))
+    if absent:
+        names = ", ".join(f"{k} ({class_names[k]!r})" for k in absent[:6]) + (", ..." if len(absent) > 6 else "")
+        lost = f"; {train.read['describe']}" if train.read.get("missing") else ""
+        message = (f"classes {names} have test clips but no train clips{lost}; the probe cannot learn them")
+        if not allow_missing:
+            raise FeatureError(message + " (restore the train shards, or set allow_missing=true)")
+        log.warning("%s (allow_missing=true: scored as never predicted)", message)
+    logits = predict(probe, test)
+    if not np.isfinite(logits).all():  # classes the train split lacks: never predicted, ranked last
+        logits = np.where(np.isfinite(logits), logits, logits[np.isfinite(logits)].min() - 1e3)
+    metrics = classification_metrics(logits, test.labels, class_names, exclude)
+    metrics["C"] = probe.C
+    metrics["cv_scores"] = {str(c): v for c, v in probe.cv_scores.items()}
+    return metrics, logits
+
+
+def run(recipe: ProbeRecipe) -> dict:
+    """Run the whole evaluation; returns the report dict (also written to disk)."""
+    from mgfm.shards.manifest import load_manifest
+
+    setup = prepare(recipe, "eval")
+    class_names = list(load_manifest(recipe.shards)["class_names"])
+    exclude = [class_names.index(c) for c in recipe.exclude_classes if c in class_names]
+    results: dict[str, dict] = {}
+    for name, encoder, encoder_id in setup.encoders:
+        log.info("features for %s", name)
+        feats = {recipe.train_split: setup.features(encoder, encoder_id, recipe.train_split, scored=False),
+                 recipe.test_split: setup.features(encoder, encoder_id, recipe.test_split, scored=True)}
+        metrics, _ = probe_scores(feats[recipe.train_split], feats[recipe.test_split], class_names, exclude,
+                                  recipe.probe, recipe.allow_missing)
+        entry = {"probe": metrics, "feature_dim": feats[recipe.test_split].dim}
+        if recipe.kmeans:
+            test = feats[recipe.test_split].labelled()
+            entry["kmeans"] = kmeans_scores(test.features, test.labels, seed=recipe.seed)
+        results[name] = entry
+        if name == "pretrained" and is_main_process():
+            plot_confusion(metrics["confusion"], class_names, setup.out / "confusion_pretrained.png")
+
+    report = {
+        "run": str(setup.run_dir), "encoder": str(setup.encoder_folder), "shards": recipe.shards,
+        "splits": {"train": recipe.train_split, "test": recipe.test_split}, "views": recipe.views,
+        "probe_config": dataclasses.asdict(recipe.probe), "results": results,
+    }
+    headers, rows = summary_rows(results, bool(exclude))
+    markdown = (f"Run `{setup.run_dir}`, shards `{recipe.shards}` (train on `{recipe.train_split}`, test on "
+                f"`{recipe.test_split}`), {recipe.views} temporal view(s) per clip.\n\n## Linear probe and k-means\n\n"
+                + markdown_table(headers, rows)
+                + "\n\n![confusion matrix](confusion_pretrained.png)\n\n## Per-class accuracy (pretrained)\n\n"
+                + per_class_table(results["pretrained"]["probe"]))
+    return finish(setup.out, report, markdown, "Frozen-encoder recognition", feats, [format_table(headers, rows)])
+
+
+def summary_rows(results: dict[str, dict], has_without: bool) -> tuple[list[str], list[list]]:
+    headers = ["encoder", "top1", "top5", "mean class acc"]
+    if has_without:
+        headers += ["top1 w/o excl.", "mean class acc w/o excl."]
+    headers += ["k-means acc", "NMI", "ARI"]
+    rows = []
+    for name, entry in results.items():
+        probe = entry["probe"]
+        row = [name, probe["top1"], probe["top5"], probe["mean_class_accuracy"]]
+        if has_without:
+            row += [probe["without"]["top1"], probe["without"]["mean_class_accuracy"]]
+        km = entry.get("kmeans") or {}
+        row += [km.get("clustering_accuracy"), km.get("nmi"), km.get("ari")]
+        rows.append(row)
+    return headers, rows
+
+
+def per_class_table(probe: dict) -> str:
+    rows = [[name, v["support"], v["accuracy"]] for name, v in probe["per_class"].items()]
+    return markdown_table(["class", "test clips", "accuracy"], rows)
