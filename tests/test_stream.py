@@ -25,11 +25,12 @@ from conftest import TINY_CLIPS, read_tar, read_time_code
 
 from mgfm.data.distributed import Slot, rank_world
 from mgfm.data.sampling import sample_indices
-from mgfm.data.stream import (IMAGENET_MEAN, IMAGENET_STD, ShardRef, ShardTask, StreamConfig, assign_shards, make_loader,
+from mgfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mgfm.data.stream import (ShardRef, ShardTask, StreamConfig, assign_shards, make_loader,
                               resolve_shards, split_tasks)
 from mgfm.data.video_io import decode_frames
 from mgfm.data.transforms import (CropBox, centre_crop_box, crop_resize, crop_resize_planar, multiscale_crop_box,
-                                  normalise_into, normalise_video, to_planar, to_tensor)
+                                  normalise, normalise_into, to_planar)
 from mgfm.shards import BuildConfig, build_shards
 
 TRAIN_KEYS = sorted(f"{v}_{s:07d}_{e:07d}" for v, s, e, _ in TINY_CLIPS if v in ("v0", "v1"))
@@ -94,7 +95,7 @@ def test_crops_resize_and_normalise():
         picks = [4, 0, 2]
         planar = crop_resize_planar(noisy, box, 32, np.empty((3, 3, 32, 32), np.uint8), picks)
         assert np.array_equal(planar, to_planar(crop_resize(noisy[picks], box, 32)))
-    x = to_tensor(out, IMAGENET_MEAN, IMAGENET_STD)
+    x = normalise(torch.from_numpy(out).permute(0, 3, 1, 2), IMAGENET_MEAN, IMAGENET_STD)
     assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32
     expected = (200 / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
     assert np.allclose(x[0, :, 0, 0].numpy(), expected, atol=1e-5)
@@ -103,8 +104,8 @@ def test_crops_resize_and_normalise():
     assert planar.shape == (2, 4, 3, 8, 10) and planar.flags.c_contiguous
     out = normalise_into(planar, np.empty(planar.shape, np.float32), IMAGENET_MEAN, IMAGENET_STD)
     for k in range(2):
-        assert np.allclose(out[k], to_tensor(noisy[k], IMAGENET_MEAN, IMAGENET_STD).numpy(), atol=1e-5)
-    assert np.allclose(normalise_video(torch.from_numpy(planar), IMAGENET_MEAN, IMAGENET_STD).numpy(), out, atol=1e-5)
+        assert np.allclose(out[k], normalise(torch.from_numpy(noisy[k]).permute(0, 3, 1, 2), IMAGENET_MEAN, IMAGENET_STD).numpy(), atol=1e-5)
+    assert np.allclose(normalise(torch.from_numpy(planar), IMAGENET_MEAN, IMAGENET_STD).numpy(), out, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- assignment
@@ -189,7 +190,8 @@ def test_eval_frames_are_the_sampled_source_frames(tiny_shards):
         picks = sample_indices(meta["n_frames"], 8, "adaptive", 4, None)
         frames = decode_frames(mp4s[batch["clip_id"][0]], picks.tolist(), backend="pyav")
         assert read_time_code(frames).tolist() == (meta["start_frame"] + picks).tolist()
-        expected = to_tensor(crop_resize(frames, centre_crop_box(32, 42), 32), IMAGENET_MEAN, IMAGENET_STD)
+        expected = normalise(torch.from_numpy(crop_resize(frames, centre_crop_box(32, 42), 32)).permute(0, 3, 1, 2), IMAGENET_MEAN,
+                             IMAGENET_STD)
         assert torch.allclose(batch["video"][0], expected, atol=1e-6)
         n += 1
     assert n == len(TRAIN_KEYS)
@@ -200,7 +202,7 @@ def test_uint8_video_normalised_later_equals_float_video(tiny_shards):
     raw = list(make_loader(tiny_shards, "test", small_cfg(video_dtype="uint8"), mode="eval", rank=0, world=1)[0])
     for f, r in zip(floats, raw):
         assert r["video"].dtype == torch.uint8 and r["video"].shape == f["video"].shape
-        assert torch.allclose(normalise_video(r["video"], IMAGENET_MEAN, IMAGENET_STD), f["video"], atol=1e-5)
+        assert torch.allclose(normalise(r["video"], IMAGENET_MEAN, IMAGENET_STD), f["video"], atol=1e-5)
 
 
 @pytest.mark.slow  # DataLoader worker processes

@@ -100,11 +100,4 @@ def strong_jitter(video: torch.Tensor, cfg: StrongAugConfig, gen: torch.Generato
     return x
 
 
-def normalise(video: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Float ``(..., 3, H, W)`` in [0, 1] -> ``(x - mean) / std`` per channel."""
-    m = torch.tensor(mean, dtype=video.dtype, device=video.device).view(3, 1, 1)
-    s = torch.tensor(std, dtype=video.dtype, device=video.device).view(3, 1, 1)
-    return (video - m) / s
-
-
-__all__ = ["StrongAugConfig", "crop_resize", "strong_jitter", "normalise"]
+__all__ = ["StrongAugConfig", "crop_resize", "strong_jitter"]

@@ -65,3 +65,17 @@ def worker_info() -> tuple[int, int]:
 
 def is_main_process() -> bool:
     return rank_world()[0] == 0
+
+
+def gather_objects(local: object) -> list:
+    """``[rank 0's local, rank 1's, ...]``: every rank's picklable ``local`` on every rank (collective when
+    a process group of several is up; ``[local]`` otherwise)."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return [local]
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [local]
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return parts

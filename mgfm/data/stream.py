@@ -51,7 +51,7 @@ batch's clips back to back (the decoder is faster with warm caches), then crops 
 straight into a planar uint8 batch buffer. Batches cross the process boundary as uint8 and the main
 process converts them to normalised float32 (shared memory for 4x the bytes costs more than the
 conversion); with ``video_dtype="uint8"`` that step is left to the accelerator
-(:func:`mgfm.data.transforms.normalise_video`), which also moves 4x less over PCIe. In train mode the
+(:func:`mgfm.data.transforms.normalise`), which also moves 4x less over PCIe. In train mode the
 DataLoader takes batches from whichever worker is ready first (``in_order=False``).
 
 Errors: a sample with a bad json, a missing member or an undecodable video is skipped; a shard that
@@ -85,13 +85,12 @@ from mgfm.data.distributed import Slot, rank_world, worker_info
 from mgfm.data.masking import MaskGenerator, TokenGrid
 from mgfm.errors import InputError
 from mgfm.data.sampling import sample_indices
-from mgfm.data.transforms import centre_crop_box, crop_resize_planar, multiscale_crop_box, normalise_into
+from mgfm.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, centre_crop_box, crop_resize_planar,
+                                  multiscale_crop_box, normalise_into)
 from mgfm.data.video_io import VideoDecodeError, decode_frames
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("train", "eval")
 # Samples per shard assumed when a shard's size is unknown (only bounds the all-corrupt guard in train).
 _UNKNOWN_SHARD_SAMPLES = 1000
@@ -887,7 +886,7 @@ def collate(items: list[dict], frames: np.ndarray, skipped: list[dict] | None = 
 def finish_batch(batch: dict, cfg: StreamConfig, own_pages: bool = False) -> dict:
     """Main process: ``frames`` uint8 (N,T,3,S,S) -> ``video``: float32 normalised with ``cfg.mean``/
     ``cfg.std`` (into a fresh tensor), or the uint8 frames themselves when ``cfg.video_dtype == "uint8"``
-    (normalise on the accelerator with :func:`mgfm.data.transforms.normalise_video`).
+    (normalise on the accelerator with :func:`mgfm.data.transforms.normalise`).
 
     ``own_pages``: allocate the float tensor in its own memory mapping, returned to the OS when the
     batch is dropped. With DataLoader workers the glibc heap otherwise keeps growing by hundreds of MB

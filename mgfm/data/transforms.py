@@ -1,6 +1,8 @@
 """Spatial transforms for clips: multi-scale crop + resize (train), centre crop (eval), normalise.
 
-Frames enter as uint8 ``(T, H, W, 3)`` RGB and leave :func:`to_tensor` as float32 ``(T, 3, S, S)``.
+Frames enter as uint8 ``(T, H, W, 3)`` RGB and leave as float32 ``(T, 3, S, S)`` normalised with the
+ImageNet statistics (:data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`): :func:`normalise_into` in the loader's
+numpy hot path, :func:`normalise` on tensors.
 One crop box is used for every frame of a clip (a moving crop would invent motion).
 """
 
@@ -12,6 +14,10 @@ from typing import Sequence
 import cv2
 import numpy as np
 import torch
+
+#: The pixel statistics every mgfm encoder is normalised with by default (VideoMAE's).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -110,16 +116,10 @@ def normalise_into(planar: np.ndarray, out: np.ndarray, mean: Sequence[float], s
     return out
 
 
-def normalise_video(video: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (..., 3, H, W) tensor (e.g. on the GPU) -> normalised float32, for ``video_dtype="uint8"`` streams."""
-    m = torch.tensor(mean, dtype=torch.float32, device=video.device).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=video.device).view(3, 1, 1)
-    return (video.float().div_(255.0) - m) / s
-
-
-def to_tensor(frames: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 (T,H,W,3) -> normalised float32 (T,3,H,W): ``(x / 255 - mean) / std`` per channel."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return x.sub_(m).div_(s).contiguous()
+def normalise(video: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Channels-before-pixels video ``(..., 3, H, W)``, uint8 or float in [0, 1] (on any device, e.g. a uint8
+    batch moved to the GPU) -> ``(x - mean) / std`` per channel, float32 (the input's float dtype if float)."""
+    x = video.float().div(255.0) if video.dtype == torch.uint8 else video
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x - m) / s

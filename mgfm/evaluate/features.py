@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mgfm.data.distributed import rank_world
+from mgfm.data.distributed import gather_objects, rank_world
 from mgfm.data.stream import SkipCounter, SplitRead, StreamConfig, expected_clips, make_loader, resolve_shards
-from mgfm.data.transforms import normalise_video
+from mgfm.data.transforms import normalise
 from mgfm.devices import autocast, feature_precision
 from mgfm.errors import InputError
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
@@ -124,7 +124,7 @@ def encode_split(features_fn: Callable[[torch.Tensor], torch.Tensor], shards: st
     """
     from tqdm.auto import tqdm
 
-    rank, world = rank_world()
+    rank, _ = rank_world()
     precision = feature_precision(device)
     rows: dict[str, dict] = {}
     sums: dict[str, np.ndarray] = {}
@@ -137,7 +137,7 @@ def encode_split(features_fn: Callable[[torch.Tensor], torch.Tensor], shards: st
         for batch in bar:
             video = batch["video"].to(device, non_blocking=True)
             if video.dtype == torch.uint8:  # stream.video_dtype=uint8: normalise on the device
-                video = normalise_video(video, cfg.mean, cfg.std)
+                video = normalise(video, cfg.mean, cfg.std)
             with autocast(device, precision):
                 feats = features_fn(video).float().cpu().numpy()
             for clip_id, meta, feat in zip(batch["clip_id"], batch["meta"], feats):
@@ -154,7 +154,7 @@ def encode_split(features_fn: Callable[[torch.Tensor], torch.Tensor], shards: st
                     "views that did", shards, split, len(partial), views, partial[0])
     local = (list(rows.values()), np.stack([sums[r["clip_id"]] / counts[r["clip_id"]] for r in rows.values()])
              if rows else np.zeros((0, 0)), lost)
-    parts = _gather(local, world)
+    parts = gather_objects(local)
     all_rows = [r for part_rows, _, _ in parts for r in part_rows]
     mats = [m for _, m, _ in parts if len(m)]
     ids = [r["clip_id"] for r in all_rows]
@@ -189,16 +189,6 @@ def _view_config(cfg: StreamConfig, view: int, views: int) -> StreamConfig:
     if views == 1:  # a single view: the config's own eval_view / eval_views decide the window
         return cfg
     return dataclasses.replace(cfg, eval_view=view, eval_views=views)
-
-
-def _gather(local: tuple[list[dict], np.ndarray], world: int) -> list[tuple[list[dict], np.ndarray]]:
-    if world == 1:
-        return [local]
-    import torch.distributed as dist
-
-    parts: list = [None] * world
-    dist.all_gather_object(parts, local)
-    return parts
 
 
 def split_features(encoder_folder: str | Path | None, shards: str | Path, split: str, cfg: StreamConfig,

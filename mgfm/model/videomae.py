@@ -40,14 +40,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mgfm.data.masking import TokenGrid
+from mgfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mgfm.errors import MgfmError
 from mgfm.model.contrastive import ClipContrast
 from mgfm.model.motion_map import MotionMapHead
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
 
 #: Standard widths. ``tiny`` is the CPU default; S/B/L/H are the published ViT sizes with the VideoMAE
 #: decoder widths (4 blocks). ``img_size``/``frames`` are defaults only; a recipe may override them.

@@ -45,9 +45,11 @@ import torch
 import torch.nn.functional as F
 
 from mgfm.config import recipe_to_dict, save_recipe
-from mgfm.data.clip_augment import crop_resize, normalise, strong_jitter
+from mgfm.data.clip_augment import crop_resize, strong_jitter
 from mgfm.data.clip_cache import ClipCache, cache_split
+from mgfm.data.distributed import gather_objects
 from mgfm.data.stream import SkipCounter, SplitRead, expected_clips
+from mgfm.data.transforms import normalise
 from mgfm.data.subset import stratified_subset
 from mgfm.errors import InputError
 from mgfm.files import FolderLock
@@ -120,20 +122,9 @@ def stream_configs(recipe: FinetuneRecipe, cfg) -> tuple:
     return train, test
 
 
-def _gather_objects(local):
-    _, world = rank_world()
-    if world == 1:
-        return [local]
-    import torch.distributed as dist
-
-    parts: list = [None] * world
-    dist.all_gather_object(parts, local)
-    return parts
-
-
 def split_read(shards: str, split: str, cache: ClipCache) -> SplitRead:
     """How completely the ranks together cached ``split`` (against its manifest)."""
-    parts = _gather_objects((len(cache), cache.lost))
+    parts = gather_objects((len(cache), cache.lost))
     return SplitRead(str(shards), split, expected_clips(shards, split), sum(n for n, _ in parts),
                      SkipCounter.merged_records(r for _, lost in parts for r in lost))
 
@@ -157,7 +148,7 @@ def load_data(recipe: FinetuneRecipe, cfg, fraction: float, cached: FinetuneData
                 log.warning("%s: %s", recipe.shards, read.describe())
     else:
         class_names, train, test = cached.class_names, cached.train, cached.test
-    pairs = [p for part in _gather_objects(list(zip(train.clip_ids, train.labels.tolist()))) for p in part]
+    pairs = [p for part in gather_objects(list(zip(train.clip_ids, train.labels.tolist()))) for p in part]
     if not pairs:
         raise InputError(f"{recipe.shards}: split {recipe.train_split!r} has no clips")
     ids, labels = zip(*pairs)
@@ -348,7 +339,7 @@ def fit_probe_head(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: 
                                                        data.mean, data.std, img_size, device, "probe head", False)]
     local = torch.cat(parts).flatten(0, 1).numpy() if parts else np.zeros((0, model.cfg.dim), np.float32)
     labels = np.tile(np.repeat(data.labelled.labels.numpy(), data.labelled.views), len(caches))
-    gathered = _gather_objects((local, labels))  # every rank fits the same (deterministic) regression
+    gathered = gather_objects((local, labels))  # every rank fits the same (deterministic) regression
     x = np.concatenate([g[0] for g in gathered])
     y = np.concatenate([g[1] for g in gathered])
     probe = train_probe(FeatureSet.from_labels(x, y), model.num_classes,
@@ -370,7 +361,7 @@ def evaluate_test(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: i
     mean, std = data.mean, data.std
     scores = predict_cache(model, data.test, recipe.stream.batch_size * 2, mean, std, img_size, device,
                            progress=is_main_process())
-    parts = _gather_objects((data.test.clip_ids, data.test.labels.numpy(), scores))
+    parts = gather_objects((data.test.clip_ids, data.test.labels.numpy(), scores))
     ids = [c for p in parts for c in p[0]]
     labels = np.concatenate([p[1] for p in parts])
     scores = np.concatenate([p[2] for p in parts])

@@ -26,7 +26,7 @@ import torch
 
 from mgfm.config import save_recipe
 from mgfm.data.stream import Mixture, SkipCounter, make_loader
-from mgfm.data.transforms import normalise_video
+from mgfm.data.transforms import normalise
 from mgfm.errors import InputError
 from mgfm.files import FolderLock
 from mgfm.model.contrastive import group_ids
@@ -97,7 +97,7 @@ def init_patch_embed(encoder, recipe: PretrainRecipe, patches_per_clip: int = 12
     for batch in loader:
         video = batch["video"]
         if video.dtype == torch.uint8:
-            video = normalise_video(video, recipe.stream.mean, recipe.stream.std)
+            video = normalise(video, recipe.stream.mean, recipe.stream.std)
         patches = patchify(video, cfg.tubelet, cfg.patch)  # (B, N, P)
         pick = torch.randint(patches.shape[1], (len(patches), min(patches_per_clip, patches.shape[1])), generator=gen)
         rows = torch.gather(patches, 1, pick[..., None].expand(-1, -1, patches.shape[2])).flatten(0, 1)
@@ -171,7 +171,7 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
     def loss_fn(batch: dict, at_step: int) -> MicroResult:
         video = batch["video"].to(engine.device, non_blocking=True)
         if video.dtype == torch.uint8:  # stream.video_dtype=uint8: normalise on the accelerator
-            video = normalise_video(video, recipe.stream.mean, recipe.stream.std)
+            video = normalise(video, recipe.stream.mean, recipe.stream.std)
         masks = [batch["encoder_mask"], batch.get("decoder_mask")]
         enc_mask, dec_mask = (None if m is None else m.to(engine.device) for m in masks)
         loss, out = engine.model(engine.inputs(video), enc_mask, dec_mask, group_ids(batch["clip_id"], engine.device))
