@@ -210,7 +210,7 @@ def peak_rss(shards: Path, batches: int, args: argparse.Namespace) -> dict:
 
 
 def stream_config(args: argparse.Namespace) -> StreamConfig:
-    return StreamConfig(frames=args.frames, img_size=args.img_size, batch_size=args.batch_size,
+    return StreamConfig(frames=args.frames, img_size=args.img_size, tubelet=2, patch=16, batch_size=args.batch_size,
                         num_workers=args.workers, decoder_keep_ratio=0.5, seed=0, log_skips=0,
                         video_dtype=args.video_dtype)
 

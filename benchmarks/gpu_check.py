@@ -298,11 +298,11 @@ def stage_pretrain_shards(ctx: Context) -> dict:
     data_s = time.perf_counter() - t0
     require("deepspeed")  # tensorboard / matplotlib are optional there: missing, they are skipped with a warning
 
-    model = {**s.model, "contrastive_weight": 0.0}
+    model = dict(s.model)
     per_epoch, epochs = s.shard_steps
     recipe = {"name": "gpu-check", "out_dir": str(ctx.out / "runs"), "shards": str(shards), "synthetic_data": None,
-              "mixed_precision": "bf16", "model": model, "patch_init": "random", "freeze_patch_embed": False,
-              "stream": {"img_size": model["img_size"], "frames": model["frames"], "batch_size": s.batch,
+              "mixed_precision": "bf16", "model": model, "loss": {"contrastive_weight": 0.0}, "patch_init": "random",
+              "freeze_patch_embed": False, "stream": {"batch_size": s.batch,
                          "num_workers": s.workers, "video_dtype": "uint8", "mask_ratio": s.mask_ratio,
                          "batches_per_epoch": per_epoch, "repeats": 1},
               "optim": {"epochs": epochs, "warmup_epochs": 1, "base_lr": PEAK_LR * 256 / s.batch},

@@ -94,8 +94,7 @@ def test_pretraining_counts_the_clips_of_an_empty_train_shard_once(tmp_path, tin
     shards = _copy(tiny_shards, tmp_path)
     _shard_files(shards, "train")[0].write_bytes(b"")
     recipe = {"name": "t", "out_dir": str(tmp_path / "runs"), "shards": str(shards), "synthetic_data": None,
-              "model": TINY_MODEL, "stream": {"img_size": 32, "frames": 4, "batch_size": 2, "num_workers": 0,
-                                               "mask_ratio": 0.5},
+              "model": TINY_MODEL, "stream": {"batch_size": 2, "num_workers": 0, "mask_ratio": 0.5},
               "optim": {"base_lr": 0.5, "epochs": 5, "warmup_epochs": 0}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     result = _run(["pretrain.py", "--recipe", str(tmp_path / "r.yaml")])
@@ -153,8 +152,7 @@ def test_features_dir_moves_the_evaluation_cache(tmp_path, tiny_shards):
 
 def _tiny_recipe(tmp_path: Path, shards: Path, **extra) -> Path:
     recipe = {"name": "dup", "out_dir": str(tmp_path / "runs"), "shards": str(shards), "synthetic_data": None,
-              "model": TINY_MODEL, "stream": {"img_size": 32, "frames": 4, "batch_size": 2, "num_workers": 0,
-                                               "mask_ratio": 0.5},
+              "model": TINY_MODEL, "stream": {"batch_size": 2, "num_workers": 0, "mask_ratio": 0.5},
               "optim": {"base_lr": 0.5, "epochs": 1, "warmup_epochs": 0}, **extra}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -16,6 +16,7 @@ from mgfm.model.flops import count_params, encoder_gmacs, measured_encoder_gmacs
 from mgfm.model.videomae import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    LossConfig,
     ModelConfig,
     build_encoder,
     build_pretraining_model,
@@ -339,7 +340,7 @@ def test_motion_term_adds_the_frame_difference_error():
     torch.manual_seed(0)
     plain = build_pretraining_model(cfg)
     torch.manual_seed(0)
-    with_motion = build_pretraining_model(ModelConfig(**{**cfg.to_dict(), "motion_weight": 2.0}))
+    with_motion = build_pretraining_model(cfg, LossConfig(motion_weight=2.0))
     loss0, out = plain(video, mask)
     loss2, _ = with_motion(video, mask)
     expected = motion_loss(out.pred, out.target, cfg)
@@ -372,8 +373,8 @@ def test_motion_map_term_trains_the_unmasked_pooled_feature_on_one_view_per_clip
     assert first_views(group).tolist() == [0, 2, 4]
     assert first_views(torch.tensor([5, 3, 5, 3])).tolist() == [1, 0]  # first row of each clip, clip order by id
 
-    cfg = tiny(motion_map_weight=0.5, motion_map_grid=2)
-    model = build_pretraining_model(cfg)
+    cfg = tiny()
+    model = build_pretraining_model(cfg, LossConfig(motion_map_weight=0.5, motion_map_grid=2))
     v = video(cfg)
     enc, dec = masks(cfg)
     loss, out = model(v, enc, dec, torch.tensor([7, 7]))  # two views of one clip: one motion-map row
@@ -386,5 +387,5 @@ def test_motion_map_term_trains_the_unmasked_pooled_feature_on_one_view_per_clip
     model.zero_grad()
     (model.motion_map(pooled, v[:1], cfg.pixel_mean, cfg.pixel_std)).backward()
     assert model.encoder.patch_embed.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="motion_map"):
-        tiny(motion_map_grid=0)
+    with pytest.raises(ValueError, match="motion_map_grid"):
+        LossConfig(motion_map_grid=0)

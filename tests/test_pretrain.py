@@ -31,7 +31,7 @@ def _recipe(tmp_path: Path, shards: Path, **extra) -> Path:
     recipe = {
         "name": "tiny", "out_dir": str(tmp_path / "runs"), "shards": str(shards), "synthetic_data": None,
         "model": TINY_MODEL,
-        "stream": {"img_size": 32, "frames": 4, "batch_size": 2, "num_workers": 0, "mask_ratio": 0.5},
+        "stream": {"batch_size": 2, "num_workers": 0, "mask_ratio": 0.5},
         "optim": {"base_lr": 0.5, "epochs": 4, "warmup_epochs": 0},
         **extra,
     }
@@ -136,10 +136,10 @@ def test_missing_init_checkpoint_is_one_line_error(tmp_path, tiny_shards):
     assert "nope" in result.stderr.strip().splitlines()[-1]
 
 
-def test_geometry_mismatch_names_both_keys(tmp_path, tiny_shards):
+def test_clip_geometry_is_set_once_on_the_model(tmp_path, tiny_shards):
     result = _pretrain(["--recipe", str(_recipe(tmp_path, tiny_shards)), "stream.frames=8"])
     assert result.returncode == 2
-    assert "model.frames=4 but stream.frames=8" in result.stderr
+    assert "stream.frames=8: the clip geometry is the model's (model.frames=4); set model.frames only" in result.stderr
 
 
 @pytest.mark.slow
@@ -279,11 +279,12 @@ def test_accelerates_own_zero3_one_process_bf16(tmp_path, tiny_shards):
 @pytest.mark.parametrize("path", sorted((REPO / "recipes" / "pretrain").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_load_and_agree(path):
     from mgfm.config import load_recipe
-    from mgfm.train.pretrain import check_geometry
     from mgfm.train.recipe import PretrainRecipe
 
     recipe = load_recipe(PretrainRecipe, path)
-    check_geometry(recipe)
+    stream = recipe.clip_stream  # the stream takes the model's geometry; the recipe does not repeat it
+    assert (stream.frames, stream.img_size, stream.patch) == (recipe.model.frames, recipe.model.img_size, 16)
+    assert recipe.stream.frames is None and recipe.stream.img_size is None
     assert recipe.optim.betas == (0.9, 0.95) and recipe.optim.weight_decay == 0.05
     assert recipe.stream.mask_ratio == 0.9
 

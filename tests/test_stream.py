@@ -346,7 +346,7 @@ DIST_WORKER = textwrap.dedent("""
     from mgfm.data.stream import StreamConfig, make_loader
     rank, world, port, shards, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    cfg = StreamConfig(frames=8, img_size=32, patch=16, batch_size=2, num_workers=2)
+    cfg = StreamConfig(frames=8, img_size=32, tubelet=2, patch=16, batch_size=2, num_workers=2)
     loader, skips = make_loader(shards, "train", cfg, mode="eval")  # rank/world from torch.distributed
     keys = [k for batch in loader for k in batch["clip_id"]]
     ds = loader.dataset

@@ -63,6 +63,7 @@ the loader drops), land in the :class:`SkipCounter`, and are logged when an epoc
 from __future__ import annotations
 
 import collections
+import dataclasses
 import inspect
 import itertools
 import json
@@ -98,13 +99,15 @@ _UNKNOWN_SHARD_SAMPLES = 1000
 
 @dataclass
 class StreamConfig:
-    """Everything a recipe sets about the clip stream."""
+    """How clips are sampled, cropped, masked and batched. Their geometry (``frames``, ``img_size``,
+    ``tubelet``, ``patch``) and normalisation belong to the model: recipes leave them unset and the runs fill
+    them in from the model they train or evaluate (:meth:`with_model`)."""
 
-    frames: int = 16  # frames per clip (T)
+    frames: int | None = None  # frames per clip (T): the model's
     stride_policy: Literal["adaptive", "fixed", "uniform"] = "adaptive"
     stride: int = 4  # fixed stride, or the largest stride the adaptive policy uses
     pad: Literal["stretch", "loop", "last"] = "stretch"  # how clips shorter than `frames` are filled
-    img_size: int = 112  # output side S
+    img_size: int | None = None  # output side S: the model's
     crop_scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)  # train: multi-scale crop sizes (x short side)
     max_distort: int = 1  # train: how many scale steps crop height and width may differ (aspect jitter)
     flip: bool = False  # train: random horizontal flip (see the module docstring)
@@ -119,8 +122,8 @@ class StreamConfig:
     masks: bool = True  # add encoder/decoder masks to batches
     mask_ratio: float = 0.9
     decoder_keep_ratio: float | None = None  # e.g. 0.5 for running-cell decoder masking
-    tubelet: int = 2  # frames per token
-    patch: int = 16  # pixels per token side
+    tubelet: int | None = None  # frames per token (masks): the model's
+    patch: int | None = None  # pixels per token side (masks): the model's
     repeats: int = 1  # train: crops + masks per decoded clip (K)
     batch_size: int = 8  # clips per batch (a batch has batch_size * K rows)
     num_workers: int = 2  # DataLoader worker processes
@@ -133,7 +136,8 @@ class StreamConfig:
     log_skips: int = 5  # per worker: skipped samples logged as warnings (the rest are counted only)
 
     def __post_init__(self) -> None:
-        if self.frames % self.tubelet or self.img_size % self.patch:
+        if self.masks and None not in (self.frames, self.img_size, self.tubelet, self.patch) and (
+                self.frames % self.tubelet or self.img_size % self.patch):
             raise ValueError(f"stream: frames {self.frames} / img_size {self.img_size} must be divisible by "
                              f"tubelet {self.tubelet} / patch {self.patch}")
         if self.batch_size < 1 or self.repeats < 1 or self.num_workers < 0:
@@ -146,6 +150,20 @@ class StreamConfig:
     @property
     def grid(self) -> TokenGrid:
         return TokenGrid.for_clip(self.frames, self.img_size, self.img_size, self.tubelet, self.patch)
+
+    def with_model(self, model) -> "StreamConfig":
+        """This stream cut for ``model`` (a :class:`~mgfm.model.videomae.ModelConfig`): its clip length,
+        crop size, tubelet and patch, and its pixel normalisation."""
+        return dataclasses.replace(self, frames=model.frames, img_size=model.img_size, tubelet=model.tubelet,
+                                   patch=model.patch, mean=tuple(model.pixel_mean[:3]), std=tuple(model.pixel_std[:3]))
+
+    def require_geometry(self) -> None:
+        """A stream needs its clip geometry before it reads anything (masks need the token grid too)."""
+        needed = ("frames", "img_size") + (("tubelet", "patch") if self.masks else ())
+        unset = [k for k in needed if getattr(self, k) is None]
+        if unset:
+            raise ValueError(f"stream: {', '.join(unset)} not set; build the stream from the model "
+                             f"(StreamConfig.with_model) or give them")
 
 
 @dataclass(frozen=True)
@@ -953,6 +971,7 @@ def make_loader(source: str | Path | Sequence[str] | Mixture, split: str, cfg: S
     ``rank``/``world`` default to :func:`mgfm.data.distributed.rank_world`. Create a new loader per
     epoch (``epoch`` reseeds shard order, shuffling, crops and masks). Do not ``accelerator.prepare`` it.
     """
+    cfg.require_geometry()
     if rank is None or world is None:
         rank, world = rank_world()
     sets = shard_sets(source, split, cfg.remote_commands)

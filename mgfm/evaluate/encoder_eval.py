@@ -84,10 +84,8 @@ def eval_device(recipe: EncoderEvalRecipe) -> torch.device:
 
 def stream_for(encoder_cfg, recipe: EncoderEvalRecipe) -> StreamConfig:
     """An eval stream cut for the encoder's clip geometry."""
-    base = StreamConfig(frames=encoder_cfg.frames, img_size=encoder_cfg.img_size, tubelet=encoder_cfg.tubelet,
-                        patch=encoder_cfg.patch, mean=tuple(encoder_cfg.pixel_mean[:3]),
-                        std=tuple(encoder_cfg.pixel_std[:3]), seed=recipe.seed)
-    return eval_stream_config(base, recipe.batch_size, recipe.num_workers)
+    return eval_stream_config(StreamConfig(seed=recipe.seed).with_model(encoder_cfg), recipe.batch_size,
+                              recipe.num_workers)
 
 
 def encoders_to_compare(encoder_folder: Path, recipe: EncoderEvalRecipe):

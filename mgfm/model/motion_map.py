@@ -50,7 +50,7 @@ class MotionMapHead(nn.Module):
     def __init__(self, dim: int, frames: int, tubelet: int, grid: int) -> None:
         super().__init__()
         if frames // tubelet < 2:
-            raise ValueError(f"model.motion_map_weight needs at least 2 tubelets per clip, got "
+            raise ValueError(f"loss.motion_map_weight needs at least 2 tubelets per clip, got "
                              f"frames={frames}, tubelet={tubelet}")
         self.tubelet, self.grid = tubelet, grid
         self.head = nn.Linear(dim, (frames // tubelet - 1) * grid * grid)

@@ -67,7 +67,8 @@ CUSTOM = "custom"
 
 @dataclass
 class ModelConfig:
-    """Geometry and widths of the encoder and decoder (the mask ratio lives with the data, not here).
+    """Geometry and widths of the encoder and decoder (the mask ratio lives with the data, the pretraining
+    loss terms in :class:`LossConfig`).
 
     ``size`` picks a preset from :data:`SIZES`; any of the preset fields left ``None`` is filled from it,
     any given explicitly wins. ``size="custom"`` needs every width given. ``final_norm`` applies a
@@ -98,16 +99,6 @@ class ModelConfig:
     pixel_mean: tuple[float, ...] = IMAGENET_MEAN
     pixel_std: tuple[float, ...] = IMAGENET_STD
     grad_checkpointing: bool = False
-    # Pretraining only (not part of the exported encoder): weight of the clip-contrast term (0 = pure VideoMAE).
-    contrastive_weight: float = 0.0
-    contrastive_temperature: float = 0.1
-    # Pretraining only: weight of an extra MSE between the predicted and the target frame-to-frame
-    # differences inside each tubelet (0 = off). It singles out what moves, which MG recognition needs.
-    motion_weight: float = 0.0
-    # Pretraining only: weight of the motion-map term (0 = off): a linear head on the pooled features of the
-    # unmasked clip regresses where the clip moved (see mgfm.model.motion_map); motion_map_grid cells per side.
-    motion_map_weight: float = 0.0
-    motion_map_grid: int = 8
     # The (t, h, w) token grid the encoder's position table was trained on, when it differs from this
     # config's own grid: that table resampled over (t, h, w) (see position_table and at_geometry). None = own.
     pos_grid: tuple[int, int, int] | None = None
@@ -155,9 +146,6 @@ class ModelConfig:
             if len(getattr(self, name)) != self.channels:
                 raise ValueError(f"model.{name}: expected {self.channels} values (one per channel), "
                                  f"got {len(getattr(self, name))}")
-        if self.motion_map_weight < 0 or self.motion_map_grid <= 0:
-            raise ValueError(f"model.motion_map_weight/motion_map_grid: expected >= 0 / > 0, got "
-                             f"{self.motion_map_weight}/{self.motion_map_grid}")
         if any(s <= 0 for s in self.pixel_std):
             raise ValueError(f"model.pixel_std: expected positive values, got {self.pixel_std}")
 
@@ -196,6 +184,32 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class LossConfig:
+    """The pretraining objective beyond the masked-tubelet reconstruction (whose target is
+    ``ModelConfig.norm_pix_loss``): the weights of the extra terms, 0 = off. Pretraining only; nothing of it is
+    part of the exported encoder."""
+
+    # Clip contrast between the repeated views of each clip (mgfm.model.contrastive); 0 = pure VideoMAE.
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.1
+    # An extra MSE between the predicted and the target frame-to-frame differences inside each tubelet: it
+    # singles out what moves, which MG recognition needs.
+    motion_weight: float = 0.0
+    # A linear head on the pooled features of the unmasked clip regresses where the clip moved
+    # (mgfm.model.motion_map), on a motion_map_grid x motion_map_grid grid.
+    motion_map_weight: float = 0.0
+    motion_map_grid: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("contrastive_weight", "motion_weight", "motion_map_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"loss.{name}: expected >= 0 (0 = off), got {getattr(self, name)}")
+        if self.contrastive_temperature <= 0 or self.motion_map_grid <= 0:
+            raise ValueError(f"loss.contrastive_temperature/motion_map_grid: expected > 0, got "
+                             f"{self.contrastive_temperature}/{self.motion_map_grid}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -549,17 +563,18 @@ class PretrainOutput:
 class MaskedVideoModel(nn.Module):
     """Encoder + decoder + masked MSE loss (VideoMAE, optionally with VideoMAE-V2 decoder masking)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, loss: LossConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.objective = loss = loss or LossConfig()
         self.encoder = VideoEncoder(cfg)
         self.decoder = PixelDecoder(cfg)
         self.contrast = None
-        if cfg.contrastive_weight > 0:
-            self.contrast = ClipContrast(cfg.dim, temperature=cfg.contrastive_temperature)
+        if loss.contrastive_weight > 0:
+            self.contrast = ClipContrast(cfg.dim, temperature=loss.contrastive_temperature)
         self.motion_map = None
-        if cfg.motion_map_weight > 0:
-            self.motion_map = MotionMapHead(cfg.dim, cfg.frames, cfg.tubelet, cfg.motion_map_grid)
+        if loss.motion_map_weight > 0:
+            self.motion_map = MotionMapHead(cfg.dim, cfg.frames, cfg.tubelet, loss.motion_map_grid)
 
     def forward(self, video: torch.Tensor, encoder_mask: torch.Tensor,
                 decoder_mask: torch.Tensor | None = None,
@@ -572,7 +587,7 @@ class MaskedVideoModel(nn.Module):
             decoder_mask: bool ``(B, N)``, True = masked token to reconstruct (subset of
                 ``encoder_mask``, equal count per sample); None = every encoder-masked token.
             group: int ``(B,)`` clip identity of each row (views of one clip share it); used by the
-                contrastive term when ``cfg.contrastive_weight > 0`` (see :mod:`mgfm.model.contrastive`).
+                contrastive term when ``loss.contrastive_weight > 0`` (see :mod:`mgfm.model.contrastive`).
 
         Returns:
             ``(loss, out)``: scalar fp32 MSE over the ``Nt`` reconstructed tokens (all of their
@@ -588,18 +603,18 @@ class MaskedVideoModel(nn.Module):
         with torch.no_grad():
             target = pixel_targets(_gather_tokens(patches, target_index), self.cfg)
         reconstruction = F.mse_loss(pred.float(), target)
-        if self.cfg.motion_weight > 0:
-            reconstruction = reconstruction + self.cfg.motion_weight * motion_loss(pred, target, self.cfg)
+        if self.objective.motion_weight > 0:
+            reconstruction = reconstruction + self.objective.motion_weight * motion_loss(pred, target, self.cfg)
         loss, contrastive = reconstruction, None
         if self.contrast is not None and group is not None:
             contrastive = self.contrast(tokens, group.to(tokens.device))
-            loss = loss + self.cfg.contrastive_weight * contrastive
+            loss = loss + self.objective.contrastive_weight * contrastive
         motion = None
         if self.motion_map is not None:
             rows = first_views(group) if group is not None else slice(None)
             pooled = self.encoder.forward_patches(patches[rows]).mean(dim=1)
             motion = self.motion_map(pooled, video[rows], self.cfg.pixel_mean, self.cfg.pixel_std)
-            loss = loss + self.cfg.motion_map_weight * motion
+            loss = loss + self.objective.motion_map_weight * motion
         return loss, PretrainOutput(pred=pred, target=target, target_index=target_index, visible_index=visible,
                                     reconstruction_loss=reconstruction.detach(),
                                     contrastive_loss=None if contrastive is None else contrastive.detach(),
@@ -622,8 +637,8 @@ def build_encoder(cfg: ModelConfig) -> VideoEncoder:
     return VideoEncoder(cfg)
 
 
-def build_pretraining_model(cfg: ModelConfig) -> MaskedVideoModel:
-    return MaskedVideoModel(cfg)
+def build_pretraining_model(cfg: ModelConfig, loss: LossConfig | None = None) -> MaskedVideoModel:
+    return MaskedVideoModel(cfg, loss)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -637,7 +652,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "SIZES", "ModelConfig", "VideoEncoder", "PixelDecoder",
+    "IMAGENET_MEAN", "IMAGENET_STD", "SIZES", "ModelConfig", "LossConfig", "VideoEncoder", "PixelDecoder",
     "MaskedVideoModel", "PretrainOutput", "build_encoder", "build_pretraining_model", "patchify",
     "unpatchify", "pixel_targets", "sinusoid_table", "position_table", "at_geometry", "GeometryError", "mask_indices", "drop_path", "param_groups",
 ]

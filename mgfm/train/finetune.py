@@ -114,12 +114,9 @@ def stream_configs(recipe: FinetuneRecipe, cfg) -> tuple:
     side = recipe.cache_side or cfg.img_size
     if side < cfg.img_size:
         raise InputError(f"cache_side={side} is smaller than img_size={cfg.img_size}")
-    # no masks are made, so the token geometry is irrelevant here (patch=1 lets cache_side be any size)
-    common = dict(frames=cfg.frames, tubelet=cfg.tubelet, patch=1, masks=False, repeats=1,
-                  mean=tuple(cfg.pixel_mean[:3]), std=tuple(cfg.pixel_std[:3]), seed=recipe.seed)
-    train = dataclasses.replace(recipe.stream, img_size=side, eval_crop=1.0, **common)
-    test = dataclasses.replace(recipe.stream, img_size=cfg.img_size, **common)
-    return train, test
+    stream = dataclasses.replace(recipe.stream.with_model(cfg), masks=False, repeats=1, seed=recipe.seed)
+    # the train cache keeps whole frames at cache_side for random crops; no masks, so any side will do
+    return dataclasses.replace(stream, img_size=side, eval_crop=1.0), stream
 
 
 def split_read(shards: str, split: str, cache: ClipCache) -> SplitRead:

@@ -99,8 +99,8 @@ class FinetuneRecipe:
     flip: bool = False
     train_views: int = 1  # temporal windows cached per train clip (one drawn per use)
     views: int = 2  # temporal test views averaged per clip (multi-view test)
-    # Decoding (sampling policy, batch_size = labelled clips per rank and step, num_workers); its
-    # frames / img_size / tubelet / patch are set from the model.
+    # Decoding (sampling policy, batch_size = labelled clips per rank and step, num_workers); the clip
+    # geometry and normalisation are the model's.
     stream: StreamConfig = field(default_factory=lambda: StreamConfig(masks=False))
     optim: FinetuneOptim = field(default_factory=FinetuneOptim)
     semi: SemiConfig = field(default_factory=SemiConfig)
@@ -117,6 +117,9 @@ class FinetuneRecipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for key in ("frames", "img_size", "tubelet", "patch"):
+            if getattr(self.stream, key) is not None:
+                raise ValueError(f"stream.{key}: the clip geometry is the encoder's (frames=/img_size= change it)")
         check_fraction(self.label_fraction)
         for f in self.compare_fractions:
             check_fraction(f, "compare_fractions")

@@ -38,15 +38,6 @@ log = logging.getLogger("mgfm.pretrain")
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "pretrain" / "tiny_cpu.yaml"
 
 
-def check_geometry(recipe: PretrainRecipe) -> None:
-    """The stream must cut clips the way the model tokenises them."""
-    model, stream = recipe.model, recipe.stream
-    for key in ("frames", "img_size", "tubelet", "patch"):
-        if getattr(model, key) != getattr(stream, key):
-            raise InputError(f"model.{key}={getattr(model, key)} but stream.{key}={getattr(stream, key)}: "
-                             f"set both to the same value")
-
-
 def ensure_default_data(recipe: PretrainRecipe) -> None:
     """Render the synthetic benchmark and shard it when the recipe's shards are missing (rank 0 only) and
     are the default data path: any other missing shard set (a typo) is a one-line error, never a reason to
@@ -90,14 +81,14 @@ def init_patch_embed(encoder, recipe: PretrainRecipe, patches_per_clip: int = 12
     from mgfm.model.videomae import patchify
 
     cfg = encoder.cfg
-    stream = dataclasses.replace(recipe.stream, masks=False, repeats=1)
+    stream = dataclasses.replace(recipe.clip_stream, masks=False, repeats=1)
     loader, _ = make_loader(stream_source(recipe), recipe.split, stream, mode="train", epoch=999_999)  # not an epoch
     gen = torch.Generator().manual_seed(recipe.seed)
     diffs, clips = [], 0
     for batch in loader:
         video = batch["video"]
         if video.dtype == torch.uint8:
-            video = normalise(video, recipe.stream.mean, recipe.stream.std)
+            video = normalise(video, recipe.model.pixel_mean, recipe.model.pixel_std)
         patches = patchify(video, cfg.tubelet, cfg.patch)  # (B, N, P)
         pick = torch.randint(patches.shape[1], (len(patches), min(patches_per_clip, patches.shape[1])), generator=gen)
         rows = torch.gather(patches, 1, pick[..., None].expand(-1, -1, patches.shape[2])).flatten(0, 1)
@@ -135,12 +126,11 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
     if is_main_process():
         save_recipe(recipe, run_dir / "recipe.yaml")
 
-    check_geometry(recipe)
     resume_from = find_checkpoint(ckpt_root, recipe.resume)
     if recipe.init_from:  # the model keeps (or resamples) the position table the encoder was trained with
         trained = config_from_hf(read_hf_config(recipe.init_from), recipe.init_from)
         recipe.model = at_geometry(trained, recipe.model, recipe.pos_embed, recipe.init_from)
-    model = build_pretraining_model(recipe.model)
+    model = build_pretraining_model(recipe.model, recipe.loss)
     if recipe.init_from:
         init_encoder_from_hf(model.encoder, recipe.init_from)
         log.info("encoder initialised from %s", recipe.init_from)
@@ -171,7 +161,7 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
     def loss_fn(batch: dict, at_step: int) -> MicroResult:
         video = batch["video"].to(engine.device, non_blocking=True)
         if video.dtype == torch.uint8:  # stream.video_dtype=uint8: normalise on the accelerator
-            video = normalise(video, recipe.stream.mean, recipe.stream.std)
+            video = normalise(video, recipe.model.pixel_mean, recipe.model.pixel_std)
         masks = [batch["encoder_mask"], batch.get("decoder_mask")]
         enc_mask, dec_mask = (None if m is None else m.to(engine.device) for m in masks)
         loss, out = engine.model(engine.inputs(video), enc_mask, dec_mask, group_ids(batch["clip_id"], engine.device))
@@ -210,7 +200,7 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
 
 def train_batches_per_epoch(recipe: PretrainRecipe) -> int:
     """Micro-batches per rank and epoch (what the stream yields), at least one optimiser step's worth."""
-    loader, _ = make_loader(stream_source(recipe), recipe.split, recipe.stream, mode="train", epoch=0)
+    loader, _ = make_loader(stream_source(recipe), recipe.split, recipe.clip_stream, mode="train", epoch=0)
     n = len(loader)
     if n // recipe.optim.grad_accum < 1:
         raise InputError(f"an epoch of {n} batches is shorter than optim.grad_accum={recipe.optim.grad_accum}; "
@@ -226,7 +216,7 @@ def train_stream(recipe: PretrainRecipe, schedule: Schedule, start_step: int, sk
     per_epoch = schedule.steps_per_epoch * recipe.optim.grad_accum
     epoch, done = divmod(start_step, schedule.steps_per_epoch)
     while True:
-        loader, counter = make_loader(stream_source(recipe), recipe.split, recipe.stream, mode="train",
+        loader, counter = make_loader(stream_source(recipe), recipe.split, recipe.clip_stream, mode="train",
                                       epoch=epoch * 1000 + done)
         skips.append(counter)
         need, got = (schedule.steps_per_epoch - done) * recipe.optim.grad_accum, 0

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mgfm.data.stream import StreamConfig
-from mgfm.model.videomae import ModelConfig
+from mgfm.model.videomae import LossConfig, ModelConfig
 
 
 @dataclass
@@ -37,12 +37,13 @@ class PretrainRecipe:
     # When `shards` is the default path (shards/synthetic) and missing, and this is set, render this synthetic
     # benchmark and shard it first. Any other missing `shards` is an error.
     synthetic_data: str | None = "data/synthetic"
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the clip geometry too (the stream takes it)
+    loss: LossConfig = field(default_factory=LossConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     # DeepSpeed ZeRO stage used when the launcher gave no DeepSpeed config (0 = plain Accelerate).
     zero_stage: int = 0
-    mixed_precision: str = "auto"  # auto: bf16 on a GPU that supports it, else fp32
+    mixed_precision: str = "auto"  # auto: bf16 on a GPU with native bf16, else fp32 (TF32 on CUDA)
     init_from: str | None = None  # a Hugging Face VideoMAE folder to start the encoder from
     # init_from an encoder of another clip length / crop size: "error" (refuse) or "interpolate" (resample its
     # position table over (t, h, w) to the model's token grid).
@@ -59,3 +60,19 @@ class PretrainRecipe:
     seed: int = 0
     # Write the clip ids each rank trained on to runs/<name>/data_audit/rank<R>.txt (to check data splits).
     audit_data: bool = False
+
+    def __post_init__(self) -> None:
+        for key in GEOMETRY:
+            given = getattr(self.stream, key)
+            if given is not None and given != getattr(self.model, key):
+                raise ValueError(f"stream.{key}={given}: the clip geometry is the model's (model.{key}="
+                                 f"{getattr(self.model, key)}); set model.{key} only")
+
+    @property
+    def clip_stream(self) -> StreamConfig:
+        """The train stream cut for the model (its clip geometry and normalisation)."""
+        return self.stream.with_model(self.model)
+
+
+#: Stream settings that are the model's: a recipe sets them under ``model.`` only.
+GEOMETRY = ("frames", "img_size", "tubelet", "patch")
