@@ -26,8 +26,8 @@ from conftest import TINY_CLIPS, read_tar, read_time_code
 from mgfm.data.distributed import Slot, rank_world
 from mgfm.data.sampling import sample_indices
 from mgfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from mgfm.data.stream import (ShardRef, ShardTask, StreamConfig, assign_shards, make_loader,
-                              resolve_shards, split_tasks)
+from mgfm.data.stream import ShardTask, StreamConfig, assign_shards, make_loader, split_tasks
+from mgfm.shards.read import ShardRef, resolve_shards
 from mgfm.data.video_io import decode_frames
 from mgfm.data.transforms import (CropBox, centre_crop_box, crop_resize, crop_resize_planar, multiscale_crop_box,
                                   normalise, normalise_into, to_planar)
@@ -404,7 +404,7 @@ def test_unexpected_error_in_a_sample_is_counted_not_raised(tiny_shards, monkeyp
 
 
 def test_tar_reader_matches_tarfile_on_pax_gnu_and_truncated_tars():
-    from mgfm.data.stream import tar_members
+    from mgfm.shards.read import tar_members
 
     members = [("a" * 120 + ".json", b"x" * 10), ("dir/" + "é" * 5 + ".mp4", b"y" * 700), ("__meta__", b"m"),
                ("k.json", b"")]
@@ -442,7 +442,7 @@ def two_sets(tiny_index, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_a_mixture_evaluates_every_clip_of_every_set_exactly_once(two_sets):
-    from mgfm.data.stream import Mixture
+    from mgfm.shards.read import Mixture
 
     mixture = Mixture(tuple(str(p) for p in two_sets), (5.0, 1.0))
     seen = []
@@ -454,7 +454,7 @@ def test_a_mixture_evaluates_every_clip_of_every_set_exactly_once(two_sets):
 
 
 def test_a_mixture_trains_on_disjoint_clips_per_rank_in_the_given_proportions(two_sets):
-    from mgfm.data.stream import Mixture
+    from mgfm.shards.read import Mixture
 
     mixture = Mixture(tuple(str(p) for p in two_sets), (3.0, 1.0))
     per_rank = []

@@ -70,13 +70,11 @@ import json
 import logging
 import mmap
 import random
-import shlex
 import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Sequence
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -85,6 +83,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from mgfm.data.distributed import Slot, rank_world, worker_info
 from mgfm.data.masking import MaskGenerator, TokenGrid
 from mgfm.errors import InputError
+from mgfm.shards.read import Mixture, ShardRef, missing_local_shards, shard_sets, tar_members
 from mgfm.data.sampling import sample_indices
 from mgfm.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, centre_crop_box, crop_resize_planar,
                                   multiscale_crop_box, normalise_into)
@@ -167,14 +166,6 @@ class StreamConfig:
 
 
 @dataclass(frozen=True)
-class ShardRef:
-    """One shard to read: its URL and sample count (None when unknown)."""
-
-    url: str
-    samples: int | None = None
-
-
-@dataclass(frozen=True)
 class ShardTask:
     """A shard as one slot reads it: keep samples whose index ``k`` has ``k % mod == rem``."""
 
@@ -186,130 +177,6 @@ class ShardTask:
     def expected(self) -> int | None:
         n = self.shard.samples
         return None if n is None else len(range(self.rem, n, self.mod))
-
-
-@dataclass(frozen=True)
-class Mixture:
-    """Several shard sets streamed as one (pretraining a foundation model on many datasets): ``sources``,
-    each anything :func:`make_loader` takes, and their sampling ``weights`` (None = in proportion to their
-    clips, i.e. plain concatenation). Train batches mix the sets' clips in these proportions; eval reads
-    every clip of every set exactly once. With several sets a clip id is prefixed with its set's name."""
-
-    sources: tuple
-    weights: tuple[float, ...] | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sources", tuple(str(s) for s in self.sources))
-        if not self.sources:
-            raise InputError("a shard mixture needs at least one shard set")
-        if self.weights is not None:
-            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
-            if len(self.weights) != len(self.sources):
-                raise InputError(f"shard_weights: {len(self.weights)} weights for {len(self.sources)} shard sets")
-            if any(w < 0 for w in self.weights) or not sum(self.weights) > 0:
-                raise InputError(f"shard_weights: expected non-negative weights, not all 0, got {list(self.weights)}")
-
-    @property
-    def names(self) -> list[str]:
-        """A short name per set (its folder name, made unique) that prefixes its clip ids."""
-        names: list[str] = []
-        for source in self.sources:
-            base = Path(source.rstrip("/")).name or "set"
-            names.append(base if base not in names else f"{base}{len(names)}")
-        return names
-
-
-def shard_sets(source, split: str, remote_commands: dict[str, str] | None = None,
-               keep_missing: bool = False) -> list[tuple[str | None, list[ShardRef]]]:
-    """``[(set name or None, shards)]`` of ``source``: one set, or each set of a :class:`Mixture`."""
-    if isinstance(source, Mixture):
-        return [(name, resolve_shards(s, split, remote_commands, keep_missing))
-                for name, s in zip(source.names, source.sources)]
-    return [(None, resolve_shards(source, split, remote_commands, keep_missing))]
-
-
-# ----------------------------------------------------------------------------------------- sources
-
-
-def resolve_shards(source: str | Path | Sequence[str], split: str,
-                   remote_commands: dict[str, str] | None = None, keep_missing: bool = False) -> list[ShardRef]:
-    """The shards of ``split`` in ``source`` (see the module docstring), non-empty ones only. Local shards
-    the manifest lists but the disk does not hold (missing, or too short to be a tar) are left out unless
-    ``keep_missing``; :func:`missing_local_shards` names them."""
-    from webdataset.shardlists import expand_urls
-
-    from mgfm.shards.manifest import MANIFEST, load_manifest
-
-    remote_commands = remote_commands or {}
-    if isinstance(source, (list, tuple)):
-        refs = [ShardRef(_remote(u, remote_commands)) for s in source for u in expand_urls(str(s))]
-    else:
-        text = str(source)
-        is_url = "://" in text or text.startswith("pipe:")
-        local_manifest = not is_url and (Path(text).is_dir() or (text.endswith(".json") and Path(text).exists()))
-        remote_manifest = is_url and (text.endswith("/") or text.endswith(".json"))
-        if local_manifest or remote_manifest:
-            if is_url:
-                manifest_url = text if text.endswith(".json") else text + MANIFEST
-                base = manifest_url.rsplit("/", 1)[0] + "/"
-                manifest = load_manifest(_remote(manifest_url, remote_commands))
-            else:
-                base_dir = Path(text) if Path(text).is_dir() else Path(text).parent
-                manifest = load_manifest(text)
-            if not manifest.get("complete", True):
-                log.warning("%s: shard set is incomplete (%d shards missing); streaming the complete ones",
-                            text, len(manifest.get("missing_shards", [])))
-            if split not in manifest["splits"]:
-                raise InputError(f"{text}: no split {split!r} in the manifest (has {sorted(manifest['splits'])})")
-            listed = manifest["splits"][split]["shards"]
-            if is_url:
-                refs = [ShardRef(_remote(base + s["name"], remote_commands), s["samples"]) for s in listed]
-            else:
-                refs = [ShardRef(str(base_dir / s["name"]), s["samples"]) for s in listed]
-        else:
-            refs = [ShardRef(_remote(u, remote_commands)) for u in expand_urls(text.replace("{split}", split))]
-    refs = [r for r in refs if r.samples != 0]
-    if not refs:
-        raise InputError(f"{source}: no non-empty shards for split {split!r}")
-    if not keep_missing and all(_unreadable(r) for r in refs):
-        raise InputError(f"{source}: every shard of split {split!r} is missing or empty "
-                         f"(e.g. {refs[0].url}: {_unreadable(refs[0])})")
-    if not keep_missing:
-        refs = [r for r in refs if not _unreadable(r)]
-    return refs
-
-
-def _unreadable(ref: ShardRef) -> str | None:
-    """Why a local shard file cannot hold its samples (missing, or shorter than one tar header), else None."""
-    if "://" in ref.url or ref.url.startswith("pipe:"):
-        return None
-    try:
-        size = Path(ref.url).stat().st_size
-    except OSError as err:
-        return f"missing shard: {err.strerror}"
-    return f"empty shard: {size} bytes" if size < _BLOCK and ref.samples else None
-
-
-def missing_local_shards(source, split: str, remote_commands: dict[str, str] | None = None) -> list[dict]:
-    """Skip records of the shards of ``split`` that the manifest lists and the disk lacks (see
-    :func:`resolve_shards`): the same on every rank, so ranks agree on the shards they split."""
-    refs = [r for _, refs in shard_sets(source, split, remote_commands, keep_missing=True) for r in refs]
-    out = []
-    for ref in refs:
-        why = _unreadable(ref)
-        if why:
-            out.append({"kind": "shard", "shard": ref.url, "key": None, "reason": why, "count": 1})
-            if ref.samples:
-                out.append({"kind": "sample", "shard": ref.url, "key": None, "part": None,
-                            "reason": f"lost: {why} ({ref.samples} samples)", "count": ref.samples})
-    return out
-
-
-def _remote(url: str, remote_commands: dict[str, str]) -> str:
-    scheme = urlparse(url).scheme
-    if scheme in remote_commands:
-        return "pipe:" + remote_commands[scheme].format(url=shlex.quote(url))
-    return url
 
 
 # ------------------------------------------------------------------------------------- assignment
@@ -672,66 +539,6 @@ def _with_url(files: Iterable[dict], url: str) -> Iterator[dict]:
         yield f
 
 
-_BLOCK = 512
-
-
-def tar_members(stream) -> Iterator[dict]:
-    """Regular files of a tar stream as ``{"fname", "data"}`` dicts, in order (what
-    ``webdataset.tariterators.tar_file_iterator`` yields, ~20x cheaper per member in pure Python).
-
-    Reads ustar/GNU headers sequentially from any file-like (local file, pipe, HTTP); honours PAX
-    ``path`` and GNU long-name records, skips directories, links and ``__meta__`` files. A stream that
-    ends inside a header or a member raises ``EOFError`` (a truncated shard)."""
-    long_name: str | None = None
-    while True:
-        header = _read_exact(stream, _BLOCK, allow_eof=True)
-        if header is None or header == bytes(_BLOCK):
-            return
-        try:
-            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-        except ValueError:
-            raise ValueError(f"not a tar header (size field {header[124:136]!r})") from None
-        kind = header[156:157]
-        data = _read_exact(stream, size)
-        _read_exact(stream, -size % _BLOCK)
-        if kind == b"L":  # GNU long name for the next member
-            long_name = data.rstrip(b"\0").decode("utf-8")
-            continue
-        if kind == b"x":  # PAX extended header for the next member
-            long_name = _pax_path(data) or long_name
-            continue
-        name = long_name
-        long_name = None
-        if name is None:
-            name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
-            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
-            name = f"{prefix}/{name}" if prefix else name
-        if kind not in (b"0", b"\0", b"7") or (name.startswith("__") and name.endswith("__")):
-            continue
-        yield {"fname": name, "data": data}
-
-
-def _read_exact(stream, n: int, allow_eof: bool = False) -> bytes | None:
-    data = stream.read(n) if n else b""
-    while len(data) < n:
-        more = stream.read(n - len(data))
-        if not more:
-            if allow_eof and not data:
-                return None
-            raise EOFError(f"unexpected end of tar data ({len(data)} of {n} bytes)")
-        data += more
-    return data
-
-
-def _pax_path(data: bytes) -> str | None:
-    for record in data.split(b"\n"):
-        _, _, kv = record.partition(b" ")
-        key, eq, value = kv.partition(b"=")
-        if eq and key == b"path":
-            return value.decode("utf-8")
-    return None
-
-
 def _decode_stage(samples: Iterable[dict], cfg: StreamConfig, train: bool, rng: np.random.Generator,
                   state: _WorkerState, max_failures: int) -> Iterator[dict]:
     """Raw sample -> decoded clip {frames uint8 (U,H,W,3), lookup (U,), views [K x (T,)], label, clip_id,
@@ -814,14 +621,10 @@ def _decode_one(sample: dict, cfg: StreamConfig, train: bool, repeats: int, rng:
 
 def _decode(mp4: bytes, indices: np.ndarray | None, cfg: StreamConfig) -> np.ndarray:
     try:
-        return decode_frames(mp4, None if indices is None else indices.tolist(), backend=cfg.backend)
-    except VideoDecodeError as first:
-        if not cfg.fallback_backend or cfg.fallback_backend == cfg.backend:
-            raise _SampleError(f"decode error: {first}") from None
-        try:
-            return decode_frames(mp4, None if indices is None else indices.tolist(), backend=cfg.fallback_backend)
-        except VideoDecodeError as second:
-            raise _SampleError(f"decode error: {first}; fallback: {second}") from None
+        return decode_frames(mp4, None if indices is None else indices.tolist(), backend=cfg.backend,
+                             fallback=cfg.fallback_backend)
+    except VideoDecodeError as err:
+        raise _SampleError(f"decode error: {err}") from None
 
 
 def _make_views(clip: dict, cfg: StreamConfig, train: bool, rng: np.random.Generator,

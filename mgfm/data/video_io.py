@@ -110,17 +110,22 @@ def probe(data: bytes | str | Path) -> dict:
 
 
 def decode_frames(data: bytes | str | Path, indices: Sequence[int] | None = None,
-                  backend: str = "decord") -> np.ndarray:
+                  backend: str = "decord", fallback: str | None = None) -> np.ndarray:
     """Decode the frames at ``indices`` (all frames when None) -> uint8 (len(indices), H, W, 3).
 
     ``backend="decord"`` reads from an in-memory buffer (fast random access); ``"pyav"`` decodes
-    sequentially and is the fallback for files decord mishandles.
+    sequentially. When ``backend`` fails with :class:`VideoDecodeError`, ``fallback`` (another backend, e.g.
+    PyAV for files decord mishandles) is tried; its failure is the one raised.
     """
-    if backend == "decord":
-        return _decode_decord(data, indices)
-    if backend == "pyav":
-        return _decode_pyav(data, indices)
-    raise ValueError(f"unknown video backend {backend!r}; expected one of {BACKENDS}")
+    decoders = {"decord": _decode_decord, "pyav": _decode_pyav}
+    if backend not in decoders or (fallback is not None and fallback not in decoders):
+        raise ValueError(f"unknown video backend {backend!r}/{fallback!r}; expected one of {BACKENDS}")
+    try:
+        return decoders[backend](data, indices)
+    except VideoDecodeError:
+        if fallback is None or fallback == backend:
+            raise
+    return decoders[fallback](data, indices)
 
 
 def _as_file(data: bytes | str | Path):

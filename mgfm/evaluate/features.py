@@ -25,12 +25,13 @@ import torch
 from torch import nn
 
 from mgfm.data.distributed import gather_objects, rank_world
-from mgfm.data.stream import SkipCounter, SplitRead, StreamConfig, expected_clips, make_loader, resolve_shards
+from mgfm.data.stream import SkipCounter, SplitRead, StreamConfig, expected_clips, make_loader
 from mgfm.data.transforms import normalise
 from mgfm.devices import autocast, feature_precision
 from mgfm.errors import InputError
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.files import writing
+from mgfm.shards.read import resolve_shards
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -39,6 +38,7 @@ from mgfm.evaluate.encoder_eval import (EncoderEvalRecipe, eval_device, features
 from mgfm.evaluate.features import cache_key, cache_stem, split_features
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.evaluate.report import format_table, markdown_table, save_figure
+from mgfm.shards.read import read_samples, resolve_shards
 from mgfm.evaluate.retrieval import KINDS, RetrievalIndex, retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -239,12 +239,7 @@ def eval_clip(source: bytes | str | Path, cfg: StreamConfig, start: int = 0, end
         raise QueryError(f"frames {start}..{end} are outside the video's {n} frames")
     indices = start + sample_indices(last - start + 1, cfg.frames, cfg.stride_policy, cfg.stride, None, cfg.pad)
     lookup = np.unique(indices)
-    try:
-        decoded = decode_frames(source, lookup.tolist(), backend=cfg.backend)
-    except VideoDecodeError:
-        if not cfg.fallback_backend or cfg.fallback_backend == cfg.backend:
-            raise
-        decoded = decode_frames(source, lookup.tolist(), backend=cfg.fallback_backend)
+    decoded = decode_frames(source, lookup.tolist(), backend=cfg.backend, fallback=cfg.fallback_backend)
     frames = decoded[np.searchsorted(lookup, indices)]
     frames = crop_resize(frames, centre_crop_box(frames.shape[1], frames.shape[2], cfg.eval_crop), cfg.img_size)
     video = np.empty((len(frames), 3, cfg.img_size, cfg.img_size), dtype=np.float32)
@@ -299,22 +294,17 @@ def index_for_queries(recipe: RetrievalRecipe, run_dir: Path, encoder: torch.nn.
 def read_shard_clips(shards: str, split: str, clip_ids: Sequence[str],
                      remote_commands: dict[str, str] | None = None) -> dict[str, bytes]:
     """``{clip_id: mp4 bytes}`` read from the ``split`` shards of ``shards`` (one pass, stops when all are found)."""
-    from webdataset.gopen import gopen
-
-    from mgfm.data.stream import resolve_shards
-
     wanted = set(clip_ids)
     found: dict[str, bytes] = {}
     for ref in resolve_shards(shards, split, remote_commands):
         if len(found) == len(wanted):
             break
-        with gopen(ref.url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                key, _, ext = member.name.rpartition("/")[2].partition(".")
-                if ext == "mp4" and key in wanted and key not in found:
-                    found[key] = tar.extractfile(member).read()
-                    if len(found) == len(wanted):
-                        break
+        for sample in read_samples(ref.url):
+            key = sample["__key__"]
+            if key in wanted and key not in found and "mp4" in sample:
+                found[key] = sample["mp4"]
+                if len(found) == len(wanted):
+                    break
     missing = wanted - set(found)
     if missing:
         log.warning("%s %s: %d neighbour clips not found in the shards (e.g. %s)", shards, split, len(missing),

@@ -43,7 +43,7 @@ from torch import nn
 from mgfm.config import RecipeError
 from mgfm.devices import native_bf16
 from mgfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from mgfm.train.distributed import barrier, is_main_process, rank_world
+from mgfm.train.distributed import is_main_process, rank_world
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "no", "bf16", "fp16")

@@ -25,10 +25,11 @@ from typing import Iterator
 import torch
 
 from mgfm.config import save_recipe
-from mgfm.data.stream import Mixture, SkipCounter, make_loader
+from mgfm.data.stream import SkipCounter, make_loader
 from mgfm.data.transforms import normalise
 from mgfm.errors import InputError
 from mgfm.files import FolderLock
+from mgfm.shards.read import Mixture
 from mgfm.model.contrastive import group_ids
 from mgfm.train.engine import Engine, MicroResult, Schedule, find_checkpoint, train
 from mgfm.train.distributed import barrier, is_main_process, setup_logging
