@@ -1,4 +1,4 @@
-"""Clip-level contrast added to masked reconstruction (why: see README "Pretraining objective").
+"""Clip-level contrast added to masked reconstruction (why: see docs/experiments.md "Why the tiny default starts from motion PCA").
 
 Masked reconstruction alone gives features a linear probe uses poorly (VideoMAE's own SSv2 probe is
 ~35-39%). With repeated sampling every clip appears K times in a batch (different crops, temporal

@@ -1,6 +1,6 @@
 """Data-driven start for the tubelet embedding: whitened principal components of frame differences.
 
-Why (measured on the synthetic benchmark, README "Pretraining objective"): a ViT trained from a random
+Why (measured on the synthetic benchmark, docs/experiments.md "Why the tiny default starts from motion PCA"): a ViT trained from a random
 start for a CPU budget learns nothing a linear probe can use across subjects, not even with labels
 (300 supervised steps of the tiny encoder stay at the majority class), because a micro-gesture is a
 small movement and each subject's look dominates the pixels. Starting the tubelet embedding from the

@@ -1,4 +1,4 @@
-"""Motion-map prediction from the pooled features of the unmasked clip (why: see README "Pretraining objective").
+"""Motion-map prediction from the pooled features of the unmasked clip (why: see docs/experiments.md "Why the tiny default starts from motion PCA").
 
 Micro-gestures are small movements of specific body parts by people who look different; a frozen
 encoder is only useful for them if its pooled clip feature says *where and when something moved*.
