@@ -1,7 +1,7 @@
 """How much can the unlabelled train clips add at a small label fraction? Semi-supervised headroom of a
 run's frozen features, against the supervised probe measured in the same process.
 
-Fine-tuning on the tiny CPU default keeps the linear-probe head's decisions (LP-FT, BENCHMARKS.md
+Fine-tuning on the tiny CPU default keeps the linear-probe head's decisions (LP-FT, docs/experiments.md
 "Fine-tuning"), so what a semi-supervised method can add there is what the unlabelled clips add to that
 head. For ``--seeds`` seeded stratified subsets (:func:`mgfm.data.subset.stratified_subset`, drawn as
 fine-tuning draws them) this fits the fine-tuning head's probe (:func:`mgfm.evaluate.probe.train_probe`,
