@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from sklearn.metrics import adjusted_rand_score as adjusted_rand
 import pytest
 
 from mgfm.evaluate.cluster import clustering_scores, kmeans_assign, kmeans_scores
@@ -62,6 +63,9 @@ def test_kmeans_deterministic_for_a_seed():
     assert a.dtype == np.int64 and a.shape == (len(x),)
     np.testing.assert_array_equal(a, b)
     assert set(a.tolist()) <= set(range(6))
+    # the seed is used: on overlapping data some other seed lands in another partition
+    others = [kmeans_assign(x, 6, seed=s, n_init=1) for s in range(4, 12)]
+    assert any(adjusted_rand(a, o) < 0.999 for o in others), "every seed gave the same partition"
 
 
 def test_euclidean_option_and_explicit_k():

@@ -62,19 +62,41 @@ def test_balanced_weighting_helps_the_rare_class():
     assert (predict(balanced, rare).argmax(1) == 1).mean() > (predict(plain, rare).argmax(1) == 1).mean()
 
 
+def _cv_choice(x: np.ndarray, y: np.ndarray, groups: np.ndarray, grid: list[float]) -> float:
+    """The C an independent 3-fold grouped CV (sklearn, standardised features, accuracy) chooses."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
+
+    xs = (x - x.mean(0)) / x.std(0)
+    scores = {}
+    for C in grid:
+        scores[C] = np.mean([(LogisticRegression(C=C, max_iter=300).fit(xs[tr], y[tr]).predict(xs[va]) == y[va]).mean()
+                             for tr, va in GroupKFold(3).split(xs, y, groups)])
+    return max(scores, key=lambda c: (scores[c], -c))
+
+
 def test_c_is_chosen_by_subject_grouped_cv():
-    """Each subject has its own offset that also predicts the class inside the train split: a weak
-    probe would memorise it; grouped CV must prefer the strong regularisation that generalises."""
-    rng = np.random.default_rng(2)
+    """Each subject has its own feature that predicts the class inside that subject only (noise for the
+    others): CV that lets a subject's clips sit on both sides rewards memorising it (large C); grouped by
+    subject, CV sees it does not carry over and prefers strong regularisation."""
+    rng = np.random.default_rng(3)
     rows, x = [], []
     for subject in range(6):
         for i in range(40):
             label = i % 2
+            shared = label + rng.normal(0, 1.0)
+            own = np.zeros(6)
+            own[subject] = (2 * label - 1) * 1.5 + rng.normal(0, 0.5)
+            own += rng.normal(0, 1.5, 6) * (np.arange(6) != subject)
             rows.append({"clip_id": f"{subject}-{i}", "label": label, "subject": str(subject)})
-            x.append(np.concatenate([[label * 1.0 + rng.normal(0, 0.7)], rng.normal(0, 1, 20)]))
-    probe = train_probe(FeatureSet(np.array(x), rows), 2, ProbeConfig(c_grid=[1e-3, 1e-1, 10.0]))
-    assert set(probe.cv_scores) == {1e-3, 1e-1, 10.0}
-    assert probe.C == max(probe.cv_scores, key=lambda c: (probe.cv_scores[c], -c))
+            x.append(np.concatenate([[shared], own, rng.normal(0, 1, 10)]))
+    x, grid = np.array(x), [1e-3, 1e-1, 10.0]
+    y, subjects = np.array([r["label"] for r in rows]), np.array([r["subject"] for r in rows])
+    by_subject, by_clip = _cv_choice(x, y, subjects, grid), _cv_choice(x, y, np.arange(len(y)).astype(str), grid)
+    assert by_subject != by_clip, "the data must tell the two CV schemes apart"
+    probe = train_probe(FeatureSet(x, rows), 2, ProbeConfig(c_grid=grid))
+    assert set(probe.cv_scores) == set(grid)
+    assert probe.C == by_subject
 
 
 @pytest.mark.parametrize("classes", [[0, 1], [0, 2, 3]])
@@ -187,7 +209,22 @@ def test_linear_probe_report_and_references(tmp_path, tiny_shards):
                                  probe=ProbeConfig(c_grid=[0.01, 1.0])))
     assert set(report["results"]) == {"pretrained", "random init", "raw pixels"}
     probe = report["results"]["pretrained"]["probe"]
-    assert probe["n"] == 6 and 0.0 <= probe["top1"] <= 1.0
+    assert probe["n"] == 6
+    # the reported top-1 is what an independent refit (sklearn, the chosen C) on the cached features scores
+    from sklearn.linear_model import LogisticRegression
+
+    from mgfm.model.hf import encoder_checksum
+
+    def cached(split: str) -> FeatureSet:  # the run encoder's features of ``split`` (the cache holds 3 encoders')
+        sets = [FeatureSet.load(p.with_suffix("")) for p in (run / "features").glob(f"{tiny_shards.name}-{split}-*.json")]
+        return next(fs for fs in sets if fs.key["encoder"] == encoder_checksum(run / "encoder"))
+
+    train, test = cached("train"), cached("test")
+    mean, sd = train.features.mean(0), train.features.std(0)
+    sd[sd < 1e-6] = 1.0
+    fit = LogisticRegression(C=probe["C"], max_iter=300).fit((train.features - mean) / sd, train.labels)
+    expected = float((fit.predict((test.features - mean) / sd) == test.labels).mean())
+    assert probe["top1"] == pytest.approx(expected)
     out = run / "eval" / tiny_shards.name
     assert json.loads((out / "report.json").read_text())["results"]["pretrained"]["probe"]["n"] == 6
     assert "Linear probe" in (out / "report.md").read_text()
