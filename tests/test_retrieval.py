@@ -216,3 +216,99 @@ def test_missing_faiss_is_one_line_naming_the_extras(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # what a base install without the cpu/gpu extra has
     with pytest.raises(FeatureError, match=r"faiss is not installed: pip install -e '\.\[cpu\]'"):
         RetrievalIndex.build(np.eye(3, dtype=np.float32), [{"clip_id": str(i)} for i in range(3)])
+
+
+# ------------------------------------------------------------------------------------- at scale
+
+
+def structured(n: int, q: int, dim: int = 32, latent: int = 8, spread: float = 0.6,
+               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Database and queries in 64 clusters near a ``latent``-d subspace (like encoder features)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(64, latent))
+    lift = rng.normal(size=(latent, dim))
+
+    def draw(m: int) -> np.ndarray:
+        z = centres[rng.integers(0, 64, m)] + spread * rng.normal(size=(m, latent))
+        return (z @ lift + 0.05 * rng.normal(size=(m, dim))).astype(np.float32)
+    return draw(n), draw(q)
+
+
+def exact_top(db: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    dn = db / np.linalg.norm(db, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    return np.argsort(-(qn @ dn.T), axis=1, kind="stable")[:, :k]
+
+
+def test_kind_is_chosen_from_size_width_and_memory():
+    from mgfm.evaluate.retrieval import choose_kind
+
+    assert choose_kind(10_000, 384, budget=1 << 30)[0] == "flat"
+    kind, why = choose_kind(1_000_000, 384, budget=8 << 30)
+    assert kind == "hnsw" and "fits the 8.0 GiB budget" in why
+    kind, why = choose_kind(1_000_000, 384, budget=1 << 30)
+    assert kind == "ivfpq" and "do not fit" in why and "48 bytes per vector" in why
+
+
+def test_automatic_choice_meets_its_recall_target_on_held_out_queries():
+    # clusters in a 32-d latent space: hard enough that a sparse graph (M=8) needs a wide beam for the target
+    db, q = structured(12_000, 300, dim=32, latent=32, spread=1.0)
+    rows = [{"clip_id": str(i), "label": 0} for i in range(len(db))]
+    index = RetrievalIndex.build(db, rows, "auto", recall_target=0.99, exact_below=5_000, hnsw_m=8, use_gpu=False)
+    assert index.kind == "hnsw" and "fits" in index.params["why"]
+    calib = index.params["calibration"]
+    assert calib["met"] and calib["recall"] >= 0.99 and calib["ef_search"] == index.params["ef_search"]
+    frontier = index.params["frontier"]
+    assert [f["ef_search"] for f in frontier] == sorted(f["ef_search"] for f in frontier)
+    assert len(frontier) >= 2 and frontier[0]["recall"] < 0.99 <= frontier[-1]["recall"]  # the cheapest that meets it
+    _, ids = index.search(q, 10)
+    truth = exact_top(db, q, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids.tolist(), truth.tolist())])
+    assert recall >= 0.98, recall  # the target, held out (calibration ran on database vectors)
+
+
+def test_compressed_index_reranks_exactly_and_reloads_with_the_same_neighbours(tmp_path):
+    db, q = structured(6_000, 200, dim=64, seed=1)
+    rows = [{"clip_id": str(i), "label": 0} for i in range(len(db))]
+    index = RetrievalIndex.build(db, rows, "ivfpq", nlist=32, nprobe=32, rerank=50, use_gpu=False,
+                                 vectors_path=tmp_path / "v.npy")
+    assert index.params["pq_m"] == 8 and isinstance(index.exact, np.memmap)
+    scores, ids = index.search(q, 10)
+    dn = db / np.linalg.norm(db, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    # scores are the exact cosines of the returned vectors, best first
+    np.testing.assert_allclose(scores, np.take_along_axis(qn @ dn.T, ids, 1), rtol=1e-5, atol=1e-6)
+    assert np.all(np.diff(scores, axis=1) <= 1e-7)
+    # every list searched and 500 candidates per query: the exact top 10
+    np.testing.assert_array_equal(ids, exact_top(db, q, 10))
+    index.save(tmp_path / "saved")
+    loaded = RetrievalIndex.load(tmp_path / "saved", use_gpu=False)
+    assert loaded.kind == "ivfpq" and isinstance(loaded.exact, np.memmap)
+    np.testing.assert_array_equal(loaded.search(q, 10)[1], ids)
+    tuned = index.tune(0.97)
+    assert tuned["met"] and {"nprobe", "rerank"} <= set(tuned)
+
+
+def test_an_index_is_built_from_a_memory_map_in_chunks(tmp_path, monkeypatch):
+    import mgfm.evaluate.retrieval as retrieval
+
+    db, q = structured(3_000, 50)
+    path = tmp_path / "features.npy"
+    np.save(path, db)
+    monkeypatch.setattr(retrieval, "CHUNK_ROWS", 1_000)  # three chunks
+    mapped = RetrievalIndex.build(np.load(path, mmap_mode="r"), [{"label": 0}] * len(db), "hnsw", use_gpu=False)
+    in_ram = RetrievalIndex.build(db, [{"label": 0}] * len(db), "flat", use_gpu=False)
+    assert mapped.ntotal == 3_000
+    np.testing.assert_allclose(mapped.vectors(), in_ram.vectors(), rtol=1e-6)
+
+
+def test_a_cached_feature_matrix_is_memory_mapped_not_read_whole(tmp_path):
+    from mgfm.evaluate.featureset import FeatureSet
+
+    x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    FeatureSet(x, [{"clip_id": str(i), "label": i % 2} for i in range(40)], {"k": 1}).save(tmp_path / "c")
+    loaded = FeatureSet.load(tmp_path / "c")
+    assert isinstance(loaded.features.base, np.memmap) and not loaded.features.flags.writeable
+    np.testing.assert_array_equal(loaded.features, x)
+    index = RetrievalIndex.build(loaded.features, loaded.rows, "flat", use_gpu=False)
+    assert index.ntotal == 40

@@ -232,3 +232,20 @@ def test_cli_evaluates_and_prints_the_table(evaluated, tiny_shards, tmp_path):
     assert "R@1" in result.stdout and "pretrained" in result.stdout and "random init" not in result.stdout
     report = json.loads((run_copy / "retrieval" / tiny_shards.name / "report.json").read_text())
     assert report["index"]["kind"] == "ivf" and report["results"]["pretrained"]["index_params"]["nlist"] == 2
+
+
+def test_the_index_is_chosen_for_the_recall_target_and_the_report_says_which_and_why(evaluated, tiny_shards,
+                                                                                   tmp_path, caplog):
+    run_dir, report = evaluated  # the defaults: index=auto, recall_target=0.99
+    chosen = report["index"]
+    assert chosen["kind"] == "flat" and "exact search is fast enough" in chosen["why"]
+    assert chosen["calibration"] == {"recall_target": 0.99, "recall": 1.0, "exact": True}
+    assert "flat: 6 vectors: exact search is fast enough" in (run_dir / "retrieval" / tiny_shards.name /
+                                                             "report.md").read_text()
+    # an approximate index asked for is calibrated, and the frontier it chose from is in the report
+    with caplog.at_level("INFO"):
+        hnsw = run(recipe(run_dir, tiny_shards, "index=hnsw", "recall_target=0.99", f"out={tmp_path / 'h'}",
+                          "references=false"))
+    calib = hnsw["index"]["calibration"]
+    assert hnsw["index"]["kind"] == "hnsw" and calib["met"] and calib["recall"] >= 0.99
+    assert hnsw["index"]["frontier"] and "gives neighbour R@" in caplog.text

@@ -86,14 +86,14 @@ class FeatureSet:
 
     @classmethod
     def load(cls, stem: str | Path) -> "FeatureSet":
-        from safetensors.numpy import load_file
-
+        """The cached set at ``stem``; its matrix is memory-mapped from the safetensors file (read from disk
+        only where used, so a million-clip cache can be indexed chunk by chunk)."""
         stem = Path(stem)
         meta_path, tensor_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
         if not meta_path.exists() or not tensor_path.exists():
             raise FileNotFoundError(f"{stem}: no complete feature cache (.json + .safetensors)")
         meta = json.loads(meta_path.read_text())
-        return cls(load_file(str(tensor_path))["features"], meta["rows"], meta.get("key", {}), meta.get("read", {}))
+        return cls(mapped_tensor(tensor_path, "features"), meta["rows"], meta.get("key", {}), meta.get("read", {}))
 
     @classmethod
     def load_if_key(cls, stem: str | Path, key: dict) -> "FeatureSet | None":
@@ -103,3 +103,22 @@ class FeatureSet:
         except FileNotFoundError:
             return None
         return cached if cached.key == key else None
+
+
+def mapped_tensor(path: str | Path, name: str) -> np.ndarray:
+    """Tensor ``name`` of a safetensors file as a read-only memory map. The format is an 8-byte little-endian
+    header length, a JSON header of dtypes, shapes and byte offsets, then the raw little-endian data."""
+    path = Path(path)
+    with path.open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    info = header.get(name)
+    if info is None or info.get("dtype") != "F32":
+        raise FeatureError(f"{path}: no float32 tensor {name!r} (has {sorted(k for k in header if k != '__metadata__')})")
+    start, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    if end - start != int(np.prod(shape)) * 4:
+        raise FeatureError(f"{path}: tensor {name!r} holds {end - start} bytes for shape {shape}")
+    if int(np.prod(shape)) == 0:
+        return np.zeros(shape, dtype=np.float32)
+    return np.memmap(path, dtype="<f4", mode="r", offset=8 + size + start, shape=shape)

@@ -39,7 +39,7 @@ from mgfm.evaluate.features import cache_key, cache_stem, split_features
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.evaluate.report import format_table, markdown_table, save_figure
 from mgfm.shards.read import read_samples, resolve_shards
-from mgfm.evaluate.retrieval import KINDS, RetrievalIndex, retrieval_metrics
+from mgfm.evaluate.retrieval import CHOICES, RetrievalIndex, retrieval_metrics
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,17 @@ class RetrievalRecipe(EncoderEvalRecipe):
 
     database_split: str = "train"  # indexed
     query_split: str = "test"  # its labelled clips are the evaluation queries
-    index: str = "flat"  # flat | ivf | hnsw
-    nlist: int | None = None  # ivf lists (default ~4 sqrt(N))
-    nprobe: int | None = None  # ivf lists searched (default nlist/16, at least 8)
+    # auto: exact flat for small databases, else HNSW when it fits index_memory_gb, else the compressed ivfpq
+    # (PQ codes + exact re-ranking from vectors on disk); or flat | ivf | hnsw | ivfpq.
+    index: str = "auto"
+    # The neighbour R@10 the search knob (nprobe / ef_search / rerank) is calibrated to (None: keep the given
+    # knobs); the report records the recall / speed frontier it chose from.
+    recall_target: float | None = 0.99
+    index_memory_gb: float | None = None  # RAM an index may take; default half of what is available
+    nlist: int | None = None  # ivf / ivfpq lists (default ~4 sqrt(N))
+    nprobe: int | None = None  # ivf lists searched (default nlist/16, at least 8; tuned with recall_target)
     hnsw_m: int = 32
-    ef_search: int = 128
+    ef_search: int = 128  # tuned with recall_target
     use_gpu: bool | str = "auto"  # faiss index on a GPU: auto | true | false
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     selfcheck: int = 8  # queries searched on the built and on the reloaded index (must agree)
@@ -74,8 +80,10 @@ class RetrievalRecipe(EncoderEvalRecipe):
     montage_frames: int = 4  # frames per clip in the montage
 
     def __post_init__(self) -> None:
-        if self.index not in KINDS:
-            raise ValueError(f"index must be one of {list(KINDS)}, got {self.index!r}")
+        if self.index not in CHOICES:
+            raise ValueError(f"index must be one of {list(CHOICES)}, got {self.index!r}")
+        if self.recall_target is not None and not 0 < self.recall_target <= 1:
+            raise ValueError(f"recall_target must be in (0, 1] (or null), got {self.recall_target}")
         if self.use_gpu not in ("auto", True, False):
             raise ValueError(f"use_gpu must be auto, true or false, got {self.use_gpu!r}")
         if not self.ks or min(self.ks) < 1:
@@ -101,8 +109,9 @@ def require_split(manifest: dict, shards: str, split: str) -> int:
 
 
 def index_settings(recipe: RetrievalRecipe) -> dict:
-    return {"kind": recipe.index, "nlist": recipe.nlist, "nprobe": recipe.nprobe, "hnsw_m": recipe.hnsw_m,
-            "ef_search": recipe.ef_search, "seed": recipe.seed}
+    return {"kind": recipe.index, "recall_target": recipe.recall_target, "memory_gb": recipe.index_memory_gb,
+            "nlist": recipe.nlist, "nprobe": recipe.nprobe, "hnsw_m": recipe.hnsw_m, "ef_search": recipe.ef_search,
+            "seed": recipe.seed}
 
 
 def index_key(encoder_id: str, recipe: RetrievalRecipe, stream: StreamConfig, device: torch.device) -> dict:
@@ -119,17 +128,38 @@ def feature_stem(cache_dir: Path, encoder_id: str, recipe: RetrievalRecipe, spli
     return cache_stem(cache_dir, recipe.shards, split, key)
 
 
-def build_index(database: FeatureSet, recipe: RetrievalRecipe) -> RetrievalIndex:
-    """A ``recipe.index`` index over ``database`` (N, D)."""
-    return RetrievalIndex.build(database.features, database.rows, kind=recipe.index, nlist=recipe.nlist,
-                                nprobe=recipe.nprobe, hnsw_m=recipe.hnsw_m, ef_search=recipe.ef_search,
-                                use_gpu=recipe.use_gpu, seed=recipe.seed)
+def build_index(database: FeatureSet, recipe: RetrievalRecipe, folder: Path | None = None) -> RetrievalIndex:
+    """A ``recipe.index`` index over ``database`` (N, D), its knob calibrated to ``recipe.recall_target``;
+    logs which index and why. A compressed index keeps its re-ranking vectors in ``folder``."""
+    budget = None if recipe.index_memory_gb is None else int(recipe.index_memory_gb * 2**30)
+    vectors = None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        vectors = folder / "vectors.build.npy"
+    index = RetrievalIndex.build(database.features, database.rows, kind=recipe.index, nlist=recipe.nlist,
+                                 nprobe=recipe.nprobe, hnsw_m=recipe.hnsw_m, ef_search=recipe.ef_search,
+                                 use_gpu=recipe.use_gpu, seed=recipe.seed, recall_target=recipe.recall_target,
+                                 budget=budget, vectors_path=vectors if recipe.index in ("auto", "ivfpq") else None)
+    log.info("retrieval index: %s (%s)%s", index.kind, index.params.get("why", f"asked for index={recipe.index}"),
+             _calibration_text(index.params.get("calibration")))
+    return index
+
+
+def _calibration_text(calib: dict | None) -> str:
+    if not calib:
+        return ""
+    if calib.get("exact"):
+        return "; exact search, recall 1.0"
+    knobs = ", ".join(f"{k}={v}" for k, v in calib.items() if k in ("nprobe", "ef_search", "rerank"))
+    return (f"; {knobs} gives neighbour R@{calib['k']} {calib['recall']:.3f} on {calib['queries']} calibration "
+            f"queries at {calib['qps']:.0f} q/s (target {calib['recall_target']})")
 
 
 def save_index(index: RetrievalIndex, folder: Path, key: dict) -> None:
     """Save ``index`` and, last, the key it was built from (a folder with a key is complete)."""
     (folder / KEY_FILE).unlink(missing_ok=True)
     index.save(folder)
+    (folder / "vectors.build.npy").unlink(missing_ok=True)  # a compressed index's build copy; saved as vectors.npy
     tmp = folder / (KEY_FILE + ".tmp")
     tmp.write_text(json.dumps(key, sort_keys=True))
     tmp.replace(folder / KEY_FILE)
@@ -178,8 +208,10 @@ def evaluate(recipe: RetrievalRecipe) -> dict:
         db = feats[recipe.database_split].require(f"{recipe.shards} split {recipe.database_split!r} (database)")
         queries = feats[recipe.query_split].labelled().require(
             f"{recipe.shards} split {recipe.query_split!r} (labelled queries)", db.dim)
-        index = build_index(db, recipe)
+        index = build_index(db, recipe, folder if name == "pretrained" else None)
         if name == "pretrained":
+            chosen = {"kind": index.kind, "why": index.params.get("why", f"asked for index={recipe.index}"),
+                      "calibration": index.params.get("calibration"), "frontier": index.params.get("frontier", [])}
             save_index(index, folder, index_key(encoder_id, recipe, setup.stream, setup.device))
             loaded = RetrievalIndex.load(folder, use_gpu=recipe.use_gpu)
             selfcheck = check_same_search(index, loaded, queries.features[: recipe.selfcheck], max(recipe.ks))
@@ -194,13 +226,14 @@ def evaluate(recipe: RetrievalRecipe) -> dict:
     report = {
         "run": str(setup.run_dir), "encoder": str(setup.encoder_folder), "shards": recipe.shards,
         "splits": {"database": recipe.database_split, "queries": recipe.query_split}, "views": recipe.views,
-        "index": {"kind": recipe.index, "folder": str(folder), **index_settings(recipe)}, "ks": list(recipe.ks),
+        "index": {"asked": index_settings(recipe), "folder": str(folder), **chosen}, "ks": list(recipe.ks),
         "selfcheck": selfcheck, "results": results,
     }
     headers, rows = summary_rows(results, recipe.ks)
     first = next(iter(results.values()))
     markdown = (f"Run `{setup.run_dir}`, shards `{recipe.shards}`: {first['n_database']} `{recipe.database_split}` "
-                f"clips indexed ({recipe.index}, cosine), {first['n_queries']} labelled `{recipe.query_split}` clips "
+                f"clips indexed ({chosen['kind']}: {chosen['why']}{_calibration_text(chosen['calibration'])}; cosine), "
+                f"{first['n_queries']} labelled `{recipe.query_split}` clips "
                 f"as queries, {recipe.views} temporal view(s) per clip. R@k: a clip of the query's class among the "
                 "k nearest; mAP over the full exact ranking.\n\n"
                 + markdown_table(headers, rows)
@@ -286,7 +319,7 @@ def index_for_queries(recipe: RetrievalRecipe, run_dir: Path, encoder: torch.nn.
     require_split(load_manifest(recipe.shards), recipe.shards, recipe.database_split)
     db = split_features(None, recipe.shards, recipe.database_split, stream, features_folder(recipe, run_dir), recipe.views,
                         encoder=encoder, encoder_id=encoder_id, device=device)
-    index = build_index(db.require(f"{recipe.shards} split {recipe.database_split!r} (database)"), recipe)
+    index = build_index(db.require(f"{recipe.shards} split {recipe.database_split!r} (database)"), recipe, folder)
     save_index(index, folder, key)
     return index
 
