@@ -100,19 +100,20 @@ def to_planar(frames: np.ndarray) -> np.ndarray:
 def normalise_into(planar: np.ndarray, out: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """uint8 (..., 3, H, W) -> ``out`` float32 (..., 3, H, W) = ``(x / 255 - mean) / std``, in place.
 
-    Frame by frame straight into ``out`` (e.g. a preallocated batch): convert-and-scale, then shift
-    while the frame is still in cache; no temporaries, single-threaded. (Torch ops are faster on an
-    idle machine but collapse when their intra-op threads compete with other work on a busy one:
-    measured in the loader, 0.3x instead of 0.8x of raw decoding.)
+    A uint8 input has only 256 values per channel, so each channel plane is one table lookup
+    (``cv2.LUT`` with a 256-entry float32 table) straight into ``out`` (e.g. a preallocated batch): one
+    vectorised pass, no temporaries; ~20% faster than numpy's convert-scale-shift (two passes). (Torch
+    ops are faster on an idle machine but collapse when their intra-op threads compete with other work on
+    a busy one: measured in the loader, 0.3x instead of 0.8x of raw decoding.)
     """
     c, h, w = planar.shape[-3:]
     src = planar.reshape(-1, c, h, w)
     dst = out.reshape(-1, c, h, w)
-    scale = (1.0 / (255.0 * np.asarray(std, dtype=np.float64))).astype(np.float32)[:, None, None]
-    shift = (-np.asarray(mean, dtype=np.float64) / np.asarray(std, dtype=np.float64)).astype(np.float32)[:, None, None]
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    tables = [((levels - m) / s).astype(np.float32) for m, s in zip(mean, std, strict=True)]
     for k in range(src.shape[0]):
-        np.multiply(src[k], scale, out=dst[k], dtype=np.float32, casting="unsafe")
-        np.add(dst[k], shift, out=dst[k])
+        for ch, table in enumerate(tables):
+            cv2.LUT(src[k, ch], table, dst=dst[k, ch])
     return out
 
 
