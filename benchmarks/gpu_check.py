@@ -268,7 +268,7 @@ def stage_pretrain_random(ctx: Context) -> dict:
         history = train(engine, batches, loss_fn, 0, run_dir / "checkpoints", run_dir, 0, "gpu-check", after_step)
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
         precision, deepspeed = engine.precision, engine.deepspeed
-        del engine, model, batches
+        engine = model = batches = None  # free the GPU memory before the next stage (the closures above hold cells)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # GBs at ViT-B; only the timings matter
     out = {"model": s.model, "batch": s.batch, "mask_ratio": s.mask_ratio, "timed_steps": s.steps,
            "warmup_steps": s.warmup, "precision": precision, "deepspeed": deepspeed, "device": str(device),
