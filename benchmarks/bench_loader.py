@@ -213,7 +213,7 @@ def peak_rss(shards: Path, batches: int, args: argparse.Namespace) -> dict:
 def stream_config(args: argparse.Namespace) -> StreamConfig:
     return StreamConfig(frames=args.frames, img_size=args.img_size, tubelet=2, patch=16, batch_size=args.batch_size,
                         num_workers=args.workers, decoder_keep_ratio=0.5, seed=0, log_skips=0,
-                        video_dtype=args.video_dtype)
+                        video_dtype=args.video_dtype, repeats=args.repeats)
 
 
 def main() -> None:
@@ -231,6 +231,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=24, help="batches per timed stream run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed runs per side")
     parser.add_argument("--rss-batches", type=int, default=20, help="batches of the 1x memory run")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="stream: crops + masks per decoded clip (training samples = clips x repeats)")
     parser.add_argument("--gpu-clips-per-s", type=float, default=None,
                         help="an accelerator's training rate: print the CPU cores the stream needs to feed it")
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
@@ -282,9 +284,12 @@ def main() -> None:
         per_core = statistics.median(r["stream_per_core"] for r in rounds)
         print(f"clips per CPU-second (= clips/s per core): raw decode "
               f"{statistics.median(r['ref_per_core'] for r in rounds):.1f}, stream {per_core:.1f}")
+        samples = per_core * args.repeats
+        if args.repeats > 1:
+            print(f"training samples per CPU-second (clips x {args.repeats} repeats): {samples:.1f}")
         if args.gpu_clips_per_s:
-            print(f"cores to feed {args.gpu_clips_per_s:.0f} clips/s: {args.gpu_clips_per_s / per_core:.0f} "
-                  f"(stream at {per_core:.1f} clips/s per core)")
+            print(f"cores to feed {args.gpu_clips_per_s:.0f} training samples/s: {args.gpu_clips_per_s / samples:.0f} "
+                  f"(stream at {samples:.1f} samples/s per core)")
     grow = (large["peak_rss_mib"] + large["peak_worker_rss_mib"]) / (small["peak_rss_mib"] + small["peak_worker_rss_mib"])
     print(f"peak RSS streaming {small['batches']} batches: {small['peak_rss_mib']:.0f} MiB "
           f"(+ workers {small['peak_worker_rss_mib']:.0f} MiB); {large['batches']} batches: "
