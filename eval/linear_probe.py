@@ -1,4 +1,4 @@
-"""Linear probe + k-means of a run's frozen encoder: `python eval/linear_probe.py [run=runs/NAME] [shards=DIR] [key=value ...]`.
+"""Frozen-encoder probe + k-means: `python eval/linear_probe.py [run=runs/NAME] [shards=DIR] [probe=linear|attentive]`.
 
 With no arguments: the newest run in runs/ on the default synthetic shards. See mgfm.evaluate.probe_eval.
 """

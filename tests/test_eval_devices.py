@@ -71,7 +71,7 @@ def test_linear_probe_under_accelerate_launch_with_two_processes(tmp_path, tiny_
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "eval/linear_probe.py",
            f"run={run}", f"shards={tiny_shards}", "num_workers=0", "batch_size=2", "references=false",
-           "kmeans=false", "probe.c_grid=[1.0]"]
+           "kmeans=false", "linear.c_grid=[1.0]"]
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "joined a process group of 2 (gloo)" in result.stderr

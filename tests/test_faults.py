@@ -48,7 +48,7 @@ def _last_line(result: subprocess.CompletedProcess) -> str:
 
 def _probe_args(run: Path, shards: Path, *extra: str) -> list[str]:
     return ["eval/linear_probe.py", f"run={run}", f"shards={shards}", "num_workers=0", "batch_size=2",
-            "references=false", "kmeans=false", "probe.c_grid=[1.0]", *extra]
+            "references=false", "kmeans=false", "linear.c_grid=[1.0]", *extra]
 
 
 # ------------------------------------------------------------------------------- 1. an empty shard

@@ -206,7 +206,7 @@ def test_linear_probe_report_and_references(tmp_path, tiny_shards):
     run = tmp_path / "run"
     tiny_encoder_folder(run / "encoder")
     report = run_probe(ProbeRecipe(run=str(run), shards=str(tiny_shards), num_workers=0, batch_size=4,
-                                 probe=ProbeConfig(c_grid=[0.01, 1.0])))
+                                 linear=ProbeConfig(c_grid=[0.01, 1.0])))
     assert set(report["results"]) == {"pretrained", "random init", "raw pixels"}
     probe = report["results"]["pretrained"]["probe"]
     assert probe["n"] == 6

@@ -122,11 +122,13 @@ class EvalSetup:
     cfg: object  # the encoder's ModelConfig
     stream: StreamConfig
 
-    def features(self, encoder, encoder_id: str, split: str, scored: bool) -> FeatureSet:
-        """The (cached) features of ``split`` for one of :attr:`encoders`. A ``scored`` split that lost
-        clips is an error unless ``allow_missing`` (then a warning); another split's losses are logged."""
+    def features(self, encoder, encoder_id: str, split: str, scored: bool,
+                 tokens: tuple[int, int, int] | None = None) -> FeatureSet:
+        """The (cached) features of ``split`` for one of :attr:`encoders` (with ``tokens``: its tokens pooled
+        to that grid). A ``scored`` split that lost clips is an error unless ``allow_missing`` (then a
+        warning); another split's losses are logged."""
         feats = split_features(None, self.recipe.shards, split, self.stream, self.cache, self.recipe.views,
-                               encoder=encoder, encoder_id=encoder_id, device=self.device)
+                               encoder=encoder, encoder_id=encoder_id, device=self.device, tokens=tokens)
         if scored:
             require_complete(feats, f"{self.recipe.shards} ({split})", self.recipe.allow_missing)
         elif feats.read.get("missing"):

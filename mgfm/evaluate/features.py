@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -60,6 +61,13 @@ class PixelEncoder(nn.Module):
         pooled = nn.functional.adaptive_avg_pool2d(frames, self.size)
         return pooled.reshape(b, -1)
 
+    @torch.no_grad()
+    def pooled_tokens(self, video: torch.Tensor, grid: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """The same values as :meth:`features`, one token per sampled frame (its ``C x size x size`` image):
+        ``(B, T, C, H, W)`` -> ``(B, frames, C * size * size)``. ``grid`` is an encoder's token grid and
+        does not apply to pixels (accepted so both kinds of encoder are called alike)."""
+        return self.features(video).reshape(len(video), min(self.frames, video.shape[1]), -1)
+
 
 def manifest_checksum(shards: str | Path) -> str:
     """sha256 of a local shard set's manifest (or of the source string for remote sets)."""
@@ -94,8 +102,8 @@ def shard_files(shards: str | Path, split: str) -> list:
 
 
 def cache_key(encoder_id: str, shards: str | Path, split: str, cfg: StreamConfig, views: int,
-              precision: str = "fp32") -> dict:
-    return {
+              precision: str = "fp32", tokens: tuple[int, int, int] | None = None) -> dict:
+    key = {
         "encoder": encoder_id,
         "manifest": manifest_checksum(shards),
         "files": shard_files(shards, split),
@@ -105,6 +113,9 @@ def cache_key(encoder_id: str, shards: str | Path, split: str, cfg: StreamConfig
         "stream": {k: list(v) if isinstance(v, tuple) else v for k, v in
                    ((k, getattr(cfg, k)) for k in EVAL_STREAM_KEYS)},
     }
+    if tokens is not None:  # token features pooled to this (t, h, w) grid, not pooled clip features
+        key["tokens"] = list(tokens)
+    return key
 
 
 def cache_stem(cache_dir: str | Path, shards: str | Path, split: str, key: dict) -> Path:
@@ -118,7 +129,8 @@ def encode_split(features_fn: Callable[[torch.Tensor], torch.Tensor], shards: st
                  progress: bool = True) -> FeatureSet:
     """Features of every clip of ``split`` (all ranks together; every rank returns the full set).
 
-    ``features_fn``: ``(B, T, C, H, W)`` float -> ``(B, D)``. With ``views > 1`` each clip is encoded at
+    ``features_fn``: ``(B, T, C, H, W)`` float -> ``(B, D)``, or tokens ``(B, L, W)`` (stored flat, with
+    ``token_dim = W``). With ``views > 1`` each clip is encoded at
     ``views`` temporal offsets (evenly spread over the clip) and the features are averaged over the views
     that decoded. On a GPU with native bf16 the encoder runs under bf16 autocast
     (:func:`mgfm.devices.feature_precision`); features are returned as fp32.
@@ -131,6 +143,7 @@ def encode_split(features_fn: Callable[[torch.Tensor], torch.Tensor], shards: st
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     lost: list[dict] = []
+    token_dims: set[int] = set()
     for view in range(views):
         loader, skips = make_loader(shards, split, _view_config(cfg, view, views), mode="eval")
         bar = tqdm(loader, desc=f"features {split} view {view + 1}/{views}", unit="batch",
@@ -140,7 +153,11 @@ def encode_split(features_fn: Callable[[torch.Tensor], torch.Tensor], shards: st
             if video.dtype == torch.uint8:  # stream.video_dtype=uint8: normalise on the device
                 video = normalise(video, cfg.mean, cfg.std)
             with autocast(device, precision):
-                feats = features_fn(video).float().cpu().numpy()
+                feats = features_fn(video).float().cpu()
+            if feats.dim() == 3:  # tokens (B, L, W): one flat row per clip
+                token_dims.add(int(feats.shape[2]))
+                feats = feats.flatten(1)
+            feats = feats.numpy()
             for clip_id, meta, feat in zip(batch["clip_id"], batch["meta"], feats):
                 if clip_id not in rows:
                     rows[clip_id] = {k: v for k, v in meta.items() if k != "shard"}
@@ -149,27 +166,31 @@ def encode_split(features_fn: Callable[[torch.Tensor], torch.Tensor], shards: st
                 sums[clip_id] += feat
                 counts[clip_id] += 1
         lost += skips.records
-    partial = [c for c, n in counts.items() if n < views]
-    if partial:
+    fewer_views = [c for c, n in counts.items() if n < views]
+    if fewer_views:
         log.warning("%s %s: %d clip(s) decoded in fewer than %d views (e.g. %s); their features average the "
-                    "views that did", shards, split, len(partial), views, partial[0])
+                    "views that did", shards, split, len(fewer_views), views, fewer_views[0])
     local = (list(rows.values()), np.stack([sums[r["clip_id"]] / counts[r["clip_id"]] for r in rows.values()])
-             if rows else np.zeros((0, 0)), lost)
+             if rows else np.zeros((0, 0)), lost, sorted(token_dims))
     parts = gather_objects(local)
-    all_rows = [r for part_rows, _, _ in parts for r in part_rows]
-    mats = [m for _, m, _ in parts if len(m)]
+    all_rows = [r for part_rows, _, _, _ in parts for r in part_rows]
+    mats = [m for _, m, _, _ in parts if len(m)]
+    widths = {w for _, _, _, part_widths in parts for w in part_widths}
     ids = [r["clip_id"] for r in all_rows]
     if len(set(ids)) != len(ids):
         raise RuntimeError(f"{shards} {split}: a clip was encoded twice across ranks; the eval stream split is broken")
     read = SplitRead(str(shards), split, expected_clips(shards, split, cfg.remote_commands), len(all_rows),
-                     SkipCounter.merged_records(r for _, _, part_lost in parts for r in part_lost))
+                     SkipCounter.merged_records(r for _, _, part_lost, _ in parts for r in part_lost))
     if not all_rows:
         raise FeatureError(f"{shards} split {split!r}: no clips ({read.describe()})")
     order = np.argsort(ids, kind="stable")
     matrix = np.concatenate(mats)[order].astype(np.float32)
     if not read.complete:
         log.warning("%s: %s", shards, read.describe())
-    return FeatureSet(matrix, [all_rows[i] for i in order], read=read.to_dict() | {"describe": read.describe()})
+    if len(widths) > 1:
+        raise RuntimeError(f"{shards} {split}: tokens of several widths {sorted(widths)} in one split")
+    return FeatureSet(matrix, [all_rows[i] for i in order], read=read.to_dict() | {"describe": read.describe()},
+                      token_dim=widths.pop() if widths else None)
 
 
 def require_complete(features: FeatureSet, what: str, allow_missing: bool) -> None:
@@ -194,8 +215,11 @@ def _view_config(cfg: StreamConfig, view: int, views: int) -> StreamConfig:
 
 def split_features(encoder_folder: str | Path | None, shards: str | Path, split: str, cfg: StreamConfig,
                    cache_dir: str | Path | None = None, views: int = 1, encoder: nn.Module | None = None,
-                   encoder_id: str | None = None, device: str | torch.device = "cpu") -> FeatureSet:
-    """Cached features of ``split`` from the encoder in ``encoder_folder`` (or ``encoder`` + ``encoder_id``).
+                   encoder_id: str | None = None, device: str | torch.device = "cpu",
+                   tokens: tuple[int, int, int] | None = None) -> FeatureSet:
+    """Cached features of ``split`` from the encoder in ``encoder_folder`` (or ``encoder`` + ``encoder_id``):
+    clip features ``(N, D)``, or with ``tokens`` a ``(t, h, w)`` grid the encoder's ``pooled_tokens`` (for
+    the attentive probe; stored flat, see :class:`FeatureSet`).
 
     Every rank must call it (extraction is collective); the cache is written by rank 0.
     """
@@ -206,7 +230,7 @@ def split_features(encoder_folder: str | Path | None, shards: str | Path, split:
     if encoder_id is None:
         raise ValueError("split_features: pass encoder_id with an in-memory encoder")
     device = torch.device(device)
-    key = cache_key(encoder_id, shards, split, cfg, views, feature_precision(device))
+    key = cache_key(encoder_id, shards, split, cfg, views, feature_precision(device), tokens)
     stem = cache_stem(cache_dir, shards, split, key) if cache_dir is not None else None
     if stem is not None:
         cached = FeatureSet.load_if_key(stem, key)
@@ -216,7 +240,8 @@ def split_features(encoder_folder: str | Path | None, shards: str | Path, split:
     if encoder is None:
         encoder, _ = load_encoder_hf(encoder_folder)
     encoder = encoder.to(device).eval()
-    result = encode_split(encoder.features, shards, split, cfg, views, device)
+    features_fn = encoder.features if tokens is None else partial(encoder.pooled_tokens, grid=tuple(tokens))
+    result = encode_split(features_fn, shards, split, cfg, views, device)
     result.key = key
     if stem is not None and rank_world()[0] == 0:
         if result.read.get("missing"):  # an incomplete set is never cached: the next run reads the shards again

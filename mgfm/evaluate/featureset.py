@@ -1,7 +1,8 @@
 """A feature matrix and the clip-index rows it belongs to: what every frozen-encoder evaluation consumes.
 
 On disk (the feature cache): ``<stem>.safetensors`` holds ``features`` float32 ``(N, D)``; ``<stem>.json``
-holds the rows (one clip-index row per feature row, same order) and the cache key. Both are written
+holds the rows (one clip-index row per feature row, same order), the cache key and, for token features, the
+token width. Both are written
 atomically, the JSON last, so a cache with a JSON file is complete.
 """
 
@@ -24,12 +25,15 @@ class FeatureError(MgfmError, ValueError):
 class FeatureSet:
     """``features`` float32 ``(N, D)``; ``rows[i]`` is the clip-index row (dict) of ``features[i]``;
     ``key`` what made them (the cache key); ``read`` how completely the split was read
-    (:meth:`mgfm.data.stream.SplitRead.to_dict` + ``describe``; empty for in-memory sets)."""
+    (:meth:`mgfm.data.stream.SplitRead.to_dict` + ``describe``; empty for in-memory sets). Token features
+    (for the attentive probe) are stored flat: row ``i`` is ``L`` tokens of width ``token_dim``,
+    ``D = L * token_dim`` (:meth:`tokens` gives ``(N, L, token_dim)``); ``token_dim`` is None for clip features."""
 
     features: np.ndarray
     rows: list[dict]
     key: dict = field(default_factory=dict)
     read: dict = field(default_factory=dict)
+    token_dim: int | None = None
 
     def __post_init__(self) -> None:
         self.features = np.ascontiguousarray(self.features, dtype=np.float32)
@@ -37,6 +41,8 @@ class FeatureSet:
             raise FeatureError(f"features must be a (N, D) matrix, got shape {self.features.shape}")
         if len(self.rows) != len(self.features):
             raise FeatureError(f"{len(self.features)} feature rows but {len(self.rows)} clip rows")
+        if self.token_dim is not None and (self.token_dim < 1 or self.features.shape[1] % self.token_dim):
+            raise FeatureError(f"{self.features.shape[1]}-d rows are not whole tokens of width {self.token_dim}")
 
     @classmethod
     def from_labels(cls, features: np.ndarray, labels: np.ndarray) -> "FeatureSet":
@@ -50,6 +56,12 @@ class FeatureSet:
     def dim(self) -> int:
         return int(self.features.shape[1])
 
+    def tokens(self) -> np.ndarray:
+        """Token features as ``(N, L, token_dim)``; a one-line error for clip features."""
+        if self.token_dim is None:
+            raise FeatureError("these are clip features (N, D), not tokens; extract them with tokens=(t, h, w)")
+        return self.features.reshape(len(self), -1, self.token_dim)
+
     @property
     def labels(self) -> np.ndarray:
         """int64 ``(N,)`` class ids (-1 = unlabelled)."""
@@ -62,7 +74,7 @@ class FeatureSet:
     def labelled(self) -> "FeatureSet":
         keep = self.labels >= 0
         return FeatureSet(self.features[keep], [r for r, k in zip(self.rows, keep) if k], dict(self.key),
-                          dict(self.read))
+                          dict(self.read), self.token_dim)
 
     def require(self, name: str, dim: int | None = None) -> "FeatureSet":
         """Raise a one-line :class:`FeatureError` if empty or of the wrong width; return self."""
@@ -81,7 +93,8 @@ class FeatureSet:
         save_file({"features": self.features}, str(tensor_tmp))
         tensor_tmp.replace(stem.with_name(stem.name + ".safetensors"))
         json_tmp = stem.with_name(stem.name + ".json.tmp")
-        json_tmp.write_text(json.dumps({"key": self.key, "read": self.read, "rows": self.rows}))
+        json_tmp.write_text(json.dumps({"key": self.key, "read": self.read, "rows": self.rows,
+                                        "token_dim": self.token_dim}))
         json_tmp.replace(stem.with_name(stem.name + ".json"))
 
     @classmethod
@@ -93,7 +106,8 @@ class FeatureSet:
         if not meta_path.exists() or not tensor_path.exists():
             raise FileNotFoundError(f"{stem}: no complete feature cache (.json + .safetensors)")
         meta = json.loads(meta_path.read_text())
-        return cls(mapped_tensor(tensor_path, "features"), meta["rows"], meta.get("key", {}), meta.get("read", {}))
+        return cls(mapped_tensor(tensor_path, "features"), meta["rows"], meta.get("key", {}), meta.get("read", {}),
+                   meta.get("token_dim"))
 
     @classmethod
     def load_if_key(cls, stem: str | Path, key: dict) -> "FeatureSet | None":

@@ -11,6 +11,7 @@ the same generalisation the test split asks for, and refits on the whole train s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -76,23 +77,34 @@ def _fit(x: np.ndarray, y: np.ndarray, C: float, cfg: ProbeConfig):
         return model.fit(x, y)
 
 
-def _choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, cfg: ProbeConfig) -> tuple[float, dict]:
-    from sklearn.metrics import balanced_accuracy_score
+def subject_groups(train: FeatureSet) -> np.ndarray:
+    """The CV groups of a train split: each clip's subject (a clip without one is its own group)."""
+    return np.array([str(r.get("subject", i)) for i, r in enumerate(train.rows)])
+
+
+def choose_by_group_cv(grid: list[float], score: Callable[[float, np.ndarray, np.ndarray], float],
+                       y: np.ndarray, groups: np.ndarray, folds: int) -> tuple[float, dict[float, float]]:
+    """The value of ``grid`` with the best mean ``score(value, train_idx, val_idx)`` over subject-grouped
+    folds (ties: the smaller value), and every value's score. Fewer than 2 groups: the middle value."""
     from sklearn.model_selection import GroupKFold
 
-    folds = min(cfg.cv_folds, len(np.unique(groups)))
+    folds = min(folds, len(np.unique(groups)))
     if folds < 2:
-        return cfg.c_grid[len(cfg.c_grid) // 2], {}
-    scores = {}
-    for C in cfg.c_grid:
-        fold_scores = []
-        for train_idx, val_idx in GroupKFold(folds).split(x, y, groups):
-            model = _fit(x[train_idx], y[train_idx], C, cfg)
-            pred = model.predict(x[val_idx])
-            metric = balanced_accuracy_score if cfg.class_weighting == "balanced" else _accuracy
-            fold_scores.append(metric(y[val_idx], pred))
-        scores[C] = float(np.mean(fold_scores))
-    return max(scores, key=lambda c: (scores[c], -c)), scores
+        return grid[len(grid) // 2], {}
+    splits = list(GroupKFold(folds).split(np.zeros(len(y)), y, groups))
+    scores = {value: float(np.mean([score(value, tr, va) for tr, va in splits])) for value in grid}
+    return max(scores, key=lambda v: (scores[v], -v)), scores
+
+
+def _choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, cfg: ProbeConfig) -> tuple[float, dict]:
+    from sklearn.metrics import balanced_accuracy_score
+
+    metric = balanced_accuracy_score if cfg.class_weighting == "balanced" else _accuracy
+
+    def score(C: float, train_idx: np.ndarray, val_idx: np.ndarray) -> float:
+        return metric(y[val_idx], _fit(x[train_idx], y[train_idx], C, cfg).predict(x[val_idx]))
+
+    return choose_by_group_cv(cfg.c_grid, score, y, groups, cfg.cv_folds)
 
 
 def _accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -117,8 +129,7 @@ def train_probe(train: FeatureSet, num_classes: int, cfg: ProbeConfig | None = N
     scores: dict[float, float] = {}
     C = cfg.C
     if C is None:
-        groups = np.array([str(r.get("subject", i)) for i, r in enumerate(train.rows)])
-        C, scores = _choose_c(x, y, groups, cfg)
+        C, scores = _choose_c(x, y, subject_groups(train), cfg)
     return LinearProbe(mean, scale, _fit(x, y, C, cfg), num_classes, C, scores)
 
 

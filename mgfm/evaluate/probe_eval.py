@@ -1,7 +1,9 @@
-"""Frozen-encoder recognition: linear probe + k-means on a shard set, with reference rows in the same run.
+"""Frozen-encoder recognition: a linear or attentive probe + k-means on a shard set, with reference rows in
+the same run.
 
 For the run's encoder, a randomly initialised encoder of the same size, and raw pixels, extract (cached)
-train and test features, fit the linear probe on train, score the test split (top-1/5, mean class
+train and test features (``probe=linear``: mean-pooled clip features; ``probe=attentive``: tokens pooled to
+``attentive.grid``, see :mod:`mgfm.evaluate.attentive`), fit the probe on train, score the test split (top-1/5, mean class
 accuracy, per class, and without the excluded classes, e.g. iMiGUE's "illustrative"), and cluster the test
 features with k-means (Hungarian accuracy, NMI, ARI). Writes ``report.json``, ``report.md`` and a
 confusion-matrix PNG, and prints a short table.
@@ -17,10 +19,12 @@ import numpy as np
 
 from mgfm.data.distributed import is_main_process
 from mgfm.evaluate.cluster import kmeans_scores
+from mgfm.errors import InputError
+from mgfm.evaluate.attentive import AttentiveProbeConfig, train_attentive_probe
 from mgfm.evaluate.encoder_eval import EncoderEvalRecipe, finish, prepare
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.evaluate.metrics import classification_metrics, plot_confusion
-from mgfm.evaluate.probe import ProbeConfig, predict, train_probe
+from mgfm.evaluate.probe import ProbeConfig, train_probe
 from mgfm.evaluate.report import format_table, markdown_table
 
 log = logging.getLogger(__name__)
@@ -29,20 +33,40 @@ log = logging.getLogger(__name__)
 @dataclass
 class ProbeRecipe(EncoderEvalRecipe):
     """What ``make linear-probe`` / ``eval/linear_probe.py`` evaluate, and how (``out`` default:
-    ``<run>/eval/<shards name>``)."""
+    ``<run>/eval/<shards name>``, ``<run>/eval-attentive/<shards name>`` for the attentive probe)."""
 
     train_split: str = "train"
     test_split: str = "test"
     exclude_classes: list[str] = field(default_factory=lambda: ["illustrative"])
     kmeans: bool = True
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    probe: str = "linear"  # linear (clip features) | attentive (tokens, a cross-attention head)
+    linear: ProbeConfig = field(default_factory=ProbeConfig)
+    attentive: AttentiveProbeConfig = field(default_factory=AttentiveProbeConfig)
+
+    def __post_init__(self) -> None:
+        if self.probe not in PROBES:
+            raise InputError(f"probe: expected one of {', '.join(PROBES)}, got {self.probe!r}")
+
+    @property
+    def tokens(self) -> tuple[int, int, int] | None:
+        """The token grid the probe reads (None: mean-pooled clip features)."""
+        return tuple(self.attentive.grid) if self.probe == "attentive" else None
+
+
+PROBES = {"linear": "Linear probe", "attentive": "Attentive probe"}
 
 
 def probe_scores(train: FeatureSet, test: FeatureSet, class_names: list[str], exclude: list[int],
-                 cfg: ProbeConfig, allow_missing: bool = False) -> tuple[dict, np.ndarray]:
-    """Fit the probe on ``train``, score ``test``. Test classes without a train clip (a damaged train split)
-    are a one-line error naming them, unless ``allow_missing``: they then score as never predicted."""
-    probe = train_probe(train, len(class_names), cfg)
+                 cfg: ProbeConfig | AttentiveProbeConfig, allow_missing: bool = False) -> tuple[dict, np.ndarray]:
+    """Fit the probe ``cfg`` configures (linear on clip features, attentive on tokens) on ``train``, score
+    ``test``. Test classes without a train clip (a damaged train split) are a one-line error naming them,
+    unless ``allow_missing``: they then score as never predicted."""
+    if isinstance(cfg, AttentiveProbeConfig):
+        probe = train_attentive_probe(train, len(class_names), cfg)
+        fitted = {"weight_decay": probe.weight_decay}
+    else:
+        probe = train_probe(train, len(class_names), cfg)
+        fitted = {"C": probe.C}
     test = test.labelled().require("probe test split", train.dim)
     absent = sorted(set(test.labels.tolist()) - set(train.labelled().labels.tolist()))
     if absent:
@@ -52,11 +76,11 @@ def probe_scores(train: FeatureSet, test: FeatureSet, class_names: list[str], ex
         if not allow_missing:
             raise FeatureError(message + " (restore the train shards, or set allow_missing=true)")
         log.warning("%s (allow_missing=true: scored as never predicted)", message)
-    logits = predict(probe, test)
+    logits = probe.logits(test.features if test.token_dim is None else test.tokens())
     if not np.isfinite(logits).all():  # classes the train split lacks: never predicted, ranked last
         logits = np.where(np.isfinite(logits), logits, logits[np.isfinite(logits)].min() - 1e3)
     metrics = classification_metrics(logits, test.labels, class_names, exclude)
-    metrics["C"] = probe.C
+    metrics.update(fitted)
     metrics["cv_scores"] = {str(c): v for c, v in probe.cv_scores.items()}
     return metrics, logits
 
@@ -65,20 +89,22 @@ def run(recipe: ProbeRecipe) -> dict:
     """Run the whole evaluation; returns the report dict (also written to disk)."""
     from mgfm.shards.manifest import load_manifest
 
-    setup = prepare(recipe, "eval")
+    setup = prepare(recipe, "eval" if recipe.probe == "linear" else f"eval-{recipe.probe}")
     class_names = list(load_manifest(recipe.shards)["class_names"])
     exclude = [class_names.index(c) for c in recipe.exclude_classes if c in class_names]
     results: dict[str, dict] = {}
     for name, encoder, encoder_id in setup.encoders:
         log.info("features for %s", name)
-        feats = {recipe.train_split: setup.features(encoder, encoder_id, recipe.train_split, scored=False),
-                 recipe.test_split: setup.features(encoder, encoder_id, recipe.test_split, scored=True)}
+        feats = {split: setup.features(encoder, encoder_id, split, scored=split == recipe.test_split,
+                                       tokens=recipe.tokens)
+                 for split in (recipe.train_split, recipe.test_split)}
         metrics, _ = probe_scores(feats[recipe.train_split], feats[recipe.test_split], class_names, exclude,
-                                  recipe.probe, recipe.allow_missing)
-        entry = {"probe": metrics, "feature_dim": feats[recipe.test_split].dim}
-        if recipe.kmeans:
-            test = feats[recipe.test_split].labelled()
-            entry["kmeans"] = kmeans_scores(test.features, test.labels, seed=recipe.seed)
+                                  getattr(recipe, recipe.probe), recipe.allow_missing)
+        test = feats[recipe.test_split].labelled()
+        entry = {"probe": metrics, "feature_dim": test.dim if test.token_dim is None else test.token_dim}
+        if recipe.kmeans:  # on clip features (for tokens: their mean)
+            clips = test.features if test.token_dim is None else test.tokens().mean(axis=1)
+            entry["kmeans"] = kmeans_scores(clips, test.labels, seed=recipe.seed)
         results[name] = entry
         if name == "pretrained" and is_main_process():
             plot_confusion(metrics["confusion"], class_names, setup.out / "confusion_pretrained.png")
@@ -86,11 +112,11 @@ def run(recipe: ProbeRecipe) -> dict:
     report = {
         "run": str(setup.run_dir), "encoder": str(setup.encoder_folder), "shards": recipe.shards,
         "splits": {"train": recipe.train_split, "test": recipe.test_split}, "views": recipe.views,
-        "probe_config": dataclasses.asdict(recipe.probe), "results": results,
+        "probe": recipe.probe, "probe_config": dataclasses.asdict(getattr(recipe, recipe.probe)), "results": results,
     }
     headers, rows = summary_rows(results, bool(exclude))
     markdown = (f"Run `{setup.run_dir}`, shards `{recipe.shards}` (train on `{recipe.train_split}`, test on "
-                f"`{recipe.test_split}`), {recipe.views} temporal view(s) per clip.\n\n## Linear probe and k-means\n\n"
+                f"`{recipe.test_split}`), {recipe.views} temporal view(s) per clip.\n\n## {PROBES[recipe.probe]} and k-means\n\n"
                 + markdown_table(headers, rows)
                 + "\n\n![confusion matrix](confusion_pretrained.png)\n\n## Per-class accuracy (pretrained)\n\n"
                 + per_class_table(results["pretrained"]["probe"]))

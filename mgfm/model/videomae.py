@@ -512,6 +512,16 @@ class VideoEncoder(nn.Module):
         """
         return self.forward(video).mean(dim=1)
 
+    def pooled_tokens(self, video: torch.Tensor, grid: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """Tokens of the unmasked clip for an attentive probe: ``(B, T, C, H, W)`` -> ``(B, t * h * w, D)``,
+        average-pooled from the token grid ``cfg.grid_shape`` to ``grid`` ``(t, h, w)`` (None = every token)."""
+        tokens = self.forward(video)
+        if grid is None or tuple(grid) == self.cfg.grid_shape:
+            return tokens
+        b, _, d = tokens.shape
+        volume = tokens.transpose(1, 2).reshape(b, d, *self.cfg.grid_shape)
+        return nn.functional.adaptive_avg_pool3d(volume, tuple(grid)).flatten(2).transpose(1, 2)
+
 
 class PixelDecoder(nn.Module):
     """Light transformer decoder: visible tokens + mask tokens -> pixels of the reconstructed tokens."""
