@@ -13,7 +13,7 @@ RUN ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test shards pretrain linear-probe finetune retrieval emotion bench clean
+.PHONY: setup demo test shards pretrain linear-probe finetune retrieval emotion real-motion bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ retrieval: setup
 
 emotion: setup
 	$(PY) eval/emotion.py $(if $(RUN),run=$(RUN)) shards=$(SHARDS) $(ARGS)
+
+# mixture pretraining (synthetic + ../shared/data real-motion sets), 3 seeds, both probes: runs/real-motion/table.md
+real-motion: setup
+	$(PY) -m mgfm.real_motion $(ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_loader.py

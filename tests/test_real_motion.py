@@ -1,0 +1,55 @@
+"""`make real-motion` (mgfm.real_motion): shards from a clip CSV with start/end frames, one mixture
+pretraining per seed, both probes with their reference rows on every set, and the table over seeds."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY_CLIPS, TINY_VIDEOS
+
+from mgfm.real_motion import main
+
+TINY_MODEL = ["model.size=custom", "model.img_size=32", "model.frames=4", "model.dim=32", "model.depth=1",
+              "model.heads=2", "model.decoder_dim=16", "model.decoder_depth=1", "model.decoder_heads=1"]
+
+
+def _fake_shared(root: Path, tiny_videos: dict[str, Path]) -> Path:
+    """``<root>/mini/index.csv``: the tiny clips as a long-video clip CSV (cut by start/end frames)."""
+    (root / "mini").mkdir(parents=True)
+    with (root / "mini" / "index.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "subject", "split", "start_frame", "end_frame", "video_id"])
+        for vid, start, end, label in TINY_CLIPS:
+            _, subject, split = TINY_VIDEOS[vid]
+            writer.writerow([str(tiny_videos[vid]), label, subject, split, start, end, vid])
+    return root
+
+
+def test_real_motion_table_over_seeds_and_probes(tmp_path, tiny_videos, capsys):
+    shared = _fake_shared(tmp_path / "shared", tiny_videos)
+    out = tmp_path / "out"
+    main(["--shared", str(shared), "--real", "mini", "--no-synthetic", "--shards-dir", str(tmp_path / "shards"),
+          "--out", str(out), "--seeds", "0,1", *TINY_MODEL, "stream.batch_size=2", "stream.num_workers=0",
+          "stream.shuffle_buffer=4", "stream.mask_ratio=0.5", "stream.decoder_keep_ratio=1.0", "patch_init_clips=4", "optim.epochs=1", "checkpoint_every=0"])
+    manifest = json.loads((tmp_path / "shards" / "mini" / "manifest.json").read_text())
+    assert {k: v["samples"] for k, v in manifest["splits"].items()} == {"train": 6, "test": 6}
+    table = json.loads((out / "table.json").read_text())
+    for probe in ("linear", "attentive"):
+        per_seed = table["sets"]["mini"][probe]["per_seed"]
+        assert set(per_seed) == {"pretrained", "random init", "raw pixels"}
+        assert all(len(v) == 2 for v in per_seed.values())
+        assert per_seed["raw pixels"][0] == per_seed["raw pixels"][1]  # no seed in the pixel reference
+        report = out / "seed1" / ("eval" if probe == "linear" else "eval-attentive") / "mini" / "report.json"
+        assert json.loads(report.read_text())["results"]["pretrained"]["probe"]["top1"] == per_seed["pretrained"][1]
+        mean = table["sets"]["mini"][probe]["mean"]
+        assert table["sets"]["mini"][probe]["gap"]["pixels"] == pytest.approx(mean["pretrained"] - mean["raw pixels"])
+    assert (out / "seed0" / "encoder" / "config.json").exists() and (out / "seed1" / "encoder").is_dir()
+    assert "pretrained - pixels" in (out / "table.md").read_text() and "table:" in capsys.readouterr().out
+
+
+def test_missing_real_set_is_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="no such file.*utkinect"):
+        main(["--shared", str(tmp_path), "--no-synthetic", "--out", str(tmp_path / "out")])
