@@ -389,6 +389,17 @@ def test_mid_run_resume_trains_on_as_the_uninterrupted_run(tmp_path, tiny_shards
     assert again["metrics"]["top1"] == report["metrics"]["top1"]
 
 
+def test_fine_tunes_of_one_run_on_two_shard_sets_get_their_own_folders(tmp_path):
+    """Same run, same recipe name, two shard sets: two folders (one would resume the other's checkpoints)."""
+    from mgfm.train.finetune import output_folder
+    from mgfm.train.finetune_recipe import FinetuneRecipe
+
+    run = tmp_path / "runs" / "r"
+    a, b = (output_folder(FinetuneRecipe(shards=s), run) for s in ("shards/utkinect", "shards/florence3d/"))
+    assert a == run / "finetune" / "utkinect" / "finetune" and b == run / "finetune" / "florence3d" / "finetune"
+    assert output_folder(FinetuneRecipe(shards="shards/utkinect", out=str(tmp_path / "x")), run) == tmp_path / "x"
+
+
 def test_the_labelled_subset_is_drawn_with_the_recipe_seed(tiny_shards):
     from mgfm.data.clip_cache import ClipCache
     from mgfm.train.finetune import FinetuneData, load_data

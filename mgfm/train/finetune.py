@@ -20,9 +20,9 @@ every rank caches and trains on its own disjoint part. Test: ``views`` temporal 
 scores averaged (multi-view test). The random draws of a step are seeded by ``(seed, rank, step)``, so a
 resumed run sees the data an uninterrupted run would have seen.
 
-Outputs (``out`` = ``<run>/finetune/<name>``): ``report.json``/``report.md`` (top-1, top-5, mean class
-accuracy, per class, confusion PNG), ``metrics.jsonl``, resumable ``checkpoints/`` and ``model/``, a Hugging
-Face ``VideoMAEForVideoClassification`` folder with the label names. ``compare=true`` runs
+Outputs (``out`` = ``<run>/finetune/<shard set name>/<name>``): ``report.json``/``report.md`` (top-1, top-5,
+mean class accuracy, per class, confusion PNG), ``metrics.jsonl``, resumable ``checkpoints/`` and ``model/``,
+a Hugging Face ``VideoMAEForVideoClassification`` folder with the label names. ``compare=true`` runs
 {random, pretrained} x {supervised, semi-supervised} at each of ``compare_fractions`` into
 ``out/labels-<f>/<init>-<sup|semi>/`` and writes the summary table to ``out/report.md``.
 """
@@ -510,13 +510,21 @@ def variants(recipe: FinetuneRecipe) -> list[FinetuneRecipe]:
     return out
 
 
+def output_folder(recipe: FinetuneRecipe, run_dir: Path) -> Path:
+    """``out``, else ``<run>/finetune/<shard set name>/<recipe name>``: fine-tunes of one run on two shard
+    sets never share (and resume from) one folder."""
+    if recipe.out:
+        return Path(recipe.out)
+    return run_dir / "finetune" / Path(str(recipe.shards).rstrip("/")).name / recipe.name
+
+
 def run(recipe: FinetuneRecipe) -> dict:
     """Fine-tune as the recipe says (one run, or the compare grid); returns the (summary) report. Rank 0
     holds the output folder's :class:`FolderLock` meanwhile."""
     make_accelerator(recipe)  # initialises the process group (under accelerate launch) before any data
     setup_logging()
     encoder_folder, run_dir, cfg = model_geometry(recipe)
-    out = Path(recipe.out) if recipe.out else run_dir / "finetune" / recipe.name
+    out = output_folder(recipe, run_dir)
     with FolderLock(out) if is_main_process() else contextlib.nullcontext():
         return _run(recipe, encoder_folder, cfg, out)
 

@@ -73,7 +73,7 @@ class FinetuneRecipe:
     run: str | None = None  # a pretraining run folder or encoder folder; None = newest run in runs_dir
     runs_dir: str = "runs"
     shards: str = "shards/synthetic"
-    out: str | None = None  # default: <run>/finetune/<name>
+    out: str | None = None  # default: <run>/finetune/<shard set name>/<name>
     train_split: str = "train"
     test_split: str = "test"
     init: Literal["pretrained", "random"] = "pretrained"
