@@ -104,3 +104,16 @@ def test_a_bug_keeps_its_traceback_but_user_errors_are_one_line(tmp_path, capsys
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(expected), err
+
+
+@pytest.mark.parametrize("override, message", [("optim.base_lr=0", "optim.base_lr: expected a positive lr, got 0"),
+                                               ("optim.min_lr=-1e-6", "optim.min_lr: expected a non-negative lr"),
+                                               ("optim.epochs=0", "optim.epochs and optim.grad_accum must be >= 1")])
+def test_a_pretraining_schedule_that_cannot_run_is_one_line(override, message):
+    """base_lr=0 used to reach the scheduler and die there with a ZeroDivisionError traceback."""
+    from mgfm.errors import MgfmError
+    from mgfm.train.recipe import PretrainRecipe
+
+    with pytest.raises(MgfmError, match=message.replace(".", r"\.")) as err:
+        load_recipe(PretrainRecipe, None, [override])
+    assert "\n" not in str(err.value)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mgfm.data.stream import StreamConfig
+from mgfm.errors import InputError
 from mgfm.model.videomae import LossConfig, ModelConfig
 
 
@@ -21,6 +22,14 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     grad_accum: int = 1
     clip_grad: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.base_lr > 0:  # the schedule is relative to the peak lr (min_lr / peak)
+            raise InputError(f"optim.base_lr: expected a positive lr, got {self.base_lr}")
+        if self.min_lr < 0:
+            raise InputError(f"optim.min_lr: expected a non-negative lr, got {self.min_lr}")
+        if self.epochs < 1 or self.grad_accum < 1:
+            raise InputError(f"optim.epochs and optim.grad_accum must be >= 1, got {self.epochs} and {self.grad_accum}")
 
 
 @dataclass
