@@ -116,18 +116,18 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace) -> str:
     from mgfm.evaluate.probe_eval import PROBES
     from mgfm.evaluate.report import markdown_table
-    from mgfm.pipeline import build_default_shards, ensure_synthetic
+    from mgfm.pipeline import build_default_shards
 
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    seeds = [s.strip() for s in str(args.seeds).split(",") if s.strip()]
     probes = [p.strip() for p in args.probes.split(",") if p.strip()]
-    unknown = [p for p in probes if p not in PROBES]
-    if unknown or not probes or not seeds:
-        raise InputError(f"--probes: expected linear and/or attentive, got {args.probes!r}" if unknown or not probes
-                         else f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    if not probes or any(p not in PROBES for p in probes):
+        raise InputError(f"--probes: expected linear and/or attentive, got {args.probes!r}")
+    if not seeds or not all(s.isdigit() for s in seeds):
+        raise InputError(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    seeds = [int(s) for s in seeds]
     start = time.time()
     sets = real_shards(args.shared, args.shards_dir, tuple(n.strip() for n in args.real.split(",") if n.strip()))
-    if args.synthetic:
-        ensure_synthetic(args.synthetic_data)
+    if args.synthetic:  # rendered first when missing
         build_default_shards(args.synthetic_data, args.shards_dir / "synthetic")
         sets = [args.shards_dir / "synthetic", *sets]
     timings = {"shards": time.time() - start}

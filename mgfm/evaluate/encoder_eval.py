@@ -19,6 +19,7 @@ from mgfm.errors import MgfmError
 from mgfm.evaluate.features import PixelEncoder, eval_stream_config, require_complete, split_features
 from mgfm.evaluate.featureset import FeatureSet
 from mgfm.evaluate.report import format_table, write_report
+from mgfm.shards.read import set_name
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def encoders_to_compare(encoder_folder: Path, recipe: EncoderEvalRecipe):
 
 def output_folder(recipe: EncoderEvalRecipe, run_dir: Path, task: str) -> Path:
     """Where an evaluation writes its report: ``out``, else ``<run>/<task>/<shard set name>``."""
-    return Path(recipe.out) if recipe.out else run_dir / task / Path(recipe.shards.rstrip("/")).name
+    return Path(recipe.out) if recipe.out else run_dir / task / set_name(recipe.shards)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from mgfm.devices import autocast, feature_precision
 from mgfm.errors import InputError
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.files import writing
-from mgfm.shards.read import resolve_shards
+from mgfm.shards.read import resolve_shards, set_name
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def cache_key(encoder_id: str, shards: str | Path, split: str, cfg: StreamConfig
 
 def cache_stem(cache_dir: str | Path, shards: str | Path, split: str, key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"{Path(str(shards).rstrip('/')).name}-{split}-{digest}"
+    return Path(cache_dir) / f"{set_name(shards)}-{split}-{digest}"
 
 
 @torch.no_grad()
@@ -143,7 +143,6 @@ def encode_split(features_fn: Callable[[torch.Tensor], torch.Tensor], shards: st
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     lost: list[dict] = []
-    token_dims: set[int] = set()
     for view in range(views):
         loader, skips = make_loader(shards, split, _view_config(cfg, view, views), mode="eval")
         bar = tqdm(loader, desc=f"features {split} view {view + 1}/{views}", unit="batch",
@@ -153,11 +152,7 @@ def encode_split(features_fn: Callable[[torch.Tensor], torch.Tensor], shards: st
             if video.dtype == torch.uint8:  # stream.video_dtype=uint8: normalise on the device
                 video = normalise(video, cfg.mean, cfg.std)
             with autocast(device, precision):
-                feats = features_fn(video).float().cpu()
-            if feats.dim() == 3:  # tokens (B, L, W): one flat row per clip
-                token_dims.add(int(feats.shape[2]))
-                feats = feats.flatten(1)
-            feats = feats.numpy()
+                feats = features_fn(video).float().cpu().numpy()
             for clip_id, meta, feat in zip(batch["clip_id"], batch["meta"], feats):
                 if clip_id not in rows:
                     rows[clip_id] = {k: v for k, v in meta.items() if k != "shard"}
@@ -171,26 +166,24 @@ def encode_split(features_fn: Callable[[torch.Tensor], torch.Tensor], shards: st
         log.warning("%s %s: %d clip(s) decoded in fewer than %d views (e.g. %s); their features average the "
                     "views that did", shards, split, len(fewer_views), views, fewer_views[0])
     local = (list(rows.values()), np.stack([sums[r["clip_id"]] / counts[r["clip_id"]] for r in rows.values()])
-             if rows else np.zeros((0, 0)), lost, sorted(token_dims))
+             if rows else np.zeros((0, 0)), lost)
     parts = gather_objects(local)
-    all_rows = [r for part_rows, _, _, _ in parts for r in part_rows]
-    mats = [m for _, m, _, _ in parts if len(m)]
-    widths = {w for _, _, _, part_widths in parts for w in part_widths}
+    all_rows = [r for part_rows, _, _ in parts for r in part_rows]
+    mats = [m for _, m, _ in parts if len(m)]
     ids = [r["clip_id"] for r in all_rows]
     if len(set(ids)) != len(ids):
         raise RuntimeError(f"{shards} {split}: a clip was encoded twice across ranks; the eval stream split is broken")
     read = SplitRead(str(shards), split, expected_clips(shards, split, cfg.remote_commands), len(all_rows),
-                     SkipCounter.merged_records(r for _, _, part_lost, _ in parts for r in part_lost))
+                     SkipCounter.merged_records(r for _, _, part_lost in parts for r in part_lost))
     if not all_rows:
         raise FeatureError(f"{shards} split {split!r}: no clips ({read.describe()})")
     order = np.argsort(ids, kind="stable")
     matrix = np.concatenate(mats)[order].astype(np.float32)
     if not read.complete:
         log.warning("%s: %s", shards, read.describe())
-    if len(widths) > 1:
-        raise RuntimeError(f"{shards} {split}: tokens of several widths {sorted(widths)} in one split")
-    return FeatureSet(matrix, [all_rows[i] for i in order], read=read.to_dict() | {"describe": read.describe()},
-                      token_dim=widths.pop() if widths else None)
+    token_dim = matrix.shape[2] if matrix.ndim == 3 else None  # tokens (N, L, W): stored one flat row per clip
+    return FeatureSet(matrix.reshape(len(matrix), -1), [all_rows[i] for i in order],
+                      read=read.to_dict() | {"describe": read.describe()}, token_dim=token_dim)
 
 
 def require_complete(features: FeatureSet, what: str, allow_missing: bool) -> None:

@@ -48,6 +48,11 @@ class ProbeRecipe(EncoderEvalRecipe):
             raise InputError(f"probe: expected one of {', '.join(PROBES)}, got {self.probe!r}")
 
     @property
+    def probe_config(self) -> ProbeConfig | AttentiveProbeConfig:
+        """The settings of the chosen probe (its section: ``linear.*`` or ``attentive.*``)."""
+        return self.attentive if self.probe == "attentive" else self.linear
+
+    @property
     def tokens(self) -> tuple[int, int, int] | None:
         """The token grid the probe reads (None: mean-pooled clip features)."""
         return tuple(self.attentive.grid) if self.probe == "attentive" else None
@@ -99,7 +104,7 @@ def run(recipe: ProbeRecipe) -> dict:
                                        tokens=recipe.tokens)
                  for split in (recipe.train_split, recipe.test_split)}
         metrics, _ = probe_scores(feats[recipe.train_split], feats[recipe.test_split], class_names, exclude,
-                                  getattr(recipe, recipe.probe), recipe.allow_missing)
+                                  recipe.probe_config, recipe.allow_missing)
         test = feats[recipe.test_split].labelled()
         entry = {"probe": metrics, "feature_dim": test.dim if test.token_dim is None else test.token_dim}
         if recipe.kmeans:  # on clip features (for tokens: their mean)
@@ -112,7 +117,7 @@ def run(recipe: ProbeRecipe) -> dict:
     report = {
         "run": str(setup.run_dir), "encoder": str(setup.encoder_folder), "shards": recipe.shards,
         "splits": {"train": recipe.train_split, "test": recipe.test_split}, "views": recipe.views,
-        "probe": recipe.probe, "probe_config": dataclasses.asdict(getattr(recipe, recipe.probe)), "results": results,
+        "probe": recipe.probe, "probe_config": dataclasses.asdict(recipe.probe_config), "results": results,
     }
     headers, rows = summary_rows(results, bool(exclude))
     markdown = (f"Run `{setup.run_dir}`, shards `{recipe.shards}` (train on `{recipe.train_split}`, test on "

@@ -26,6 +26,11 @@ class ShardRef:
     samples: int | None = None
 
 
+def set_name(source: str | Path) -> str:
+    """A shard set's short name, its folder's: ``shards/utkinect/`` -> ``utkinect`` (names caches and reports)."""
+    return Path(str(source).rstrip("/")).name
+
+
 @dataclass(frozen=True)
 class Mixture:
     """Several shard sets streamed as one (pretraining a foundation model on many datasets): ``sources``,
@@ -52,7 +57,7 @@ class Mixture:
         """A short name per set (its folder name, made unique) that prefixes its clip ids."""
         names: list[str] = []
         for source in self.sources:
-            base = Path(source.rstrip("/")).name or "set"
+            base = set_name(source) or "set"
             names.append(base if base not in names else f"{base}{len(names)}")
         return names
 

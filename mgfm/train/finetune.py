@@ -53,6 +53,7 @@ from mgfm.data.transforms import normalise
 from mgfm.data.subset import stratified_subset
 from mgfm.errors import InputError
 from mgfm.files import FolderLock
+from mgfm.shards.read import set_name
 from mgfm.train.distributed import barrier, is_main_process, rank_world, setup_logging
 from mgfm.train.engine import Engine, MicroResult, Schedule, find_checkpoint, make_accelerator, to_model, train
 from mgfm.train.finetune_recipe import FinetuneRecipe
@@ -515,7 +516,7 @@ def output_folder(recipe: FinetuneRecipe, run_dir: Path) -> Path:
     sets never share (and resume from) one folder."""
     if recipe.out:
         return Path(recipe.out)
-    return run_dir / "finetune" / Path(str(recipe.shards).rstrip("/")).name / recipe.name
+    return run_dir / "finetune" / set_name(recipe.shards) / recipe.name
 
 
 def run(recipe: FinetuneRecipe) -> dict:
