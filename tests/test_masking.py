@@ -35,6 +35,23 @@ def test_decoder_mask_is_subset_with_fixed_count():
     assert counts == {176}
 
 
+def test_decoder_takes_the_running_cell_positions_first():
+    grid = TokenGrid(8, 14, 14)
+    cell = running_cell_keep(grid, 0.5)
+    for ratio, keep in ((0.9, 0.5), (0.5, 0.75), (0.9, 0.25)):
+        gen = MaskGenerator(grid, ratio, decoder_keep_ratio=keep)
+        for seed in range(5):
+            enc, dec = gen(np.random.default_rng(seed))
+            cell_masked = enc & cell
+            if (dec & ~cell).any():  # reaching beyond the cell pattern only once all of it is taken
+                assert (dec[cell_masked]).all()
+            else:
+                assert dec.sum() <= cell_masked.sum()
+            assert dec.sum() == round(enc.sum() * keep) and not (dec & ~enc).any()
+    with pytest.raises(ValueError):  # one shared array per geometry: callers cannot change it
+        cell[0] = not cell[0]
+
+
 def test_running_cell_moves_over_time_and_covers_everything():
     grid = TokenGrid(4, 4, 4)
     keep = running_cell_keep(grid, 0.5).reshape(4, 4, 4)

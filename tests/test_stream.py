@@ -428,6 +428,35 @@ def test_tar_reader_matches_tarfile_on_pax_gnu_and_truncated_tars():
             list(tar_members(io.BytesIO(data[:1500])))
 
 
+
+def test_samples_are_grouped_as_webdataset_groups_them_and_a_repeated_member_is_reported():
+    from webdataset.tariterators import group_by_keys
+
+    from mgfm.shards.read import group_samples
+
+    members = [("a.json", b"1"), ("a.mp4", b"2"), ("d/a.json", b"3"), ("d/a.MP4", b"4"), ("noext", b"5"),
+               ("b.seg.json", b"6"), ("b.seg.mp4", b"7"), ("c.json", b"8")]
+    files = [{"fname": name, "data": data} for name, data in members]
+    ours = list(group_samples(iter(files)))
+    with_url = ({**f, "__url__": "u"} for f in files)
+    theirs = [{k: v for k, v in sample.items() if k != "__url__"} for sample in group_by_keys(with_url)]
+    assert ours == theirs and [s["__key__"] for s in ours] == ["a", "d/a", "b", "c"]
+    assert ours[2] == {"__key__": "b", "seg.json": b"6", "seg.mp4": b"7"}
+    repeated = files[:2] + [{"fname": "a.json", "data": b"again"}] + files[2:3]
+    with pytest.raises(ValueError, match="a.json: duplicate file name"):
+        list(group_samples(iter(repeated)))
+    reported: list[str] = []
+    assert [s["json"] for s in group_samples(iter(repeated), reported.append)] == [b"1", b"3"]
+    assert len(reported) == 1 and "already has a .json" in reported[0]
+
+
+def test_normalise_into_refuses_arrays_it_would_not_write_through():
+    planar = np.zeros((2, 3, 4, 4), np.uint8)
+    out = np.empty((3, 2, 4, 4), np.float32).transpose(1, 0, 2, 3)  # right shape, not contiguous
+    with pytest.raises(ValueError, match="C-contiguous"):
+        normalise_into(planar, out, IMAGENET_MEAN, IMAGENET_STD)
+
+
 # ------------------------------------------------------------------------------------- mixtures
 
 

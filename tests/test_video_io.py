@@ -35,6 +35,20 @@ def test_past_the_end_indices_clamp_to_last_frame(backend):
     assert np.array_equal(out[1], out[2])
 
 
+def test_decord_frames_outlive_the_reader_and_are_writable():
+    import gc
+
+    data = encode_video(_frames(), fps=25)
+    first = decode_frames(data, [0, 5, 11], backend="decord")
+    kept = first.copy()
+    gc.collect()
+    for _ in range(5):  # more decodes that could reuse freed buffers
+        decode_frames(data, list(range(12)), backend="decord")
+    assert np.array_equal(first, kept) and first.flags.c_contiguous and first.dtype == np.uint8
+    first[0, 0, 0] = 7  # the caller's own array (no read-only view into the decoder)
+    assert first[0, 0, 0].tolist() == [7, 7, 7]
+
+
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
 def test_garbage_raises_decode_error(backend):
     with pytest.raises(VideoDecodeError):

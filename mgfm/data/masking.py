@@ -15,6 +15,7 @@ Tokens are tubelets ordered (t, h, w) with t outermost, so a token grid is ``(T'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -56,19 +57,21 @@ def tube_mask(grid: TokenGrid, ratio: float, rng: np.random.Generator) -> np.nda
     return np.tile(masked_spatial, grid.t)
 
 
+@lru_cache(maxsize=16)
 def running_cell_keep(grid: TokenGrid, keep_ratio: float = 0.5) -> np.ndarray:
-    """Bool (N,): True where the running-cell pattern keeps a token for the decoder.
+    """Bool (N,), read-only (one array per geometry, drawn for every clip): True where the running-cell
+    pattern keeps a token for the decoder.
 
     Each 2x2 spatial cell keeps ``round(4 * keep_ratio)`` of its 4 positions; the kept positions shift
     by one cell slot per time step, so over time every position is reconstructed.
     """
     order = np.array([[0, 1], [3, 2]])  # clockwise walk through a 2x2 cell
     n_keep = int(round(4 * keep_ratio))
-    keep = np.zeros((grid.t, grid.h, grid.w), dtype=bool)
     slot = order[np.arange(grid.h)[:, None] % 2, np.arange(grid.w)[None, :] % 2]
-    for t in range(grid.t):
-        keep[t] = ((slot - t) % 4) < n_keep
-    return keep.reshape(-1)
+    keep = ((slot[None] - np.arange(grid.t)[:, None, None]) % 4) < n_keep
+    keep = keep.reshape(-1)
+    keep.flags.writeable = False
+    return keep
 
 
 def decoder_mask(encoder_mask: np.ndarray, grid: TokenGrid, keep_ratio: float,
@@ -79,11 +82,12 @@ def decoder_mask(encoder_mask: np.ndarray, grid: TokenGrid, keep_ratio: float,
     """
     n_masked = int(encoder_mask.sum())
     n_keep = int(round(n_masked * keep_ratio))
-    score = running_cell_keep(grid, keep_ratio).astype(np.float64) + rng.random(grid.num_tokens) * 0.5
+    score = rng.random(grid.num_tokens) * 0.5
+    score += running_cell_keep(grid, keep_ratio)
     score[~encoder_mask] = -1.0
-    chosen = np.argsort(-score, kind="stable")[:n_keep]
     out = np.zeros(grid.num_tokens, dtype=bool)
-    out[chosen] = True
+    if n_keep:  # the n_keep best scores (distinct random floats: a set, so no full sort is needed)
+        out[np.argpartition(score, -n_keep)[-n_keep:]] = True
     return out
 
 
