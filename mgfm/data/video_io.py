@@ -141,7 +141,7 @@ def _decode_decord(data, indices):
         if n == 0:
             raise VideoDecodeError("video has no frames")
         idx = list(range(n)) if indices is None else [min(max(int(i), 0), n - 1) for i in indices]
-        frames = _as_numpy(reader.get_batch(idx))
+        frames = from_decord(reader.get_batch(idx))
     except decord.DECORDError as err:
         raise VideoDecodeError(f"decord could not decode the video ({str(err).splitlines()[0]})") from err
     except RuntimeError as err:
@@ -149,7 +149,7 @@ def _decode_decord(data, indices):
     return frames
 
 
-def _as_numpy(batch) -> np.ndarray:
+def from_decord(batch) -> np.ndarray:
     """A decord NDArray as a numpy array over the same memory (DLPack), not ``asnumpy()``'s copy: the copy
     of a 16-frame 256-px batch is ~5% of its decode time (BENCHMARKS "Loader")."""
     from torch.utils.dlpack import from_dlpack
