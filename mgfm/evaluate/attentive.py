@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
-from mgfm.evaluate.probe import choose_by_group_cv, subject_groups
+from mgfm.evaluate.probe import channel_stats, choose_by_group_cv, labelled_train_split, subject_groups
 from mgfm.model.videomae import sinusoid_table
 
 
@@ -114,15 +114,9 @@ def train_attentive_probe(train: FeatureSet, num_classes: int, cfg: AttentivePro
                           ) -> AttentiveProbe:
     """Fit an :class:`AttentiveProbe` on the labelled token rows of ``train`` (``train.tokens()``)."""
     cfg = cfg or AttentiveProbeConfig()
-    train = train.labelled().require("attentive probe train split")
+    train = labelled_train_split(train, num_classes, "attentive probe train split")
     tokens, labels = train.tokens(), train.labels
-    if int(labels.max()) >= num_classes:
-        raise FeatureError(f"attentive probe train split: label {int(labels.max())} >= num_classes {num_classes}")
-    if len(np.unique(labels)) < 2:
-        raise FeatureError("attentive probe train split: needs clips of at least 2 classes")
-    mean = tokens.mean(axis=(0, 1), dtype=np.float64).astype(np.float32)
-    scale = tokens.std(axis=(0, 1), dtype=np.float64).astype(np.float32)
-    scale[scale < 1e-6] = 1.0
+    mean, scale = (stat.astype(np.float32) for stat in channel_stats(tokens, (0, 1)))
     x, y = _standardised(tokens, mean, scale), torch.from_numpy(labels)
     weight_decay, scores = cfg.weight_decay, {}
     if weight_decay is None:

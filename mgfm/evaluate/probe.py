@@ -111,20 +111,35 @@ def _accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(y_true == y_pred))
 
 
+def labelled_train_split(train: FeatureSet, num_classes: int, what: str) -> FeatureSet:
+    """The labelled rows of a probe's train split; a one-line error (naming ``what``) when they cannot train
+    a ``num_classes``-way probe: none, a label out of range, or a single class."""
+    train = train.labelled().require(what)
+    y = train.labels
+    if int(y.max()) >= num_classes:
+        raise FeatureError(f"{what}: label {int(y.max())} >= num_classes {num_classes}")
+    if len(np.unique(y)) < 2:
+        raise FeatureError(f"{what}: needs clips of at least 2 classes")
+    return train
+
+
+def channel_stats(x: np.ndarray, axis: int | tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """float64 mean and standard deviation of ``x`` over ``axis`` (a constant channel's scale is 1): what a
+    probe standardises its inputs with."""
+    mean = x.mean(axis=axis, dtype=np.float64)
+    scale = x.std(axis=axis, dtype=np.float64)
+    scale[scale < 1e-6] = 1.0
+    return mean, scale
+
+
 def train_probe(train: FeatureSet, num_classes: int, cfg: ProbeConfig | None = None) -> LinearProbe:
     """Fit a :class:`LinearProbe` on the labelled rows of ``train``."""
     cfg = cfg or ProbeConfig()
     if cfg.class_weighting not in ("none", "balanced"):
         raise FeatureError(f"probe class_weighting: expected 'none' or 'balanced', got {cfg.class_weighting!r}")
-    train = train.labelled().require("probe train split")
+    train = labelled_train_split(train, num_classes, "probe train split")
     y = train.labels
-    if int(y.max()) >= num_classes:
-        raise FeatureError(f"probe train split: label {int(y.max())} >= num_classes {num_classes}")
-    if len(np.unique(y)) < 2:
-        raise FeatureError("probe train split: needs clips of at least 2 classes")
-    mean = train.features.mean(axis=0, dtype=np.float64)
-    scale = train.features.std(axis=0, dtype=np.float64)
-    scale[scale < 1e-6] = 1.0
+    mean, scale = channel_stats(train.features, 0)
     x = (train.features - mean) / scale
     scores: dict[float, float] = {}
     C = cfg.C
