@@ -94,6 +94,8 @@ log = logging.getLogger(__name__)
 MODES = ("train", "eval")
 # Samples per shard assumed when a shard's size is unknown (only bounds the all-corrupt guard in train).
 _UNKNOWN_SHARD_SAMPLES = 1000
+# The key under which a sample held by a MemoryClips carries its decoded frames (or why they could not be).
+_FRAMES = "__frames__"
 
 
 @dataclass
@@ -133,6 +135,10 @@ class StreamConfig:
     prefetch_factor: int = 4  # batches each worker may have ready ahead (uint8 frames: ~5 MB each at defaults)
     pin_memory: bool | None = None  # None: page-locked batches when CUDA is there (asynchronous copies)
     log_skips: int = 5  # per worker: skipped samples logged as warnings (the rest are counted only)
+    # "memory": decode every clip of the split once and keep its uint8 frames in RAM (small sets trained for
+    # hundreds of epochs); crops, flips, repeats and masks are still drawn per sample, as when streaming.
+    cache: Literal["none", "memory"] = "none"
+    cache_max_gb: float = 8.0  # budget of the memory cache per process; a set that needs more is an error
 
     def __post_init__(self) -> None:
         if self.masks and None not in (self.frames, self.img_size, self.tubelet, self.patch) and (
@@ -143,6 +149,8 @@ class StreamConfig:
             raise ValueError("stream: batch_size and repeats must be >= 1, num_workers >= 0")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError("stream: mean and std need 3 values (RGB)")
+        if not self.cache_max_gb > 0:
+            raise ValueError(f"stream.cache_max_gb: expected a positive size in GB, got {self.cache_max_gb}")
         if not 0 <= self.eval_view < self.eval_views:
             raise ValueError(f"stream: eval_view {self.eval_view} must be in [0, eval_views={self.eval_views})")
 
@@ -377,7 +385,8 @@ class ClipStream(IterableDataset):
 
     def __init__(self, sets: Sequence[tuple[str | None, Sequence[ShardRef]]], cfg: StreamConfig,
                  mode: str = "train", epoch: int = 0, rank: int = 0, world: int = 1,
-                 batches_per_epoch: int | None = None, weights: Sequence[float] | None = None):
+                 batches_per_epoch: int | None = None, weights: Sequence[float] | None = None,
+                 memory: "MemoryClips | None" = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"stream mode must be one of {MODES}, got {mode!r}")
@@ -393,6 +402,7 @@ class ClipStream(IterableDataset):
         self.epoch = epoch
         self.rank, self.world = rank, world
         self.batches_per_epoch = batches_per_epoch
+        self.memory = memory
 
     def slot(self) -> Slot:
         worker, workers = worker_info()
@@ -427,12 +437,13 @@ class ClipStream(IterableDataset):
         per_set = [(name, assign_shards(refs, slot, self.mode, self.cfg.seed, self.epoch)) for name, refs in self.sets]
         tasks = [t for _, set_tasks in per_set for t in set_tasks]
         if train and len(per_set) > 1:  # one endless source per set, drawn from by weight
-            stages: list[Any] = [partial(_mixed_sources, sets=per_set, weights=self.weights, rng=rng, state=state)]
+            stages: list[Any] = [partial(_mixed_sources, sets=per_set, weights=self.weights, rng=rng, state=state,
+                                         memory=self.memory)]
         elif len(per_set) > 1:  # eval: each set's clips once, set after set
-            stages = [partial(_sets_in_turn, sets=per_set, rng=rng, state=state)]
+            stages = [partial(_sets_in_turn, sets=per_set, rng=rng, state=state, memory=self.memory)]
         else:
             stages = [partial(_task_source, tasks=tasks, train=train, rng=rng, state=state),
-                      partial(_read_shards, state=state)]
+                      partial(_read_shards, state=state, memory=self.memory)]
         if train and self.cfg.shuffle_buffer > 1:
             stages.append(wds.filters.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer // 2,
                                               rng=random.Random(int(rng.integers(2**62)))))
@@ -447,10 +458,10 @@ class ClipStream(IterableDataset):
 
 
 def _mixed_sources(sets: list[tuple[str | None, list[ShardTask]]], weights: list[float], rng: np.random.Generator,
-                   state: _WorkerState) -> Iterator[dict]:
+                   state: _WorkerState, memory: "MemoryClips | None" = None) -> Iterator[dict]:
     """Train samples of several shard sets, each next one from a set drawn with ``weights``; a set whose
     shards all broke drops out (the others' weights renormalised)."""
-    sources = [_read_shards(_task_source(tasks, True, rng, state), state) for _, tasks in sets]
+    sources = [_read_shards(_task_source(tasks, True, rng, state), state, memory) for _, tasks in sets]
     names = [name for name, _ in sets]
     live = [i for i, (_, tasks) in enumerate(sets) if tasks and weights[i] > 0]
     while live:
@@ -466,10 +477,10 @@ def _mixed_sources(sets: list[tuple[str | None, list[ShardTask]]], weights: list
 
 
 def _sets_in_turn(sets: list[tuple[str | None, list[ShardTask]]], rng: np.random.Generator,
-                  state: _WorkerState) -> Iterator[dict]:
+                  state: _WorkerState, memory: "MemoryClips | None" = None) -> Iterator[dict]:
     """Eval samples of several shard sets: every clip of each set once, tagged with its set."""
     for name, tasks in sets:
-        for sample in _read_shards(_task_source(tasks, False, rng, state), state):
+        for sample in _read_shards(_task_source(tasks, False, rng, state), state, memory):
             sample["__set__"] = name
             yield sample
 
@@ -489,42 +500,53 @@ def _task_source(tasks: list[ShardTask], train: bool, rng: np.random.Generator, 
             return
 
 
-def _read_shards(tasks: Iterable[ShardTask], state: _WorkerState) -> Iterator[dict]:
-    """Open each task's shard (gopen), group tar members into samples, keep ``k % mod == rem``."""
-    from webdataset.gopen import gopen
-
+def _read_shards(tasks: Iterable[ShardTask], state: _WorkerState, memory: "MemoryClips | None" = None) -> Iterator[dict]:
+    """Open each task's shard (gopen), group tar members into samples, keep ``k % mod == rem``. A shard held
+    in ``memory`` is replayed from there instead: the same samples (decoded frames in place of the mp4) and
+    the same skip records."""
     for task in tasks:
         url = task.shard.url
-        errors: list[str] = []
-
-        stream = None
+        held = memory.shards.get(url) if memory is not None else None
+        errors: list[str] = list(held.errors) if held is not None else []
         kept = 0
-        try:
-            stream = gopen(url, "rb")
-            for k, sample in enumerate(group_samples(tar_members(stream), errors.append)):
-                if k % task.mod == task.rem:
-                    sample["__shard__"] = url
-                    state.read += 1
-                    kept += 1
-                    yield sample
-        except Exception as exn:  # noqa: BLE001 - any failure of one shard must not end the stream
-            errors.append(f"{type(exn).__name__}: {str(exn)[:200]}")
-        finally:
-            if stream is not None:
-                try:
-                    stream.close()
-                except Exception as exn:  # noqa: BLE001 - e.g. a pipe's non-zero exit status
-                    errors.append(f"{type(exn).__name__}: {str(exn)[:200]}")
-        expected = task.expected
-        part = f"{task.rem}/{task.mod}"
-        if errors:
-            state.skip("shard", url, None, f"shard error: {errors[0]}")
-            if expected is not None and kept < expected:
-                state.skip("sample", url, None, f"lost in broken shard: {expected - kept} of {expected} samples",
-                           count=expected - kept, part=part)
-        elif expected is not None and kept < expected:  # a valid tar cut short, or an empty one
-            state.skip("sample", url, None, f"lost: the shard holds {kept} of its {expected} samples",
+        for k, sample in enumerate(held.samples if held is not None else _shard_samples(url, errors)):
+            if k % task.mod == task.rem:
+                sample = dict(sample, __shard__=url)
+                state.read += 1
+                kept += 1
+                yield sample
+        _account_shard(task, errors, kept, state)
+
+
+def _shard_samples(url: str, errors: list[str]) -> Iterator[dict]:
+    """The samples of one shard in order; a failure to open or read it ends them and lands in ``errors``."""
+    from webdataset.gopen import gopen
+
+    stream = None
+    try:
+        stream = gopen(url, "rb")
+        yield from group_samples(tar_members(stream), errors.append)
+    except Exception as exn:  # noqa: BLE001 - any failure of one shard must not end the stream
+        errors.append(f"{type(exn).__name__}: {str(exn)[:200]}")
+    finally:
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception as exn:  # noqa: BLE001 - e.g. a pipe's non-zero exit status
+                errors.append(f"{type(exn).__name__}: {str(exn)[:200]}")
+
+
+def _account_shard(task: ShardTask, errors: list[str], kept: int, state: _WorkerState) -> None:
+    """Skip records for a shard task read to its end: a broken shard, and the samples it did not deliver."""
+    url, expected, part = task.shard.url, task.expected, f"{task.rem}/{task.mod}"
+    if errors:
+        state.skip("shard", url, None, f"shard error: {errors[0]}")
+        if expected is not None and kept < expected:
+            state.skip("sample", url, None, f"lost in broken shard: {expected - kept} of {expected} samples",
                        count=expected - kept, part=part)
+    elif expected is not None and kept < expected:  # a valid tar cut short, or an empty one
+        state.skip("sample", url, None, f"lost: the shard holds {kept} of its {expected} samples",
+                   count=expected - kept, part=part)
 
 
 def _decode_stage(samples: Iterable[dict], cfg: StreamConfig, train: bool, rng: np.random.Generator,
@@ -589,15 +611,14 @@ def _decode_one(sample: dict, cfg: StreamConfig, train: bool, repeats: int, rng:
     if n_frames is not None and n_frames < 1:
         raise _SampleError(f"bad json: n_frames={n_frames}")
     meta["shard"] = sample.get("__shard__")
-    mp4 = sample["mp4"]
     if n_frames is None:  # shards not written by mgfm: decode everything once to learn the length
-        frames = _decode(mp4, None, cfg)
+        frames = _frames(sample, None, cfg)
         lookup = np.arange(len(frames))
         views = _sample_views(len(frames), cfg, train, rng, repeats)
     else:
         views = _sample_views(n_frames, cfg, train, rng, repeats)
         lookup = np.unique(np.concatenate(views))
-        frames = _decode(mp4, lookup, cfg)
+        frames = _frames(sample, lookup, cfg)
         if len(frames) != len(lookup):
             raise _SampleError(f"decode error: got {len(frames)} frames for {len(lookup)} indices")
     clip_id = str(meta.get("clip_id", key))
@@ -605,6 +626,17 @@ def _decode_one(sample: dict, cfg: StreamConfig, train: bool, repeats: int, rng:
         meta["set"] = sample["__set__"]
         clip_id = f"{sample['__set__']}/{clip_id}"
     return {"frames": frames, "lookup": lookup, "views": views, "label": label, "clip_id": clip_id, "meta": meta}
+
+
+def _frames(sample: dict, indices: np.ndarray | None, cfg: StreamConfig) -> np.ndarray:
+    """uint8 ``(len(indices), H, W, 3)`` frames of a sample (all of them when None): decoded from its mp4, or
+    taken from the frames a :class:`MemoryClips` decoded once (indices past the end clamp, as decord's do)."""
+    held = sample.get(_FRAMES)
+    if held is None:
+        return _decode(sample["mp4"], indices, cfg)
+    if isinstance(held, str):  # the memory cache could not decode it either
+        raise _SampleError(held)
+    return held if indices is None else held[np.minimum(indices, len(held) - 1)]
 
 
 def _decode(mp4: bytes, indices: np.ndarray | None, cfg: StreamConfig) -> np.ndarray:
@@ -714,6 +746,113 @@ def finish_batch(batch: dict, cfg: StreamConfig, own_pages: bool = False) -> dic
     return batch
 
 
+# ------------------------------------------------------------------------------------- memory cache
+
+
+@dataclass
+class HeldShard:
+    """One shard as :class:`MemoryClips` holds it: its samples in shard order (json kept, the mp4 replaced by
+    its decoded frames) and the read errors its tar gave."""
+
+    samples: list[dict]
+    errors: list[str]
+
+
+class MemoryClips:
+    """Every sample of some shards decoded once into RAM (``stream.cache=memory``): ``shards`` maps a shard URL
+    to its :class:`HeldShard`. The stream replays a held shard instead of reading and decoding it, so
+    shard order, rank and worker split, shuffling, temporal sampling, crops, flips, repeats and masks are
+    drawn exactly as when streaming (the same samples for the same seed), and so are the skip records of
+    bad samples and broken shards. Each process holds every shard of the split (train mode deals shards to
+    ranks anew each epoch); ``nbytes`` is what the frames take."""
+
+    def __init__(self, shards: dict[str, HeldShard]):
+        self.shards = shards
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s[_FRAMES].nbytes for held in self.shards.values() for s in held.samples
+                   if isinstance(s.get(_FRAMES), np.ndarray))
+
+    @property
+    def clips(self) -> int:
+        return sum(isinstance(s.get(_FRAMES), np.ndarray) for held in self.shards.values() for s in held.samples)
+
+    @classmethod
+    def load(cls, source, split: str, cfg: StreamConfig, progress: bool = True) -> "MemoryClips":
+        """Read and decode every sample of ``split`` of ``source`` (one set or a :class:`Mixture`) with
+        ``cfg.num_workers`` decoding threads. A split whose frames would take more than ``cfg.cache_max_gb``
+        is a one-line :class:`InputError` saying how much it needs, raised before anything is decoded where
+        the shards' json gives every clip's size."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm.auto import tqdm
+
+        refs = [r for _, refs in shard_sets(source, split, cfg.remote_commands) for r in refs]
+        shards: dict[str, HeldShard] = {}
+        todo: list[dict] = []
+        unknown = 0
+        need = 0
+        for ref in refs:
+            errors: list[str] = []
+            samples = [dict(s) for s in _shard_samples(ref.url, errors)]
+            shards[ref.url] = HeldShard(samples, errors)
+            for sample in samples:
+                size = _decoded_size(sample)
+                if size is None and "mp4" in sample:
+                    unknown += 1
+                need += size or 0
+                todo.append(sample)
+        budget = cfg.cache_max_gb * 2**30
+        where = f"stream.cache=memory: {source} ({split})"
+        if need > budget:
+            raise InputError(f"{where} needs {need / 2**30:.1f} GB for {len(todo)} clips, over stream.cache_max_gb="
+                             f"{cfg.cache_max_gb:g}; raise it or stream the set (stream.cache=none)")
+        todo = [s for s in todo if "mp4" in s and _json_or_none(s) is not None]
+        rank, _ = rank_world()
+        decoded = 0
+        with ThreadPoolExecutor(max(1, cfg.num_workers)) as pool, tqdm(
+                total=len(todo), desc=f"decode {split} into memory", unit="clip", leave=False,
+                disable=not progress or rank != 0) as bar:
+            for sample, frames in zip(todo, pool.map(partial(_decode_all, cfg=cfg), (s["mp4"] for s in todo))):
+                sample["mp4"] = b""  # the frames replace it (the missing-member check still sees the key)
+                sample[_FRAMES] = frames
+                decoded += frames.nbytes if isinstance(frames, np.ndarray) else 0
+                bar.update(1)
+                if decoded > budget:
+                    raise InputError(f"{where} needs more than stream.cache_max_gb={cfg.cache_max_gb:g} GB "
+                                     f"({decoded / 2**30:.1f} GB after {bar.n} of {len(todo)} clips); raise it "
+                                     f"or stream the set (stream.cache=none)")
+        memory = cls(shards)
+        log.info("%s: %d clips decoded into memory (%.2f GB)", where, memory.clips, memory.nbytes / 2**30)
+        return memory
+
+
+def _json_or_none(sample: dict) -> dict | None:
+    try:
+        meta = json.loads(sample["json"])
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _decoded_size(sample: dict) -> int | None:
+    """Bytes of a sample's decoded frames from its json (``n_frames`` x ``height`` x ``width`` x 3), or None."""
+    meta = _json_or_none(sample)
+    try:
+        return int(meta["n_frames"]) * int(meta["height"]) * int(meta["width"]) * 3
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def _decode_all(mp4: bytes, cfg: StreamConfig) -> np.ndarray | str:
+    """Every frame of ``mp4`` (uint8 ``(n, H, W, 3)``), or the stream's skip reason when it cannot be decoded."""
+    try:
+        return np.ascontiguousarray(_decode(mp4, None, cfg))
+    except _SampleError as err:
+        return str(err)
+
+
 # -------------------------------------------------------------------------------------------- loader
 
 
@@ -756,12 +895,15 @@ def pin_memory(cfg: StreamConfig) -> bool:
 
 
 def make_loader(source: str | Path | Sequence[str] | Mixture, split: str, cfg: StreamConfig, mode: str = "train",
-                epoch: int = 0, rank: int | None = None, world: int | None = None) -> tuple[StreamLoader, SkipCounter]:
+                epoch: int = 0, rank: int | None = None, world: int | None = None,
+                memory: MemoryClips | None = None) -> tuple[StreamLoader, SkipCounter]:
     """A batched DataLoader over the ``split`` shards of ``source`` (one shard set, or a :class:`Mixture` of
     several) and the counter of what it skips.
 
     ``rank``/``world`` default to :func:`mgfm.data.distributed.rank_world`. Create a new loader per
     epoch (``epoch`` reseeds shard order, shuffling, crops and masks). Do not ``accelerator.prepare`` it.
+    With ``cfg.cache="memory"`` the split is decoded once (:class:`MemoryClips`); pass the ``memory`` of an
+    earlier epoch to reuse it (DataLoader workers share it copy-on-write).
     """
     cfg.require_geometry()
     if rank is None or world is None:
@@ -775,7 +917,9 @@ def make_loader(source: str | Path | Sequence[str] | Mixture, split: str, cfg: S
             raise InputError(f"{source}: shard sizes unknown (no manifest); set batches_per_epoch for training")
         batches = max(1, sum(s.samples for s in shards) // (world * cfg.batch_size))
     weights = source.weights if isinstance(source, Mixture) else None
-    dataset = ClipStream(sets, cfg, mode, epoch, rank, world, batches, weights)
+    if memory is None and cfg.cache == "memory":
+        memory = MemoryClips.load(source, split, cfg)
+    dataset = ClipStream(sets, cfg, mode, epoch, rank, world, batches, weights, memory)
     counter = SkipCounter()
     counter.add(missing)
     for rec in missing[:cfg.log_skips] if rank == 0 else []:

@@ -25,12 +25,14 @@ from typing import Iterator
 import torch
 
 from mgfm.config import save_recipe
-from mgfm.data.stream import SkipCounter, make_loader
+from mgfm.data.stream import MemoryClips, SkipCounter, make_loader
 from mgfm.data.transforms import normalise
 from mgfm.errors import InputError
 from mgfm.files import FolderLock
 from mgfm.shards.read import Mixture
 from mgfm.model.contrastive import group_ids
+from mgfm.model.hf import config_from_hf, init_encoder_from_hf, read_hf_config, save_encoder_hf
+from mgfm.model.videomae import at_geometry, build_encoder, build_pretraining_model, param_groups
 from mgfm.train.engine import Engine, MicroResult, Schedule, find_checkpoint, train
 from mgfm.train.distributed import barrier, is_main_process, setup_logging
 from mgfm.train.recipe import PretrainRecipe
@@ -76,14 +78,16 @@ def stream_source(recipe: PretrainRecipe) -> str | Mixture:
     return Mixture(tuple(recipe.shards), None if recipe.shard_weights is None else tuple(recipe.shard_weights))
 
 
-def init_patch_embed(encoder, recipe: PretrainRecipe, patches_per_clip: int = 128) -> None:
+def init_patch_embed(encoder, recipe: PretrainRecipe, memory: MemoryClips | None = None,
+                     patches_per_clip: int = 128) -> None:
     """Start ``encoder``'s tubelet embedding from motion PCA of unlabelled train clips (rank 0's, broadcast)."""
     from mgfm.model.motion_init import frame_differences, init_patch_embed_from_motion
     from mgfm.model.videomae import patchify
 
     cfg = encoder.cfg
     stream = dataclasses.replace(recipe.clip_stream, masks=False, repeats=1)
-    loader, _ = make_loader(stream_source(recipe), recipe.split, stream, mode="train", epoch=999_999)  # not an epoch
+    loader, _ = make_loader(stream_source(recipe), recipe.split, stream, mode="train", epoch=999_999,  # not an epoch
+                            memory=memory)
     gen = torch.Generator().manual_seed(recipe.seed)
     diffs, clips = [], 0
     for batch in loader:
@@ -119,9 +123,6 @@ def run(recipe: PretrainRecipe) -> Path:
 
 
 def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
-    from mgfm.model.hf import config_from_hf, init_encoder_from_hf, read_hf_config, save_encoder_hf
-    from mgfm.model.videomae import at_geometry, build_encoder, build_pretraining_model, param_groups
-
     rank, world = engine.rank, engine.world
     ckpt_root = run_dir / "checkpoints"
     if is_main_process():
@@ -132,11 +133,14 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
         trained = config_from_hf(read_hf_config(recipe.init_from), recipe.init_from)
         recipe.model = at_geometry(trained, recipe.model, recipe.pos_embed, recipe.init_from)
     model = build_pretraining_model(recipe.model, recipe.loss)
+    memory = None
+    if recipe.clip_stream.cache == "memory":  # decoded once for every epoch of the run
+        memory = MemoryClips.load(stream_source(recipe), recipe.split, recipe.clip_stream, progress=is_main_process())
     if recipe.init_from:
         init_encoder_from_hf(model.encoder, recipe.init_from)
         log.info("encoder initialised from %s", recipe.init_from)
     elif recipe.patch_init == "motion_pca" and resume_from is None:  # a checkpoint holds the embedding
-        init_patch_embed(model.encoder, recipe)
+        init_patch_embed(model.encoder, recipe, memory)
     if recipe.freeze_patch_embed:
         model.encoder.patch_embed.requires_grad_(False)
 
@@ -155,7 +159,7 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
         return run_dir
 
     skips: list = []
-    batches = train_stream(recipe, schedule, step, skips)
+    batches = train_stream(recipe, schedule, step, skips, memory)
     audit = _audit_file(run_dir, rank) if recipe.audit_data else None
     start = time.time()
 
@@ -173,17 +177,22 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
             ("motion_map_loss", out.motion_map_loss)) if value is not None}
         return MicroResult(loss, terms, clips=video.shape[0])
 
+    snapshots = {epoch * schedule.steps_per_epoch: epoch for epoch in recipe.export_epochs}
+    if 0 in snapshots and step == 0:
+        export_encoder(engine, recipe, snapshot_folder(run_dir, 0))
+
+    def after_step(at_step: int, row: dict) -> None:
+        if at_step in snapshots:
+            export_encoder(engine, recipe, snapshot_folder(run_dir, snapshots[at_step]))
+
     every = recipe.checkpoint_every or schedule.steps_per_epoch
-    history = train(engine, batches, loss_fn, step, ckpt_root, run_dir, every, "pretrain")
+    history = train(engine, batches, loss_fn, step, ckpt_root, run_dir, every, "pretrain", after_step)
     batches.close()  # stops the last epoch's loader workers
     if audit is not None:
         audit.close()
 
-    state = engine.full_state_dict()  # fp32 master weights; collective
+    export_encoder(engine, recipe, run_dir / "encoder")
     if is_main_process():
-        encoder = build_encoder(recipe.model)  # a fresh fp32 copy: the trained module may be bf16 or partitioned
-        encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
-        save_encoder_hf(encoder, run_dir / "encoder")
         _plot_loss(history, run_dir / "loss.png")
         lost = SkipCounter.merged(skips)  # a clip lost in every epoch (or every resampled pass) counts once
         skipped = lost.samples
@@ -199,9 +208,25 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
     return run_dir
 
 
+def snapshot_folder(run_dir: Path, epoch: int) -> Path:
+    """Where the encoder after ``epoch`` epochs is exported (``export_epochs``): ``encoders/epoch_NNNNN``."""
+    return run_dir / "encoders" / f"epoch_{epoch:05d}"
+
+
+def export_encoder(engine: Engine, recipe: PretrainRecipe, folder: Path) -> None:
+    """Write the encoder's fp32 master weights to ``folder`` in Hugging Face format (collective: every rank
+    calls it; rank 0 writes)."""
+    state = engine.full_state_dict()
+    if is_main_process():
+        encoder = build_encoder(recipe.model)  # a fresh fp32 copy: the trained module may be bf16 or partitioned
+        encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
+        save_encoder_hf(encoder, folder)
+
+
 def train_batches_per_epoch(recipe: PretrainRecipe) -> int:
     """Micro-batches per rank and epoch (what the stream yields), at least one optimiser step's worth."""
-    loader, _ = make_loader(stream_source(recipe), recipe.split, recipe.clip_stream, mode="train", epoch=0)
+    stream = dataclasses.replace(recipe.clip_stream, cache="none")  # only its length: nothing is decoded
+    loader, _ = make_loader(stream_source(recipe), recipe.split, stream, mode="train", epoch=0)
     n = len(loader)
     if n // recipe.optim.grad_accum < 1:
         raise InputError(f"an epoch of {n} batches is shorter than optim.grad_accum={recipe.optim.grad_accum}; "
@@ -209,7 +234,8 @@ def train_batches_per_epoch(recipe: PretrainRecipe) -> int:
     return n
 
 
-def train_stream(recipe: PretrainRecipe, schedule: Schedule, start_step: int, skips: list) -> Iterator[dict]:
+def train_stream(recipe: PretrainRecipe, schedule: Schedule, start_step: int, skips: list,
+                 memory: MemoryClips | None = None) -> Iterator[dict]:
     """Train micro-batches from optimiser step ``start_step`` on, epoch after epoch; each epoch is a pass of
     the stream seeded by its number. A resumed epoch restarts its stream with a new seed offset: the data
     order differs from the lost run's, the step count and schedule do not. Each pass's skip counter is
@@ -218,7 +244,7 @@ def train_stream(recipe: PretrainRecipe, schedule: Schedule, start_step: int, sk
     epoch, done = divmod(start_step, schedule.steps_per_epoch)
     while True:
         loader, counter = make_loader(stream_source(recipe), recipe.split, recipe.clip_stream, mode="train",
-                                      epoch=epoch * 1000 + done)
+                                      epoch=epoch * 1000 + done, memory=memory)
         skips.append(counter)
         need, got = (schedule.steps_per_epoch - done) * recipe.optim.grad_accum, 0
         for batch in loader:

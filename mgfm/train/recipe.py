@@ -67,10 +67,16 @@ class PretrainRecipe:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of every epoch
     keep_checkpoints: int = 2
     seed: int = 0
+    # Epochs after which the encoder is also exported to runs/<name>/encoders/epoch_NNNNN/ (Hugging Face format,
+    # like encoder/), for learning curves; 0 = the initialisation.
+    export_epochs: list[int] = field(default_factory=list)
     # Write the clip ids each rank trained on to runs/<name>/data_audit/rank<R>.txt (to check data splits).
     audit_data: bool = False
 
     def __post_init__(self) -> None:
+        if any(e < 0 or e > self.optim.epochs for e in self.export_epochs):
+            raise InputError(f"export_epochs: expected epochs in [0, optim.epochs={self.optim.epochs}], "
+                             f"got {self.export_epochs}")
         for key in GEOMETRY:
             given = getattr(self.stream, key)
             if given is not None and given != getattr(self.model, key):
