@@ -389,3 +389,95 @@ def test_motion_map_term_trains_the_unmasked_pooled_feature_on_one_view_per_clip
     assert model.encoder.patch_embed.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="motion_map_grid"):
         LossConfig(motion_map_grid=0)
+
+
+# ------------------------------------------------------------------------------------- objectives
+
+
+def test_motion_target_is_clip_normalised_frame_differences_and_zero_where_nothing_moves():
+    from mgfm.model.videomae import motion_video
+
+    cfg = tiny()
+    v = video(cfg)
+    v[:, :, :, :, : cfg.patch] = 0.3  # the first column of patches never changes
+    model = build_pretraining_model(cfg, LossConfig(target="motion"))
+    enc, _ = masks(cfg)
+    loss, out = model(v, enc)
+    assert out.pred.shape == out.target.shape and out.target.shape[-1] == cfg.patch_dim
+    moving = motion_video(v)
+    diff = v[:, 1:] - v[:, :-1]
+    diff = torch.cat((diff, diff[:, -1:]), 1)  # the last frame repeats the last difference
+    torch.testing.assert_close(moving, diff / diff.std(dim=(1, 3, 4), keepdim=True))
+    assert moving.std(dim=(1, 3, 4)).sub(1).abs().max() < 0.2  # unit spread over each clip and channel
+    still = torch.tensor([i % cfg.grid.w == 0 for i in range(cfg.num_tokens)])
+    rows = still[out.target_index]  # (B, Nt): targets of tokens in the still column
+    assert rows.any() and out.target[rows].abs().max() == 0
+    assert out.target[~rows].abs().sum() > 0
+    # the motion target moves with a masked token's pixels only (the encoder never sees them)
+    loss.backward()
+    assert model.decoder.head.weight.grad.abs().sum() > 0
+
+
+def test_pixels_and_motion_target_is_both_side_by_side():
+    cfg = tiny()
+    enc, _ = masks(cfg)
+    v = video(cfg)
+    both = build_pretraining_model(cfg, LossConfig(target="pixels+motion"))
+    _, out = both(v, enc)
+    _, pixels = build_pretraining_model(cfg)(v, enc)
+    _, motion = build_pretraining_model(cfg, LossConfig(target="motion"))(v, enc)
+    assert out.target.shape[-1] == 2 * cfg.patch_dim == out.pred.shape[-1]
+    assert torch.equal(out.target, torch.cat((pixels.target, motion.target), -1))
+    with pytest.raises(ValueError, match="only with loss.target=pixels"):
+        LossConfig(target="motion", motion_weight=1.0)
+
+
+def test_feature_target_is_the_ema_teachers_normalised_features_of_the_whole_clip():
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = build_pretraining_model(cfg, LossConfig(target="features", variance_weight=1.0))
+    model.train()
+    assert not model.teacher.training and not any(p.requires_grad for p in model.teacher.parameters())
+    enc, _ = masks(cfg)
+    v = video(cfg)
+    loss, out = model(v, enc)
+    assert out.pred.shape == out.target.shape == (B, int(enc[0].sum()), cfg.dim)
+    full = model.teacher.forward_patches(model.encoder.patchify(v))  # the teacher sees every token
+    expected = torch.gather(F.layer_norm(full, full.shape[-1:]), 1, out.target_index[..., None].expand(-1, -1, cfg.dim))
+    torch.testing.assert_close(out.target, expected)
+    assert {"feature_std", "target_std", "variance_loss"} <= set(out.stats)
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert model.encoder.blocks[0].attn.qkv_weight.grad.abs().sum() > 0
+
+    # EMA: momentum 1 keeps the teacher, 0 copies the encoder, 0.5 averages
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in model.teacher.parameters()]
+    model.update_teacher(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.teacher.parameters()))
+    model.update_teacher(0.5)
+    for a, t, s in zip(before, model.teacher.parameters(), model.encoder.parameters()):
+        torch.testing.assert_close(t, (a + s) / 2)
+    model.update_teacher(0.0)
+    assert all(torch.equal(t, s) for t, s in zip(model.teacher.parameters(), model.encoder.parameters()))
+    # the momentum rises on a cosine from ema_momentum to ema_momentum_end
+    objective = LossConfig(target="features", ema_momentum=0.99, ema_momentum_end=1.0)
+    assert objective.momentum(0, 100) == pytest.approx(0.99) and objective.momentum(100, 100) == 1.0
+    assert objective.momentum(50, 100) == pytest.approx(0.995)
+
+
+def test_a_bf16_teacher_keeps_its_average_in_fp32():
+    cfg = tiny()
+    model = build_pretraining_model(cfg, LossConfig(target="features")).to(torch.bfloat16)
+    start = [p.float().clone() for p in model.teacher.parameters()]
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    for _ in range(100):  # each step moves 0.001 of the way: below bf16's resolution of weights near 1
+        model.update_teacher(0.999)
+    expected = [s + (1 - 0.999 ** 100) * 1.0 for s in start]
+    for got, want in zip(model.teacher.parameters(), expected):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, atol=0.02, rtol=0.01)

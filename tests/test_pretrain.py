@@ -318,3 +318,63 @@ def test_pretraining_on_a_weighted_mixture_of_shard_sets(tmp_path, tiny_shards):
     assert len(drawn) == 48 and 0.1 < sum(c.startswith(f"{tiny_shards.name}/") for c in drawn) / 48 < 0.45
     bad = _pretrain(["--recipe", str(recipe), f"shards=[{tiny_shards},{other}]", "shard_weights=[1]"])
     assert bad.returncode == 2 and "1 weights for 2 shard sets" in bad.stderr.strip().splitlines()[-1]
+
+
+def _teacher_and_encoder(checkpoint: Path) -> tuple[dict, dict]:
+    """The teacher's and the encoder's weights in a single-process checkpoint (Accelerate's model.safetensors)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(checkpoint / "model.safetensors"))
+    return ({k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")},
+            {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
+
+
+@pytest.mark.parametrize("target", ["motion", "pixels+motion", "features"])
+def test_each_objective_pretrains_from_memory_with_snapshots(tmp_path, tiny_shards, target):
+    recipe = _recipe(tmp_path, tiny_shards, model={**TINY_MODEL, "norm_pix_loss": True})
+    result = _pretrain(["--recipe", str(recipe), f"loss.target={target}", "stream.cache=memory",
+                        "export_epochs=[0,2]", "loss.ema_momentum=0.9", "loss.variance_weight=0.1"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    rows = _metrics(run)
+    assert len(rows) == 12 and all(math.isfinite(r["loss"]) and math.isfinite(r["feature_std"]) for r in rows)
+    assert "decoded into memory" in result.stderr
+    from transformers import VideoMAEModel
+
+    for epoch in (0, 2):  # snapshots load like the final encoder
+        assert VideoMAEModel.from_pretrained(run / "encoders" / f"epoch_{epoch:05d}").config.hidden_size == 32
+    if target != "features":
+        assert "target_std" not in rows[0] and "ema_momentum" not in rows[0]
+        return
+    assert all(r["target_std"] > 0 for r in rows)
+    momenta = [r["ema_momentum"] for r in rows]
+    assert momenta[0] == pytest.approx(0.9, abs=0.01) and momenta[-1] == 1.0 and momenta == sorted(momenta)
+    # the teacher followed the encoder: it left the initialisation and trails the trained weights
+    teacher, encoder = _teacher_and_encoder(sorted((run / "checkpoints").glob("step_*"))[-1])
+    from mgfm.model.hf import load_encoder_hf
+
+    start = load_encoder_hf(run / "encoders" / "epoch_00000")[0].state_dict()
+    key = "blocks.0.attn.qkv_weight"
+    assert not torch.equal(teacher[key], start[key]) and not torch.equal(teacher[key], encoder[key])
+    assert (teacher[key] - start[key]).abs().sum() < (encoder[key] - start[key]).abs().sum()
+
+
+@pytest.mark.slow
+def test_feature_target_under_deepspeed_zero2_bf16_two_cpu_ranks(tmp_path, tiny_shards):
+    recipe = _recipe(tmp_path, tiny_shards, mixed_precision="bf16", loss={"target": "features", "ema_momentum": 0.9},
+                     stream={"batch_size": 2, "num_workers": 0, "mask_ratio": 0.5, "cache": "memory"})
+    _launch(TWO_RANKS_ZERO2, recipe, "optim.epochs=6")
+    run = tmp_path / "runs" / "tiny"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["precision"] == "bf16" and summary["deepspeed"]
+    rows = _metrics(run)
+    assert len(rows) == 6 and all(math.isfinite(r["loss"]) and r["target_std"] > 0 for r in rows)
+    assert_fp32_master_export(run)
+    # the bf16 module state DeepSpeed saved holds the teacher, moved away from the encoder's start
+    states = torch.load(sorted((run / "checkpoints").glob("step_*"))[-1] / "pytorch_model" /
+                        "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    teacher = states["teacher.blocks.0.attn.qkv_weight"].float()
+    encoder = states["encoder.blocks.0.attn.qkv_weight"].float()
+    assert teacher.dtype == torch.float32 and not torch.equal(teacher, encoder)
+    _launch(TWO_RANKS_ZERO2, recipe, "optim.epochs=8")  # resumes with the teacher from the checkpoint
+    assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == 6

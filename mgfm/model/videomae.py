@@ -30,9 +30,12 @@ Training loop contract::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field, fields
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -188,15 +191,32 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """The pretraining objective beyond the masked-tubelet reconstruction (whose target is
-    ``ModelConfig.norm_pix_loss``): the weights of the extra terms, 0 = off. Pretraining only; nothing of it is
-    part of the exported encoder."""
+    """The pretraining objective: what the decoder predicts for the masked tokens (``target``) and the weights
+    of the extra terms, 0 = off. Pretraining only; nothing of it is part of the exported encoder.
 
+    ``target``:
+
+    * ``pixels``: the tokens' pixels, normalised per patch when ``ModelConfig.norm_pix_loss`` (VideoMAE);
+    * ``motion``: the tokens' frame-to-frame differences (frame ``f+1`` minus ``f``), normalised per channel
+      over the whole clip, not per patch, so still background stays exactly 0 and a moving limb stands out
+      (MAMP's masked motion prediction, for video);
+    * ``pixels+motion``: both, side by side (the decoder predicts twice the values);
+    * ``features``: an EMA teacher's features of the whole clip at the masked tokens, layer-normalised
+      (data2vec / V-JEPA); the teacher follows the encoder with ``ema_momentum`` rising to
+      ``ema_momentum_end`` on a cosine over the run.
+    """
+
+    target: Literal["pixels", "motion", "pixels+motion", "features"] = "pixels"
+    ema_momentum: float = 0.996
+    ema_momentum_end: float = 1.0
+    # A hinge max(0, 1 - std) on the batch standard deviation of each dimension of the encoder's pooled
+    # visible tokens (VICReg's variance term): keeps clips apart where a feature target could collapse.
+    variance_weight: float = 0.0
     # Clip contrast between the repeated views of each clip (mgfm.model.contrastive); 0 = pure VideoMAE.
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.1
-    # An extra MSE between the predicted and the target frame-to-frame differences inside each tubelet: it
-    # singles out what moves, which MG recognition needs.
+    # An extra MSE between the predicted and the target frame-to-frame differences inside each tubelet
+    # (target=pixels only): it singles out what moves, which MG recognition needs.
     motion_weight: float = 0.0
     # A linear head on the pooled features of the unmasked clip regresses where the clip moved
     # (mgfm.model.motion_map), on a motion_map_grid x motion_map_grid grid.
@@ -204,12 +224,28 @@ class LossConfig:
     motion_map_grid: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("contrastive_weight", "motion_weight", "motion_map_weight"):
+        for name in ("contrastive_weight", "motion_weight", "motion_map_weight", "variance_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name}: expected >= 0 (0 = off), got {getattr(self, name)}")
         if self.contrastive_temperature <= 0 or self.motion_map_grid <= 0:
             raise ValueError(f"loss.contrastive_temperature/motion_map_grid: expected > 0, got "
                              f"{self.contrastive_temperature}/{self.motion_map_grid}")
+        if not 0.0 <= self.ema_momentum <= self.ema_momentum_end <= 1.0:
+            raise ValueError(f"loss.ema_momentum/ema_momentum_end: expected 0 <= start <= end <= 1, got "
+                             f"{self.ema_momentum}/{self.ema_momentum_end}")
+        if self.motion_weight > 0 and self.target != "pixels":
+            raise ValueError(f"loss.motion_weight: an extra term on predicted pixels, only with loss.target=pixels "
+                             f"(got {self.target!r}; target=motion predicts the differences themselves)")
+
+    def target_dim(self, cfg: "ModelConfig") -> int:
+        """Values the decoder predicts per masked token."""
+        return {"pixels": cfg.patch_dim, "motion": cfg.patch_dim, "pixels+motion": 2 * cfg.patch_dim,
+                "features": cfg.dim}[self.target]
+
+    def momentum(self, step: int, total_steps: int) -> float:
+        """The teacher's EMA momentum after ``step`` of ``total_steps`` optimiser steps (cosine to the end value)."""
+        progress = min(1.0, step / max(1, total_steps))
+        return self.ema_momentum_end - (self.ema_momentum_end - self.ema_momentum) * (math.cos(math.pi * progress) + 1) / 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,6 +287,19 @@ def pixel_targets(patches: torch.Tensor, cfg: ModelConfig, eps: float = 1e-6) ->
         return (x * std_c + mean_c).reshape(b, n, p)
     var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=1)
     return ((x - mean) / (var.sqrt() + eps / std_c)).reshape(b, n, p)
+
+
+def motion_video(video: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The motion target of a clip: ``(B, T, C, H, W)`` -> ``(B, T, C, H, W)`` fp32 frame differences
+    ``x[f+1] - x[f]`` (the last frame repeats the last difference), divided by their standard deviation per
+    clip and channel over the whole clip. Normalising the whole clip at once (not each patch or each short
+    segment, MAMP's criticised choice) keeps still background at exactly 0 and the scale of motion comparable
+    over time; the input's per-channel affine normalisation cancels out."""
+    x = video.float()
+    diff = x[:, 1:] - x[:, :-1]
+    diff = torch.cat((diff, diff[:, -1:]), dim=1)
+    std = diff.std(dim=(1, 3, 4), keepdim=True)
+    return diff / (std + eps)
 
 
 def motion_loss(pred: torch.Tensor, target: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -524,9 +573,10 @@ class VideoEncoder(nn.Module):
 
 
 class PixelDecoder(nn.Module):
-    """Light transformer decoder: visible tokens + mask tokens -> pixels of the reconstructed tokens."""
+    """Light transformer decoder: visible tokens + mask tokens -> the target values of the reconstructed
+    tokens (``out_dim`` each: their pixels by default, see :meth:`LossConfig.target_dim`)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, out_dim: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder_to_decoder = nn.Linear(cfg.dim, cfg.decoder_dim, bias=False)
@@ -537,13 +587,13 @@ class PixelDecoder(nn.Module):
             for _ in range(cfg.decoder_depth)
         )
         self.norm = nn.LayerNorm(cfg.decoder_dim, eps=cfg.layer_norm_eps)
-        self.head = nn.Linear(cfg.decoder_dim, cfg.patch_dim)
+        self.head = nn.Linear(cfg.decoder_dim, out_dim or cfg.patch_dim)
         self.apply(init_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     def forward(self, tokens: torch.Tensor, visible: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Encoder tokens ``(B, Nv, D)`` at positions ``visible`` ``(B, Nv)``; predict the tokens at
-        ``target`` ``(B, Nt)`` -> pixels ``(B, Nt, P)``. The decoder attends over ``Nv + Nt`` tokens."""
+        ``target`` ``(B, Nt)`` -> values ``(B, Nt, out_dim)``. The decoder attends over ``Nv + Nt`` tokens."""
         x = self.encoder_to_decoder(tokens)
         b, n_t = target.shape
         x_vis = x + _gather_tokens(self.pos_embed, visible).to(x.dtype)
@@ -568,23 +618,74 @@ class PretrainOutput:
     reconstruction_loss: torch.Tensor | None = None
     contrastive_loss: torch.Tensor | None = None
     motion_map_loss: torch.Tensor | None = None
+    # scalars worth logging (detached): e.g. target_std / feature_std (the batch spread of the teacher's and
+    # the encoder's pooled features: a collapse shows there first), variance_loss
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MaskedVideoModel(nn.Module):
-    """Encoder + decoder + masked MSE loss (VideoMAE, optionally with VideoMAE-V2 decoder masking)."""
+    """Encoder + decoder + masked-token loss (VideoMAE, optionally with VideoMAE-V2 decoder masking); the
+    target is the loss config's (pixels, motion, both, or an EMA teacher's features)."""
 
     def __init__(self, cfg: ModelConfig, loss: LossConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.objective = loss = loss or LossConfig()
         self.encoder = VideoEncoder(cfg)
-        self.decoder = PixelDecoder(cfg)
+        self.decoder = PixelDecoder(cfg, loss.target_dim(cfg))
+        self.teacher = None
+        if loss.target == "features":
+            self.teacher = copy.deepcopy(self.encoder).requires_grad_(False)
+        self._teacher_fp32: list[torch.Tensor] | None = None  # EMA master copy where the teacher is not fp32
         self.contrast = None
         if loss.contrastive_weight > 0:
             self.contrast = ClipContrast(cfg.dim, temperature=loss.contrastive_temperature)
         self.motion_map = None
         if loss.motion_map_weight > 0:
             self.motion_map = MotionMapHead(cfg.dim, cfg.frames, cfg.tubelet, loss.motion_map_grid)
+
+    def train(self, mode: bool = True) -> "MaskedVideoModel":
+        super().train(mode)
+        if self.teacher is not None:  # the teacher computes targets: never drop path
+            self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def sync_teacher(self) -> None:
+        """Start the EMA teacher from the encoder's current weights (after any initialisation of them)."""
+        if self.teacher is not None:
+            self.teacher.load_state_dict(self.encoder.state_dict())
+            self._teacher_fp32 = None
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """``teacher = momentum * teacher + (1 - momentum) * encoder``, after each optimiser step. In bf16 (under
+        DeepSpeed) an update of 1 - 0.999 is below the weights' resolution, so the average is kept in an fp32
+        copy and the teacher gets its rounded value."""
+        if self.teacher is None:
+            return
+        teacher, student = list(self.teacher.parameters()), list(self.encoder.parameters())
+        if teacher[0].dtype != torch.float32 and self._teacher_fp32 is None:
+            self._teacher_fp32 = [t.detach().float().clone() for t in teacher]
+        masters = self._teacher_fp32 or teacher
+        for master, t, s in zip(masters, teacher, student):
+            master.lerp_(s.detach().to(master.dtype), 1.0 - momentum)
+            if master is not t:
+                t.copy_(master)
+
+    def targets(self, video: torch.Tensor, patches: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The loss config's target at token positions ``index`` ``(B, Nt)`` -> fp32 ``(B, Nt, target_dim)``."""
+        target = self.objective.target
+        parts = []
+        if target in ("pixels", "pixels+motion"):
+            parts.append(pixel_targets(_gather_tokens(patches, index), self.cfg))
+        if target in ("motion", "pixels+motion"):
+            moving = patchify(motion_video(video), self.cfg.tubelet, self.cfg.patch)
+            parts.append(_gather_tokens(moving, index))
+        if target == "features":
+            tokens = self.teacher.forward_patches(patches).float()  # the whole clip, no mask
+            parts.append(_gather_tokens(F.layer_norm(tokens, tokens.shape[-1:]), index))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def forward(self, video: torch.Tensor, encoder_mask: torch.Tensor,
                 decoder_mask: torch.Tensor | None = None,
@@ -600,10 +701,11 @@ class MaskedVideoModel(nn.Module):
                 contrastive term when ``loss.contrastive_weight > 0`` (see :mod:`mgfm.model.contrastive`).
 
         Returns:
-            ``(loss, out)``: scalar fp32 MSE over the ``Nt`` reconstructed tokens (all of their
-            ``P = C*tubelet*patch*patch`` values), plus ``motion_weight`` x :func:`motion_loss` and
-            ``contrastive_weight`` x the contrastive loss and ``motion_map_weight`` x the motion-map loss
-            (on one unmasked view per clip) when enabled, and a :class:`PretrainOutput`.
+            ``(loss, out)``: scalar fp32 MSE over the ``Nt`` reconstructed tokens (all of their target values,
+            :meth:`LossConfig.target_dim` each), plus ``motion_weight`` x :func:`motion_loss`,
+            ``contrastive_weight`` x the contrastive loss, ``motion_map_weight`` x the motion-map loss (on one
+            unmasked view per clip) and ``variance_weight`` x the variance hinge when enabled, and a
+            :class:`PretrainOutput`.
         """
         patches = self.encoder.patchify(video)
         visible, target_index = mask_indices(encoder_mask.to(patches.device),
@@ -611,24 +713,34 @@ class MaskedVideoModel(nn.Module):
         tokens = self.encoder.forward_patches(_gather_tokens(patches, visible), visible)
         pred = self.decoder(tokens, visible, target_index)
         with torch.no_grad():
-            target = pixel_targets(_gather_tokens(patches, target_index), self.cfg)
+            target = self.targets(video, patches, target_index)
         reconstruction = F.mse_loss(pred.float(), target)
         if self.objective.motion_weight > 0:
             reconstruction = reconstruction + self.objective.motion_weight * motion_loss(pred, target, self.cfg)
         loss, contrastive = reconstruction, None
+        stats: dict[str, torch.Tensor] = {}
+        pooled = tokens.float().mean(dim=1)  # (B, D): the encoder's visible tokens per clip
+        if len(pooled) > 1:
+            stats["feature_std"] = pooled.detach().std(dim=0).mean()
+            if self.objective.target == "features":
+                stats["target_std"] = target.mean(dim=1).std(dim=0).mean()
+        if self.objective.variance_weight > 0:
+            variance = F.relu(1.0 - torch.sqrt(pooled.var(dim=0) + 1e-4)).mean()
+            stats["variance_loss"] = variance.detach()
+            loss = loss + self.objective.variance_weight * variance
         if self.contrast is not None and group is not None:
             contrastive = self.contrast(tokens, group.to(tokens.device))
             loss = loss + self.objective.contrastive_weight * contrastive
         motion = None
         if self.motion_map is not None:
             rows = first_views(group) if group is not None else slice(None)
-            pooled = self.encoder.forward_patches(patches[rows]).mean(dim=1)
-            motion = self.motion_map(pooled, video[rows], self.cfg.pixel_mean, self.cfg.pixel_std)
+            clip_features = self.encoder.forward_patches(patches[rows]).mean(dim=1)
+            motion = self.motion_map(clip_features, video[rows], self.cfg.pixel_mean, self.cfg.pixel_std)
             loss = loss + self.objective.motion_map_weight * motion
         return loss, PretrainOutput(pred=pred, target=target, target_index=target_index, visible_index=visible,
                                     reconstruction_loss=reconstruction.detach(),
                                     contrastive_loss=None if contrastive is None else contrastive.detach(),
-                                    motion_map_loss=None if motion is None else motion.detach())
+                                    motion_map_loss=None if motion is None else motion.detach(), stats=stats)
 
     def features(self, video: torch.Tensor) -> torch.Tensor:
         """``(B, T, C, H, W)`` -> ``(B, D)``; see :meth:`VideoEncoder.features`."""
@@ -664,5 +776,5 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SIZES", "ModelConfig", "LossConfig", "VideoEncoder", "PixelDecoder",
     "MaskedVideoModel", "PretrainOutput", "build_encoder", "build_pretraining_model", "patchify",
-    "unpatchify", "pixel_targets", "sinusoid_table", "position_table", "at_geometry", "GeometryError", "mask_indices", "drop_path", "param_groups",
+    "unpatchify", "pixel_targets", "motion_video", "sinusoid_table", "position_table", "at_geometry", "GeometryError", "mask_indices", "drop_path", "param_groups",
 ]

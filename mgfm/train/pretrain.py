@@ -143,6 +143,7 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
         init_patch_embed(model.encoder, recipe, memory)
     if recipe.freeze_patch_embed:
         model.encoder.patch_embed.requires_grad_(False)
+    model.sync_teacher()  # a checkpoint, when resuming, brings the teacher's own weights
 
     batches_per_epoch = train_batches_per_epoch(recipe)
     global_batch = recipe.stream.batch_size * recipe.optim.grad_accum * world
@@ -174,14 +175,20 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
             audit.write("".join(f"{at_step} {clip_id}\n" for clip_id in batch["clip_id"]))
         terms = {name: value.item() for name, value in (
             ("reconstruction_loss", out.reconstruction_loss), ("contrastive_loss", out.contrastive_loss),
-            ("motion_map_loss", out.motion_map_loss)) if value is not None}
+            ("motion_map_loss", out.motion_map_loss), *out.stats.items()) if value is not None}
         return MicroResult(loss, terms, clips=video.shape[0])
 
     snapshots = {epoch * schedule.steps_per_epoch: epoch for epoch in recipe.export_epochs}
     if 0 in snapshots and step == 0:
         export_encoder(engine, recipe, snapshot_folder(run_dir, 0))
 
+    module = engine.accelerator.unwrap_model(engine.model)
+
     def after_step(at_step: int, row: dict) -> None:
+        if module.teacher is not None:
+            momentum = recipe.loss.momentum(at_step, schedule.total_steps)
+            module.update_teacher(momentum)
+            row["ema_momentum"] = momentum
         if at_step in snapshots:
             export_encoder(engine, recipe, snapshot_folder(run_dir, snapshots[at_step]))
 

@@ -1,0 +1,156 @@
+"""Learning curves: frozen probes of the encoder snapshots a pretraining run exported (``export_epochs``).
+
+For every ``runs/<name>/encoders/epoch_NNNNN`` (and the final ``encoder/``), each probe (linear and/or
+attentive, :mod:`mgfm.evaluate.probe_eval`) is fitted on each shard set's train split and scored on its test
+split, with the reference rows of the same geometry (a random encoder seeded like the run, raw pixels)
+measured once per set. Snapshots are probed as they land: rerunning probes only the new ones (each probe's
+report stays under ``<run>/curve/<epoch>/<probe>/<set>/`` and is reused; features are cached under
+``<run>/features``). Writes ``<run>/curve/report.json``, ``report.md`` and ``curve.png``.
+
+CLI: ``python -m mgfm.evaluate.curve runs/NAME [runs/OTHER ...] [--shards shards/utkinect,shards/florence3d]
+[--probes linear,attentive]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from pathlib import Path
+
+from mgfm.errors import InputError, MgfmError
+from mgfm.evaluate.probe_eval import PROBES, ProbeRecipe
+from mgfm.evaluate.probe_eval import run as run_probe
+from mgfm.evaluate.report import markdown_table, save_figure, write_report
+from mgfm.shards.read import set_name
+from mgfm.train.distributed import setup_logging
+
+log = logging.getLogger(__name__)
+SNAPSHOT = re.compile(r"^epoch_(\d+)$")
+REFERENCES = ("random init", "raw pixels")
+DEFAULT_SETS = ("shards/utkinect", "shards/florence3d")
+
+
+def snapshots(run_dir: Path) -> list[tuple[int, Path]]:
+    """``[(epoch, encoder folder)]`` of a run, oldest first: its exported snapshots, then the final encoder
+    (at the recipe's last epoch) when no snapshot of that epoch exists."""
+    found = []
+    folder = run_dir / "encoders"
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = SNAPSHOT.match(path.name)
+        if match and (path / "config.json").exists():
+            found.append((int(match.group(1)), path))
+    final = run_dir / "encoder"
+    recipe = run_dir / "recipe.yaml"
+    if (final / "config.json").exists() and recipe.exists():
+        import yaml
+
+        epochs = int(yaml.safe_load(recipe.read_text())["optim"]["epochs"])
+        if epochs not in {e for e, _ in found}:
+            found.append((epochs, final))
+    if not found:
+        raise InputError(f"{run_dir}: no encoder snapshots (encoders/epoch_NNNNN/ or encoder/); pretrain with "
+                         f"export_epochs=[...]")
+    return found
+
+
+def probe_snapshot(run_dir: Path, epoch: int, encoder: Path, shards: str, probe: str, seed: int) -> dict[str, float]:
+    """``{row: test top-1}`` of one probe of one snapshot on one shard set (the report is reused when there)."""
+    out = run_dir / "curve" / f"epoch_{epoch:05d}" / probe / set_name(shards)
+    report_file = out / "report.json"
+    if report_file.exists():
+        report = json.loads(report_file.read_text())
+        if report.get("encoder") == str(encoder):
+            return {row: report["results"][row]["probe"]["top1"] for row in report["results"]}
+    report = run_probe(ProbeRecipe(run=str(encoder), shards=shards, probe=probe, seed=seed, kmeans=False,
+                                   out=str(out), features_dir=str(run_dir / "features")))
+    return {row: report["results"][row]["probe"]["top1"] for row in report["results"]}
+
+
+def curve(run_dir: Path, sets: list[str], probes: list[str]) -> dict:
+    """Probe every snapshot of ``run_dir`` on every set with every probe; returns (and writes) the curve:
+    ``{"epochs": [...], "scores": {set: {probe: {"pretrained": [...], "random init": x, "raw pixels": x}}}}``."""
+    import yaml
+
+    recipe_file = run_dir / "recipe.yaml"
+    seed = int(yaml.safe_load(recipe_file.read_text()).get("seed", 0)) if recipe_file.exists() else 0
+    found = snapshots(run_dir)
+    scores: dict = {set_name(s): {p: {"pretrained": []} for p in probes} for s in sets}
+    for epoch, encoder in found:
+        for shards in sets:
+            for probe in probes:
+                rows = probe_snapshot(run_dir, epoch, encoder, shards, probe, seed)
+                entry = scores[set_name(shards)][probe]
+                entry["pretrained"].append(rows["pretrained"])
+                for ref in REFERENCES:
+                    entry.setdefault(ref, rows[ref])
+        log.info("%s epoch %d probed", run_dir.name, epoch)
+    result = {"run": str(run_dir), "epochs": [e for e, _ in found], "seed": seed, "scores": scores}
+    plot_curve(result, run_dir / "curve" / "curve.png")
+    write_report(run_dir / "curve", result, curve_markdown(result), f"Learning curve of {run_dir.name}")
+    return result
+
+
+def curve_markdown(result: dict) -> str:
+    """One table per probe: a row per set, a column per epoch, then the references."""
+    epochs = result["epochs"]
+    parts = []
+    for probe in next(iter(result["scores"].values())):
+        headers = ["set", *[f"epoch {e}" for e in epochs], *REFERENCES, "final - epoch 0"]
+        rows = []
+        for name, by_probe in result["scores"].items():
+            entry = by_probe[probe]
+            curve_ = entry["pretrained"]
+            rows.append([name, *[f"{100 * v:.1f}" for v in curve_], *[f"{100 * entry[r]:.1f}" for r in REFERENCES],
+                         f"{100 * (curve_[-1] - curve_[0]):+.1f}"])
+        parts.append(f"### {PROBES[probe]} (test top-1 %)\n\n" + markdown_table(headers, rows))
+    return f"Run `{result['run']}`, seed {result['seed']}.\n\n" + "\n\n".join(parts) + "\n\n![curve](curve.png)\n"
+
+
+def plot_curve(result: dict, path: Path) -> None:
+    """One panel per set: each probe's curve over epochs, its references as dashed lines."""
+    from matplotlib.figure import Figure
+
+    sets = list(result["scores"])
+    fig = Figure(figsize=(4.2 * len(sets), 3.3), dpi=110)
+    epochs = result["epochs"]
+    for i, name in enumerate(sets):
+        ax = fig.add_subplot(1, len(sets), i + 1)
+        for j, (probe, entry) in enumerate(result["scores"][name].items()):
+            colour = f"C{j}"
+            ax.plot(epochs, [100 * v for v in entry["pretrained"]], "o-", color=colour, label=f"{probe}")
+            for ref, style in zip(REFERENCES, (":", "--")):
+                ax.axhline(100 * entry[ref], color=colour, ls=style, lw=1, label=f"{probe}: {ref}")
+        ax.set_xscale("symlog", linthresh=50)
+        ax.set_title(name)
+        ax.set_xlabel("pretraining epoch")
+        ax.set_ylabel("test top-1 %")
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=6)
+    fig.suptitle(Path(result["run"]).name, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mgfm.evaluate.curve", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<name>)")
+    parser.add_argument("--shards", default=",".join(DEFAULT_SETS), help="comma-separated shard sets to probe on")
+    parser.add_argument("--probes", default="linear,attentive", help="linear and/or attentive")
+    args = parser.parse_args(argv)
+    setup_logging()
+    probes = [p.strip() for p in args.probes.split(",") if p.strip()]
+    if not probes or any(p not in PROBES for p in probes):
+        raise SystemExit(f"mgfm.evaluate.curve: error: --probes: expected linear and/or attentive, got {args.probes!r}")
+    sets = [s.strip() for s in args.shards.split(",") if s.strip()]
+    try:
+        for run_dir in args.runs:
+            result = curve(run_dir, sets, probes)
+            print(curve_markdown(result))
+    except MgfmError as err:
+        raise SystemExit(f"mgfm.evaluate.curve: error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()
