@@ -31,7 +31,7 @@ shards: setup
 	$(PY) -m mgfm.demo --data $(DATA) --shards $(SHARDS) --until shards
 
 pretrain: setup
-	$(VENV)/bin/accelerate launch --config_file recipes/accelerate/single_cpu.yaml pretrain.py shards=$(SHARDS) $(ARGS)
+	$(VENV)/bin/accelerate launch --quiet --config_file recipes/accelerate/single_cpu.yaml pretrain.py shards=$(SHARDS) $(ARGS)
 
 linear-probe: setup
 	$(PY) eval/linear_probe.py $(if $(RUN),run=$(RUN)) shards=$(SHARDS) $(ARGS)

@@ -591,9 +591,9 @@ def clean(value):
 
 def write_report(report: dict, path: Path) -> None:
     """Write the JSON atomically: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(clean(report), indent=1))
-    tmp.replace(path)
+    from mgfm.files import write_atomic  # mgfm is importable only once main() has set up the path and wheels
+
+    write_atomic(path, json.dumps(clean(report), indent=1))
 
 
 def summary_line(name: str, r: dict) -> str:

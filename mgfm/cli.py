@@ -8,9 +8,10 @@ exit code 2; any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 from mgfm.config import load_recipe
 from mgfm.errors import MgfmError
@@ -25,6 +26,27 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return MgfmError, FileNotFoundError
 
 
+@contextlib.contextmanager
+def one_line_errors(prog: str) -> Iterator[None]:
+    """Inside: a user error (:func:`user_errors`) or a full / read-only / forbidden disk ends the program with
+    one ``<prog>: error: ...`` line and exit code 2, Ctrl-C with one line saying a rerun resumes (exit code
+    130); any other exception keeps its traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:  # what was written is complete (atomic writes, checkpoints): a rerun resumes
+        sys.stderr.write(f"\n{prog}: interrupted; rerun the same command to resume\n")
+        raise SystemExit(130) from None
+    except user_errors() as err:
+        sys.stderr.write(f"{prog}: error: {err}\n")
+        raise SystemExit(2) from None
+    except OSError as err:  # a full disk or a read-only folder anywhere: the path and the cause, in one line
+        cause = storage_cause(err, err.filename)
+        if cause is None:
+            raise
+        sys.stderr.write(f"{prog}: error: cannot write {err.filename or '?'}: {cause}\n")
+        raise SystemExit(2) from None
+
+
 def run_cli(recipe_cls: type[T], action: Callable[[T], object], argv: list[str] | None, prog: str,
             description: str, default_recipe: Path | None = None):
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -33,15 +55,6 @@ def run_cli(recipe_cls: type[T], action: Callable[[T], object], argv: list[str] 
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections (e.g. probe.epochs=50)")
     args = parser.parse_args(argv)
     recipe_path = args.recipe or (default_recipe if default_recipe and default_recipe.exists() else None)
-    try:
+    with one_line_errors(prog):
         recipe = load_recipe(recipe_cls, recipe_path, args.overrides)
         return action(recipe)
-    except user_errors() as err:
-        sys.stderr.write(f"{prog}: error: {err}\n")
-        raise SystemExit(2) from None
-    except OSError as err:  # a full disk or a read-only folder anywhere: the path and the cause, in one line
-        cause = storage_cause(err)
-        if cause is None:
-            raise
-        sys.stderr.write(f"{prog}: error: cannot write {err.filename or '?'}: {cause}\n")
-        raise SystemExit(2) from None

@@ -2,13 +2,17 @@
 
 ``load_recipe(PretrainRecipe, "recipes/pretrain/x.yaml", ["optim.lr=1e-3", "model.size=S"])`` returns a
 fully typed recipe. Unknown keys are an error naming the key and its nearest valid spelling, so a typo
-never silently falls back to a default. ``recipe_to_dict`` gives the resolved recipe to save with a run.
+never silently falls back to a default. Every numeric field declares its valid range where it is defined
+(:func:`bounded`); a value outside it is a one-line :class:`RecipeError` naming the dotted key, the value and
+what is allowed, raised while the recipe loads, before any data is read or any folder is made.
+``recipe_to_dict`` gives the resolved recipe to save with a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+from dataclasses import dataclass
 import types
 import typing
 from pathlib import Path
@@ -17,13 +21,57 @@ from typing import Any, TypeVar
 import yaml
 
 from mgfm.errors import MgfmError
-from mgfm.files import TextFileError, read_text
+from mgfm.files import TextFileError, read_text, write_atomic
 
 T = TypeVar("T")
 
 
 class RecipeError(MgfmError, ValueError):
     """A recipe file or override that does not fit the recipe's fields."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The valid range of a numeric recipe field (each element of a list or tuple of numbers): ``ge`` / ``gt``
+    a lower bound (inclusive / exclusive), ``le`` / ``lt`` an upper one. None (an unset optional) is always
+    allowed."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, value: float) -> bool:
+        return not ((self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
+                    or (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt))
+
+    def __str__(self) -> str:
+        low = f"[{self.ge:g}" if self.ge is not None else f"({self.gt:g}" if self.gt is not None else None
+        high = f"{self.le:g}]" if self.le is not None else f"{self.lt:g})" if self.lt is not None else None
+        if low and high:
+            return f"a value in {low}, {high}"
+        if low:
+            return f"{'>=' if self.ge is not None else '>'} {low[1:]}"
+        return f"{'<=' if self.le is not None else '<'} {high[:-1]}"
+
+    def violations(self, value: Any) -> list:
+        """The numbers in ``value`` (a number, or a list / tuple of them) outside the range."""
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool) and v not in self]
+
+
+def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None, default_factory: Any = dataclasses.MISSING):
+    """A dataclass field with its valid range (see :class:`Bounds`), e.g. ``mask_ratio: float = bounded(0.9,
+    gt=0, lt=1)``; :func:`load_recipe` checks it."""
+    bounds = Bounds(ge, gt, le, lt)
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata={"bounds": bounds})
+    return dataclasses.field(default=default, metadata={"bounds": bounds})
+
+
+def field_bounds(f: dataclasses.Field) -> Bounds | None:
+    return f.metadata.get("bounds")
 
 
 def load_recipe(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
@@ -45,7 +93,7 @@ def load_recipe(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not sep or not key:
             raise RecipeError(f"override {item!r}: expected key=value")
         _set_dotted(data, key.strip(), yaml.safe_load(value) if value.strip() else "")
-    return _build(cls, data, where=str(path) if path else "recipe")
+    return _build(cls, data, where=str(path) if path else "recipe", prefix="")
 
 
 def recipe_to_dict(recipe: Any) -> dict:
@@ -61,10 +109,7 @@ def recipe_to_dict(recipe: Any) -> dict:
 
 
 def save_recipe(recipe: Any, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
@@ -78,29 +123,40 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, data: dict, where: str) -> Any:
+def _build(cls: type, data: dict, where: str, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise RecipeError(f"{where}: expected a section (mapping) for {cls.__name__}, got {data!r}")
+        raise RecipeError(f"{where}: {prefix.rstrip('.') or 'recipe'}: expected a section (mapping) for "
+                          f"{cls.__name__}, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
             near = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
-            hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(fields)}"
-            raise RecipeError(f"{where}: unknown key {key!r}{hint}")
-        kwargs[key] = _coerce(hints[key], value, f"{where}: {key}")
+            hint = f"; did you mean {prefix + near[0]!r}?" if near else f"; valid keys: {', '.join(fields)}"
+            raise RecipeError(f"{where}: unknown key {prefix + key!r}{hint}")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value or {}, where, f"{prefix}{key}.")
+            continue
+        kwargs[key] = _coerce(hints[key], value, f"{where}: {prefix}{key}")
+        bounds = field_bounds(fields[key])
+        if bounds is not None and bounds.violations(kwargs[key]):
+            raise RecipeError(f"{where}: {prefix}{key}={_show(kwargs[key])}: expected {bounds}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise RecipeError(f"{where}: {err}") from None
 
 
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value or {}, where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

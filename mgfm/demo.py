@@ -20,6 +20,7 @@ import logging
 import time
 from pathlib import Path
 
+from mgfm.cli import one_line_errors
 from mgfm.data.clip_index import format_summary
 from mgfm.train.distributed import setup_logging
 
@@ -38,6 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the pretraining recipe")
     args = parser.parse_args(argv)
     setup_logging()
+    with one_line_errors("mgfm.demo"):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    """The demo's stages up to ``args.until``."""
     last = STAGES.index(args.until)
     timings: dict[str, float] = {}
 

@@ -14,9 +14,11 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
+from typing import Iterator
 
 from mgfm.errors import MgfmError
 
@@ -57,29 +59,42 @@ class StorageError(MgfmError):
 
 _CAUSES = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
            errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
+# How libraries that do not raise OSError quote the errno: safetensors (Rust: "Os { code: 13, kind:
+# PermissionDenied, ... }" / "(os error 28)"), faiss and torch ("errno 30", "error code: 13").
+_ERRNO_TEXT = re.compile(r"(?:os error|errno|code:?)\s*(\d+)", re.IGNORECASE)
 
 
 def storage_cause(err: BaseException, path: str | Path | None = None) -> str | None:
     """Why a write failed, in words, when it is the machine's doing (see :class:`StorageError`); else None.
 
-    ``OSError`` carries an errno; torch's checkpoint writer and safetensors report a full disk as a plain
-    ``RuntimeError`` / ``SafetensorError`` (``basic_ios::clear: iostream error``), so for other errors the
-    free space where ``path`` lives is checked instead."""
-    if isinstance(err, OSError) and err.errno in _CAUSES:
-        return _CAUSES[err.errno]
-    if path is not None and not isinstance(err, OSError):
-        folder = Path(path)
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        try:
-            if shutil.disk_usage(folder).free < LOW_SPACE:
-                return "no space left on the device"
-        except OSError:
-            return None
+    The errno decides: an ``OSError``'s own, or the one a library quoted in its message (safetensors, torch,
+    faiss raise their own types). Without any errno (torch's checkpoint writer says only ``basic_ios::clear:
+    iostream error``) the folder that was written is asked what it is, most specific first: a read-only
+    mount, a folder this process may not write, then a full disk."""
+    code = err.errno if isinstance(err, OSError) else None
+    if code is None:
+        match = _ERRNO_TEXT.search(str(err))
+        code = int(match.group(1)) if match else None
+    if code is not None:
+        return _CAUSES.get(code)
+    if path is None:
+        return None
+    folder = Path(path)
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return _CAUSES[errno.EROFS]
+        if not os.access(folder, os.W_OK):
+            return _CAUSES[errno.EACCES]
+        if shutil.disk_usage(folder).free < LOW_SPACE:
+            return _CAUSES[errno.ENOSPC]
+    except OSError:
+        return None
     return None
 
 
-LOW_SPACE = 16 * 2**20  # bytes: below this a failed write is taken for a full disk
+LOW_SPACE = 16 * 2**20  # bytes: below this a failed write without an errno is taken for a full disk
 
 
 @contextlib.contextmanager
@@ -94,6 +109,35 @@ def writing(path: str | Path):
             raise
         where = getattr(err, "filename", None) or path
         raise StorageError(f"cannot write {where}: {cause}") from None
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """The one way mgfm writes a file: yields a temporary path beside ``path`` (same folder, so the rename is
+    atomic; ``suffix`` for writers that insist on an extension) for the block to write, then renames it onto
+    ``path``. A reader sees the old file or the new one, never half of one; when the block fails the temporary
+    file goes and ``path`` is untouched. A failure caused by the machine is a :class:`StorageError` naming
+    ``path`` and the cause."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` through :func:`atomic_path`; returns ``path``."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+    return Path(path)
 
 
 class FolderInUse(MgfmError):

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mgfm.errors import InputError, MgfmError
+from mgfm.cli import one_line_errors
+from mgfm.errors import InputError
 from mgfm.train.distributed import setup_logging
 
 log = logging.getLogger("mgfm.real_motion")
@@ -106,11 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the pretraining recipe")
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        table = run(args)
-    except MgfmError as err:
-        raise SystemExit(f"mgfm.real_motion: error: {err}") from None
-    print(table)
+    with one_line_errors("mgfm.real_motion"):
+        print(run(args))
 
 
 def run(args: argparse.Namespace) -> str:

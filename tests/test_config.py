@@ -44,7 +44,7 @@ def test_defaults_without_file():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("optim.lrr=1", "unknown key 'lrr'; did you mean 'lr'"),
+        ("optim.lrr=1", "unknown key 'optim.lrr'; did you mean 'optim.lr'"),
         ("nmae=x", "did you mean 'name'"),
         ("optim.warmup_epochs=1.5", "expected an integer"),
         ("flip=maybe", "expected true/false"),
@@ -62,7 +62,7 @@ def test_bad_overrides_are_one_clear_line(override, message):
 def test_typo_in_file_names_the_file(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("optim:\n  warmup_epoch: 2\n")
-    with pytest.raises(RecipeError, match=r"r.yaml: optim: unknown key 'warmup_epoch'; did you mean 'warmup_epochs'"):
+    with pytest.raises(RecipeError, match=r"r.yaml: unknown key 'optim.warmup_epoch'; did you mean 'optim.warmup_epochs'"):
         load_recipe(Recipe, path)
 
 
@@ -95,7 +95,7 @@ def test_a_bug_keeps_its_traceback_but_user_errors_are_one_line(tmp_path, capsys
     bad_csv = tmp_path / "clips.csv"
     bad_csv.write_text("path,label,subject,split\na.mp4,0,s1,holdout\n")
     for action, argv, expected in [
-        (lambda r: None, ["optim.lr=fast"], "prog: error: recipe: optim: lr: expected a number, got 'fast'"),
+        (lambda r: None, ["optim.lr=fast"], "prog: error: recipe: optim.lr: expected a number, got 'fast'"),
         (lambda r: read_csv_index(bad_csv), [], f"prog: error: {bad_csv}:2 field 'split': unknown split 'holdout'"),
         (lambda r: open(tmp_path / "missing.yaml").read(), [], "prog: error: [Errno 2] No such file or directory"),
     ]:
@@ -106,9 +106,9 @@ def test_a_bug_keeps_its_traceback_but_user_errors_are_one_line(tmp_path, capsys
         assert err.count("\n") == 1 and err.startswith(expected), err
 
 
-@pytest.mark.parametrize("override, message", [("optim.base_lr=0", "optim.base_lr: expected a positive lr, got 0"),
-                                               ("optim.min_lr=-1e-6", "optim.min_lr: expected a non-negative lr"),
-                                               ("optim.epochs=0", "optim.epochs and optim.grad_accum must be >= 1")])
+@pytest.mark.parametrize("override, message", [("optim.base_lr=0", "optim.base_lr=0: expected > 0"),
+                                               ("optim.min_lr=-1e-6", "optim.min_lr=-1e-06: expected >= 0"),
+                                               ("optim.epochs=0", "optim.epochs=0: expected >= 1")])
 def test_a_pretraining_schedule_that_cannot_run_is_one_line(override, message):
     """base_lr=0 used to reach the scheduler and die there with a ZeroDivisionError traceback."""
     from mgfm.errors import MgfmError

@@ -412,3 +412,130 @@ def test_fine_tuning_refuses_a_test_split_that_lost_clips(tmp_path, tiny_shards)
     allowed = _run([*args, "allow_missing=true"])
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     assert json.loads((tmp_path / "ft" / "report.json").read_text())["test_clips"] == 3
+
+
+# ------------------------------------------------------------------------------- 9. recipe values
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("stream.decoder_keep_ratio=1.5", "stream.decoder_keep_ratio=1.5: expected a value in (0, 1]"),
+    ("stream.mask_ratio=1.5", "stream.mask_ratio=1.5: expected a value in (0, 1)"),
+])
+def test_a_value_that_cannot_train_is_one_line_before_any_folder(tmp_path, tiny_shards, override, expected):
+    # decoder_keep_ratio=1.5 used to hang pretraining: every clip failed inside our mask code and was counted
+    # as a bad sample, so the run sat at step 0
+    result = _run(["pretrain.py", "--recipe", str(_tiny_recipe(tmp_path, tiny_shards)), override])
+    assert result.returncode == 2 and expected in _last_line(result)
+    assert result.stderr.strip().count("\n") == 0, result.stderr  # one line, no traceback
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script,override,expected", [
+    ("eval/finetune.py", "optim.label_smoothing=1.0", "optim.label_smoothing=1: expected a value in [0, 1)"),
+    ("eval/linear_probe.py", "linear.cv_folds=1", "linear.cv_folds=1: expected >= 2"),
+    ("eval/retrieval.py", "recall_target=1.5", "recall_target=1.5: expected a value in (0, 1]"),
+])
+def test_evaluators_check_their_values_before_any_folder(tmp_path, tiny_shards, script, override, expected):
+    run = tmp_path / "run"
+    tiny_encoder_folder(run / "encoder")
+    result = _run([script, f"run={run}", f"shards={tiny_shards}", override])
+    err = result.stderr.strip()
+    assert result.returncode == 2 and "\n" not in err and err.startswith(f"{script}: error: ") and err.endswith(expected), err
+    assert sorted(p.name for p in run.iterdir()) == ["encoder"]
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """A folder this process cannot write, and the cause the error must name: a 1 MB read-only tmpfs mount
+    where we may mount (root: permissions do not stop root), else a folder without write permission."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder, "permission denied"
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"running as root without the right to mount ({mounted.stderr.decode().strip()}): no folder "
+                    f"this process cannot write")
+    yield folder, "read-only file system"
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_features_folder_that_cannot_be_written_names_the_real_cause(tmp_path, tiny_shards, unwritable_folder):
+    # the small read-only mount has almost no free space: the cause must come from the errno, not from df
+    folder, cause = unwritable_folder
+    run = tmp_path / "run"
+    tiny_encoder_folder(run / "encoder")
+    result = _run(_probe_args(run, tiny_shards, f"features_dir={folder}"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = _last_line(result)
+    assert last.startswith(f"eval/linear_probe.py: error: cannot write {folder}/") and last.endswith(f": {cause}"), last
+    assert "Traceback" not in result.stderr
+
+
+def test_storage_causes_come_from_the_errno_a_library_quotes():
+    from safetensors import SafetensorError
+
+    from mgfm.files import storage_cause
+
+    quoted = SafetensorError('Error while serializing: IoError(Os { code: 13, kind: PermissionDenied, message: '
+                             '"Permission denied" })')
+    assert storage_cause(quoted, "/") == "permission denied"
+    assert storage_cause(RuntimeError("write failed (os error 28)")) == "no space left on the device"
+    assert storage_cause(OSError(errno.EROFS, "Read-only file system")) == "read-only file system"
+    assert storage_cause(OSError(errno.EIO, "I/O error"), "/") is None  # an errno we do not blame on the machine
+    assert storage_cause(RuntimeError("boom")) is None
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temp(tmp_path):
+    from mgfm.files import atomic_path, write_atomic
+
+    target = write_atomic(tmp_path / "report.json", "old")
+    with pytest.raises(ZeroDivisionError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            1 / 0
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+# ------------------------------------------------------------------------------- 10. what the stream reports
+
+
+def test_a_missing_shard_and_a_short_shard_are_reported_apart_and_sizes_are_checked(tmp_path, tiny_shards):
+    shards = _copy(tiny_shards, tmp_path)
+    train = _shard_files(shards, "train")
+    train[0].unlink()  # missing
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][1]["samples"] += 2  # lists more samples than the shard holds
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with open(train[1], "ab") as handle:  # and a size that differs from the manifest's
+        handle.write(bytes(1024))
+    result = _run(["pretrain.py", "--recipe", str(_tiny_recipe(tmp_path, shards)), "optim.epochs=2"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    reasons = json.loads((tmp_path / "runs" / "dup" / "summary.json").read_text())["skipped_by_reason"]
+    assert set(reasons) == {"missing shard", "fewer than the manifest lists"}, reasons
+    assert f"{train[1]} is" in result.stderr and "its manifest says" in result.stderr and "verify" in result.stderr
+
+
+def test_clips_shorter_than_the_clip_length_are_said_to_be_filled(tiny_shards, caplog):
+    from mgfm.data.stream import StreamConfig, make_loader
+
+    cfg = StreamConfig(frames=32, img_size=32, masks=False, num_workers=0, batch_size=4)  # tiny clips: 8-14 frames
+    loader, skips = make_loader(tiny_shards, "test", cfg, mode="eval", rank=0, world=1)
+    assert sum(len(b["clip_id"]) for b in loader) == 6 and skips.total == 0 and skips.padded == 6
+    assert "6 clips are shorter than 32 frames and were filled (stream.pad=stretch)" in caplog.text
+
+
+def test_ctrl_c_is_one_line_saying_a_rerun_resumes(capsys):
+    from mgfm.cli import run_cli
+    from mgfm.train.recipe import OptimConfig
+
+    def interrupted(recipe):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(OptimConfig, interrupted, [], "pretrain.py", "test")
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == "pretrain.py: interrupted; rerun the same command to resume"

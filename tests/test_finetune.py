@@ -57,9 +57,13 @@ def test_fraction_outside_0_1_is_rejected(fraction):
         stratified_subset(ids, labels, fraction)
 
 
-def test_subset_that_would_leave_a_class_empty_is_rejected():
-    with pytest.raises(SubsetError, match="class 'c' \\(id 2\\) has no labelled clip"):
-        stratified_subset(["x", "y", "z"], [0, 1, 1], 0.5, class_names=["a", "b", "c"])
+def test_classes_a_model_cannot_learn_are_all_named_and_only_they():
+    from mgfm.data.subset import missing_train_classes
+
+    names = ["a", "b", "c", "d"]
+    # b and d have test clips but no train clips; c has clips in neither split and is no one's concern
+    assert missing_train_classes([0, 0, 2 * 0], [0, 1, 3, -1], names) == "classes 1 ('b'), 3 ('d') have test clips but no train clips"
+    assert missing_train_classes([0, 1], [1, 0], names) is None
 
 
 # -------------------------------------------------------------------------------------- model, loss
@@ -339,9 +343,9 @@ def test_compare_grid_writes_a_summary(tmp_path, tiny_shards, tiny_encoder):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("label_fraction=0", "label_fraction: expected a fraction in (0, 1], got 0"),
-    ("label_fraction=1.5", "label_fraction: expected a fraction in (0, 1], got 1.5"),
-    ("optim.labl_smoothing=0.2", "unknown key 'labl_smoothing'; did you mean 'label_smoothing'?"),
+    ("label_fraction=0", "label_fraction=0: expected a value in (0, 1]"),
+    ("label_fraction=1.5", "label_fraction=1.5: expected a value in (0, 1]"),
+    ("optim.labl_smoothing=0.2", "unknown key 'optim.labl_smoothing'; did you mean 'optim.label_smoothing'?"),
     ("balance=oversample", "balance: expected one of ['none', 'sampler', 'logit_adjust']"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, tiny_shards, tiny_encoder, override, message):
@@ -362,7 +366,8 @@ def test_class_without_train_clips_is_one_line_error(tmp_path, tiny_index, tiny_
                  BuildConfig(short_side=32, shard_samples=3, crf=12), source={"format": "test"})
     result = _finetune(["--recipe", str(_recipe(tmp_path, shards, tiny_encoder))])
     assert result.returncode == 2
-    assert "class 'class_c' (id 2) has no labelled clip" in result.stderr.strip().splitlines()[-1]
+    assert "classes 2 ('class_c') have test clips but no train clips; fine-tuning cannot learn them" in \
+        result.stderr.strip().splitlines()[-1]
 
 
 def test_mid_run_resume_trains_on_as_the_uninterrupted_run(tmp_path, tiny_shards, tiny_encoder):

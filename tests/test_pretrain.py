@@ -127,7 +127,7 @@ def test_typo_in_override_is_one_line_error(tmp_path, tiny_shards):
     result = _pretrain(["--recipe", str(_recipe(tmp_path, tiny_shards)), "optim.base_rl=1e-3"])
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert "unknown key 'base_rl'" in last and "did you mean 'base_lr'" in last
+    assert "unknown key 'optim.base_rl'" in last and "did you mean 'optim.base_lr'" in last
 
 
 def test_missing_init_checkpoint_is_one_line_error(tmp_path, tiny_shards):

@@ -385,22 +385,19 @@ def test_loader_length_counts_batches_per_worker(tiny_shards):
     assert len(loader) == 2 == len(list(loader))  # one shard per worker, 3 clips -> batches of 3
 
 
-def test_unexpected_error_in_a_sample_is_counted_not_raised(tiny_shards, monkeypatch, caplog):
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_an_error_of_our_own_code_stops_the_stream_instead_of_counting_as_bad_data(tiny_shards, monkeypatch, workers):
     import mgfm.data.stream as stream_mod
 
-    real = stream_mod.crop_resize_planar
-    calls = {"n": 0}
+    def broken(*args):
+        raise TypeError("boom in our crop code")
 
-    def flaky(*args):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise TypeError("boom")
-        return real(*args)
-
-    monkeypatch.setattr(stream_mod, "crop_resize_planar", flaky)
-    keys, skips = eval_keys(tiny_shards, "test")
-    assert len(keys) == len(TEST_KEYS) - 1 and skips.samples == 1
-    assert skips.by_reason["unexpected error"] == 1 and "Traceback" in caplog.text
+    monkeypatch.setattr(stream_mod, "crop_resize_planar", broken)
+    cfg = small_cfg(batches_per_epoch=3, num_workers=workers)
+    loader, skips = make_loader(tiny_shards, "train", cfg, mode="train", rank=0, world=1)
+    with pytest.raises(TypeError, match="boom in our crop code"):  # through the workers too, with its traceback
+        list(loader)
+    assert skips.samples == 0
 
 
 def test_tar_reader_matches_tarfile_on_pax_gnu_and_truncated_tars():

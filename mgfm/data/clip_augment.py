@@ -22,6 +22,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from mgfm.config import bounded
+
 # ITU-R BT.601 luma weights (greyscale / saturation).
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -30,19 +32,13 @@ _LUMA = (0.299, 0.587, 0.114)
 class StrongAugConfig:
     """How strong FixMatch's strong view is (each a maximum; the amount is drawn per clip)."""
 
-    brightness: float = 0.4  # factor in [1 - b, 1 + b]
-    contrast: float = 0.4
-    saturation: float = 0.4
-    grey_prob: float = 0.2
-    temporal_shift: int = 2  # frames
-    cutout: float = 0.4  # side of the erased square as a fraction of S (0 = off)
+    brightness: float = bounded(0.4, ge=0, le=1)  # factor in [1 - b, 1 + b]
+    contrast: float = bounded(0.4, ge=0, le=1)
+    saturation: float = bounded(0.4, ge=0, le=1)
+    grey_prob: float = bounded(0.2, ge=0, le=1)
+    temporal_shift: int = bounded(2, ge=0)  # frames
+    cutout: float = bounded(0.4, ge=0, le=1)  # side of the erased square as a fraction of S (0 = off)
 
-    def __post_init__(self) -> None:
-        for name in ("brightness", "contrast", "saturation", "grey_prob", "cutout"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"semi.strong.{name}: expected a value in [0, 1], got {getattr(self, name)}")
-        if self.temporal_shift < 0:
-            raise ValueError(f"semi.strong.temporal_shift: expected >= 0, got {self.temporal_shift}")
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:

@@ -56,7 +56,7 @@ DataLoader takes batches from whichever worker is ready first (``in_order=False`
 
 Errors: a sample with a bad json, a missing member or an undecodable video is skipped; a shard that
 cannot be opened or is truncated is abandoned where it breaks. Both are counted, never crash, never
-sleep. Counts travel to the main process inside the batches (and a final marker item per worker that
+sleep. Any other exception is a bug in our code, not bad data: it stops the stream with its traceback. Counts travel to the main process inside the batches (and a final marker item per worker that
 the loader drops), land in the :class:`SkipCounter`, and are logged when an epoch ends.
 """
 
@@ -80,6 +80,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from mgfm.config import bounded
 from mgfm.data.distributed import Slot, rank_world, worker_info
 from mgfm.data.masking import MaskGenerator, TokenGrid
 from mgfm.errors import InputError
@@ -104,53 +105,49 @@ class StreamConfig:
     ``tubelet``, ``patch``) and normalisation belong to the model: recipes leave them unset and the runs fill
     them in from the model they train or evaluate (:meth:`with_model`)."""
 
-    frames: int | None = None  # frames per clip (T): the model's
+    frames: int | None = bounded(None, ge=1)  # frames per clip (T): the model's
     stride_policy: Literal["adaptive", "fixed", "uniform"] = "adaptive"
-    stride: int = 4  # fixed stride, or the largest stride the adaptive policy uses
+    stride: int = bounded(4, ge=1)  # fixed stride, or the largest stride the adaptive policy uses
     pad: Literal["stretch", "loop", "last"] = "stretch"  # how clips shorter than `frames` are filled
-    img_size: int | None = None  # output side S: the model's
-    crop_scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)  # train: multi-scale crop sizes (x short side)
-    max_distort: int = 1  # train: how many scale steps crop height and width may differ (aspect jitter)
+    img_size: int | None = bounded(None, ge=1)  # output side S: the model's
+    crop_scales: tuple[float, ...] = bounded((1.0, 0.875, 0.75, 0.66), gt=0, le=1)  # train: multi-scale crop sizes (x short side)
+    max_distort: int = bounded(1, ge=0)  # train: how many scale steps crop height and width may differ (aspect jitter)
     flip: bool = False  # train: random horizontal flip (see the module docstring)
-    eval_crop: float = 1.0  # eval: centre square of this fraction of the short side
-    eval_views: int = 1  # eval: temporal views per clip (features average them; see eval_view)
-    eval_view: int = 0  # eval: which of the eval_views windows this stream samples, spread evenly over the clip
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    eval_crop: float = bounded(1.0, gt=0, le=1)  # eval: centre square of this fraction of the short side
+    eval_views: int = bounded(1, ge=1)  # eval: temporal views per clip (features average them; see eval_view)
+    eval_view: int = bounded(0, ge=0)  # eval: which of the eval_views windows this stream samples, spread evenly over the clip
+    mean: tuple[float, float, float] = bounded(IMAGENET_MEAN, ge=0, le=1)
+    std: tuple[float, float, float] = bounded(IMAGENET_STD, gt=0)
     video_dtype: Literal["float32", "uint8"] = "float32"  # uint8: unnormalised, 4x less to move (see finish_batch)
     backend: Literal["decord", "pyav"] = "decord"
     fallback_backend: Literal["decord", "pyav"] | None = "pyav"
     masks: bool = True  # add encoder/decoder masks to batches
-    mask_ratio: float = 0.9
-    decoder_keep_ratio: float | None = None  # e.g. 0.5 for running-cell decoder masking
-    tubelet: int | None = None  # frames per token (masks): the model's
-    patch: int | None = None  # pixels per token side (masks): the model's
-    repeats: int = 1  # train: crops + masks per decoded clip (K)
-    batch_size: int = 8  # clips per batch (a batch has batch_size * K rows)
-    num_workers: int = 2  # DataLoader worker processes
-    batches_per_epoch: int | None = None  # train, per rank; None: samples / (world * batch_size)
-    shuffle_buffer: int = 256  # train: samples in the shuffle buffer
-    seed: int = 0
+    mask_ratio: float = bounded(0.9, gt=0, lt=1)
+    decoder_keep_ratio: float | None = bounded(None, gt=0, le=1)  # e.g. 0.5 for running-cell decoder masking
+    tubelet: int | None = bounded(None, ge=1)  # frames per token (masks): the model's
+    patch: int | None = bounded(None, ge=1)  # pixels per token side (masks): the model's
+    repeats: int = bounded(1, ge=1)  # train: crops + masks per decoded clip (K)
+    batch_size: int = bounded(8, ge=1)  # clips per batch (a batch has batch_size * K rows)
+    num_workers: int = bounded(2, ge=0)  # DataLoader worker processes
+    batches_per_epoch: int | None = bounded(None, ge=1)  # train, per rank; None: samples / (world * batch_size)
+    shuffle_buffer: int = bounded(256, ge=0)  # train: samples in the shuffle buffer
+    seed: int = bounded(0, ge=0)
     remote_commands: dict[str, str] = field(default_factory=lambda: {"s3": "aws s3 cp {url} -"})
-    prefetch_factor: int = 4  # batches each worker may have ready ahead (uint8 frames: ~5 MB each at defaults)
+    prefetch_factor: int = bounded(4, ge=1)  # batches each worker may have ready ahead (uint8 frames: ~5 MB each at defaults)
     pin_memory: bool | None = None  # None: page-locked batches when CUDA is there (asynchronous copies)
-    log_skips: int = 5  # per worker: skipped samples logged as warnings (the rest are counted only)
+    log_skips: int = bounded(5, ge=0)  # per worker: skipped samples logged as warnings (the rest are counted only)
     # "memory": decode every clip of the split once and keep its uint8 frames in RAM (small sets trained for
     # hundreds of epochs); crops, flips, repeats and masks are still drawn per sample, as when streaming.
     cache: Literal["none", "memory"] = "none"
-    cache_max_gb: float = 8.0  # budget of the memory cache per process; a set that needs more is an error
+    cache_max_gb: float = bounded(8.0, gt=0)  # budget of the memory cache per process; a set that needs more is an error
 
     def __post_init__(self) -> None:
         if self.masks and None not in (self.frames, self.img_size, self.tubelet, self.patch) and (
                 self.frames % self.tubelet or self.img_size % self.patch):
             raise ValueError(f"stream: frames {self.frames} / img_size {self.img_size} must be divisible by "
                              f"tubelet {self.tubelet} / patch {self.patch}")
-        if self.batch_size < 1 or self.repeats < 1 or self.num_workers < 0:
-            raise ValueError("stream: batch_size and repeats must be >= 1, num_workers >= 0")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError("stream: mean and std need 3 values (RGB)")
-        if not self.cache_max_gb > 0:
-            raise ValueError(f"stream.cache_max_gb: expected a positive size in GB, got {self.cache_max_gb}")
         if not 0 <= self.eval_view < self.eval_views:
             raise ValueError(f"stream: eval_view {self.eval_view} must be in [0, eval_views={self.eval_views})")
 
@@ -241,7 +238,8 @@ class SkipCounter:
     ``shard_errors`` (unopenable / truncated / missing shards), by reason, with the first records kept.
 
     Each lost clip counts once however often a resampling train stream meets it again (records are keyed by
-    shard and sample key, or by shard and part for losses without a key)."""
+    shard and sample key, or by shard and part for losses without a key). ``padded``: the clips that were
+    used although shorter than the clip length (filled by ``stream.pad``): not losses, but worth saying."""
 
     def __init__(self, keep: int = 1000):
         self.by_reason: collections.Counter = collections.Counter()
@@ -249,6 +247,11 @@ class SkipCounter:
         self.keep = keep
         self._samples: dict[tuple, int] = {}
         self._shards: set[str] = set()
+        self._padded: set[tuple] = set()
+
+    @property
+    def padded(self) -> int:
+        return len(self._padded)
 
     @property
     def samples(self) -> int:
@@ -265,6 +268,9 @@ class SkipCounter:
     def add(self, records: Iterable[dict]) -> None:
         for rec in records:
             count = int(rec.get("count", 1))
+            if rec["kind"] == "padded":
+                self._padded.add((rec["shard"], rec.get("key")))
+                continue
             if rec["kind"] == "shard":
                 if rec["shard"] in self._shards:
                     continue
@@ -284,6 +290,7 @@ class SkipCounter:
         out = cls()
         for counter in counters:
             out.add(counter.records)
+            out._padded |= counter._padded
         return out
 
     @classmethod
@@ -321,7 +328,7 @@ class SplitRead:
         return self.missing == 0
 
     def describe(self) -> str:
-        """``read 45 of 60 clips of test (15 lost: test-000001.tar: lost: the shard holds 0 of its 15 samples)``."""
+        """``read 45 of 60 clips of test (15 lost: test-000001.tar: missing shard: ...: 15 samples not read)``."""
         of = f" of {self.expected}" if self.expected is not None else ""
         text = f"read {self.read}{of} clips of {self.split}"
         if self.complete:
@@ -358,7 +365,6 @@ class _WorkerState:
         self.log_limit = log_limit
         self.read = 0  # raw samples read from shards
         self.failures_in_a_row = 0  # samples skipped since the last good one
-        self.unexpected = 0  # errors that are not a known kind of bad sample (logged with a traceback)
 
     def skip(self, kind: str, shard: str, key: str | None, reason: str, count: int = 1,
              part: str | None = None) -> None:
@@ -368,6 +374,10 @@ class _WorkerState:
         if self.logged < self.log_limit:
             log.warning("stream skip (%s) %s%s: %s", kind, shard, f" key {key}" if key else "", reason)
             self.logged += 1
+
+    def note_padded(self, shard: str, key: str | None) -> None:
+        """A clip shorter than the clip length, filled by ``stream.pad`` (reported, not skipped)."""
+        self.pending.append({"kind": "padded", "shard": shard, "key": key, "reason": "padded", "count": 0})
 
     def drain(self) -> list[dict]:
         out, self.pending = self.pending, []
@@ -545,7 +555,7 @@ def _account_shard(task: ShardTask, errors: list[str], kept: int, state: _Worker
             state.skip("sample", url, None, f"lost in broken shard: {expected - kept} of {expected} samples",
                        count=expected - kept, part=part)
     elif expected is not None and kept < expected:  # a valid tar cut short, or an empty one
-        state.skip("sample", url, None, f"lost: the shard holds {kept} of its {expected} samples",
+        state.skip("sample", url, None, f"fewer than the manifest lists: the shard holds {kept} of its {expected} samples",
                    count=expected - kept, part=part)
 
 
@@ -559,7 +569,7 @@ def _decode_stage(samples: Iterable[dict], cfg: StreamConfig, train: bool, rng: 
     repeats = cfg.repeats if train else 1
     for sample in samples:
         decoded = _guarded(state, sample.get("__key__"), sample.get("__shard__", "?"), _decode_one, sample, cfg,
-                           train, repeats, rng)
+                           train, repeats, rng, state)
         if decoded is not None:
             state.failures_in_a_row = 0
             yield decoded
@@ -571,17 +581,14 @@ def _decode_stage(samples: Iterable[dict], cfg: StreamConfig, train: bool, rng: 
 
 
 def _guarded(state: _WorkerState, key: str | None, shard: str, fn, *args):
-    """``fn(*args)``, or None after recording a skip: a sample must never end the stream. Errors that
-    are not a known kind of bad sample are also logged with a traceback (the first one per worker)."""
+    """``fn(*args)``, or None after recording a skip when the sample's data is bad (:class:`_SampleError`:
+    undecodable video, bad json, a missing member). Any other exception comes from our own code: it is a bug,
+    not bad data, and stops the stream with its traceback (counted as a skip it would hide the bug, and a
+    train stream whose every sample fails it would wait forever)."""
     try:
         return fn(*args)
     except _SampleError as err:
         state.skip("sample", shard, key, str(err))
-    except Exception as err:  # noqa: BLE001
-        if not state.unexpected:
-            log.exception("stream: unexpected error on sample %s of %s", key, shard)
-        state.unexpected += 1
-        state.skip("sample", shard, key, f"unexpected error: {type(err).__name__}: {str(err)[:200]}")
     return None
 
 
@@ -597,7 +604,8 @@ def _sample_views(n_frames: int, cfg: StreamConfig, train: bool, rng: np.random.
                            position) for _ in range(repeats)]
 
 
-def _decode_one(sample: dict, cfg: StreamConfig, train: bool, repeats: int, rng: np.random.Generator) -> dict:
+def _decode_one(sample: dict, cfg: StreamConfig, train: bool, repeats: int, rng: np.random.Generator,
+                state: _WorkerState) -> dict:
     key = sample.get("__key__")
     missing = [m for m in ("json", "mp4") if m not in sample]
     if missing:
@@ -621,6 +629,8 @@ def _decode_one(sample: dict, cfg: StreamConfig, train: bool, repeats: int, rng:
         frames = _frames(sample, lookup, cfg)
         if len(frames) != len(lookup):
             raise _SampleError(f"decode error: got {len(frames)} frames for {len(lookup)} indices")
+    if (n_frames or len(frames)) < cfg.frames:
+        state.note_padded(sample.get("__shard__", "?"), key)
     clip_id = str(meta.get("clip_id", key))
     if sample.get("__set__"):  # a mixture: clip ids of different sets must not collide
         meta["set"] = sample["__set__"]
@@ -876,6 +886,11 @@ class StreamLoader(DataLoader):
             log.warning("stream %s epoch %d rank %d: %s", ds.mode, ds.epoch, ds.rank, self.counter.summary())
         else:
             log.info("stream %s epoch %d rank %d: no samples skipped", ds.mode, ds.epoch, ds.rank)
+        if self.counter.padded:  # said as a warning once per run (train epoch 0) and per evaluation
+            cfg = ds.cfg
+            log.log(logging.WARNING if ds.mode == "eval" or ds.epoch == 0 else logging.INFO,
+                    "stream %s rank %d: %d clips are shorter than %d frames and were filled (stream.pad=%s)",
+                    ds.mode, ds.rank, self.counter.padded, cfg.frames, cfg.pad)
 
     def __len__(self) -> int:
         if self._expected is None:

@@ -43,8 +43,8 @@ def stratified_subset(clip_ids: Sequence[str], labels: Sequence[int], fraction: 
         labels: N class ids; ``-1`` (unlabelled) clips are never selected.
         fraction: in (0, 1]; per class ``max(1, round(fraction * n_c))`` clips are kept.
         seed: selects which clips (same seed + same clips -> same subset).
-        class_names: when given, every one of these classes must have at least one labelled clip,
-            else :class:`SubsetError` names the empty class (the subset would leave it empty).
+        class_names: when given, a label outside them is a :class:`SubsetError`. A class without labelled
+            clips stays without: check the split first (:func:`missing_train_classes`).
     """
     fraction = check_fraction(fraction)
     if len(clip_ids) != len(labels):
@@ -58,16 +58,11 @@ def stratified_subset(clip_ids: Sequence[str], labels: Sequence[int], fraction: 
     if not by_class:
         raise SubsetError("stratified_subset: no labelled clip to choose from")
     if class_names is not None:
-        empty = [c for c in range(len(class_names)) if c not in by_class]
-        if empty:
-            c = empty[0]
-            raise SubsetError(f"label_fraction: class {class_names[c]!r} (id {c}) has no labelled clip in the "
-                              f"split, so a labelled subset would leave it empty ({len(empty)} such classes)")
         unknown = sorted(c for c in by_class if c >= len(class_names))
         if unknown:
             raise SubsetError(f"stratified_subset: label {unknown[0]} is outside the {len(class_names)} classes")
     chosen: list[str] = []
-    for c, ids in by_class.items():
+    for c, ids in sorted(by_class.items()):
         ids = sorted(ids)
         order = np.random.default_rng([int(seed), c]).permutation(len(ids))
         keep = max(1, int(round(fraction * len(ids))))
@@ -75,4 +70,16 @@ def stratified_subset(clip_ids: Sequence[str], labels: Sequence[int], fraction: 
     return sorted(chosen)
 
 
-__all__ = ["SubsetError", "check_fraction", "stratified_subset"]
+def missing_train_classes(train_labels: Sequence[int], test_labels: Sequence[int],
+                          class_names: Sequence[str]) -> str | None:
+    """``"classes 2 ('class_c') have test clips but no train clips"`` when some classes of the test split have
+    no labelled train clip (a model cannot learn them; a class absent from both splits is no one's concern),
+    else None. Every such class is named (up to six)."""
+    absent = sorted(set(int(y) for y in test_labels if int(y) >= 0) - set(int(y) for y in train_labels))
+    if not absent:
+        return None
+    names = ", ".join(f"{k} ({class_names[k]!r})" for k in absent[:6]) + (", ..." if len(absent) > 6 else "")
+    return f"classes {names} have test clips but no train clips"
+
+
+__all__ = ["SubsetError", "check_fraction", "missing_train_classes", "stratified_subset"]

@@ -12,6 +12,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from mgfm.files import write_atomic
+
 BACKENDS = ("decord", "pyav")
 
 
@@ -61,10 +63,7 @@ class VideoWriter:
         self.container.close()
         data = self.data = self.buffer.getvalue()
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(self.path)
+            write_atomic(self.path, data)
         return data
 
     def __enter__(self) -> "VideoWriter":

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mgfm.config import bounded
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.evaluate.probe import channel_stats, choose_by_group_cv, labelled_train_split, subject_groups
 from mgfm.model.videomae import sinusoid_table
@@ -27,21 +28,19 @@ from mgfm.model.videomae import sinusoid_table
 
 @dataclass
 class AttentiveProbeConfig:
-    grid: list[int] = field(default_factory=lambda: [4, 4, 4])  # (t, h, w) the encoder's tokens are pooled to
-    heads: int = 4  # attention heads (reduced to a divisor of the token width)
-    steps: int = 300  # optimiser steps per fit, whatever the split's size
-    batch_size: int = 64
-    lr: float = 5e-3  # few steps on small splits: a high lr (1e-3 left a where-not-what toy half learnt)
-    weight_decay: float | None = None  # None = chosen by subject-grouped CV from wd_grid
-    wd_grid: list[float] = field(default_factory=lambda: [0.05, 0.5])
-    cv_folds: int = 3
-    seed: int = 0
+    grid: list[int] = bounded(default_factory=lambda: [4, 4, 4], ge=1)  # (t, h, w) the encoder's tokens are pooled to
+    heads: int = bounded(4, ge=1)  # attention heads (reduced to a divisor of the token width)
+    steps: int = bounded(300, ge=1)  # optimiser steps per fit, whatever the split's size
+    batch_size: int = bounded(64, ge=1)
+    lr: float = bounded(5e-3, gt=0)  # few steps on small splits: a high lr (1e-3 left a where-not-what toy half learnt)
+    weight_decay: float | None = bounded(None, ge=0)  # None = chosen by subject-grouped CV from wd_grid
+    wd_grid: list[float] = bounded(default_factory=lambda: [0.05, 0.5], ge=0)
+    cv_folds: int = bounded(3, ge=2)
+    seed: int = bounded(0, ge=0)
 
     def __post_init__(self) -> None:
-        if len(self.grid) != 3 or any(int(g) < 1 for g in self.grid):
-            raise FeatureError(f"attentive.grid: expected three positive token counts (t, h, w), got {self.grid}")
-        if self.steps < 1 or self.batch_size < 1 or self.heads < 1:
-            raise FeatureError("attentive.steps, attentive.batch_size and attentive.heads must be >= 1")
+        if len(self.grid) != 3:
+            raise FeatureError(f"attentive.grid: expected three token counts (t, h, w), got {self.grid}")
 
 
 class AttentivePooler(nn.Module):

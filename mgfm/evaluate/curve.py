@@ -19,7 +19,8 @@ import logging
 import re
 from pathlib import Path
 
-from mgfm.errors import InputError, MgfmError
+from mgfm.cli import one_line_errors
+from mgfm.errors import InputError
 from mgfm.evaluate.probe_eval import PROBES, ProbeRecipe
 from mgfm.evaluate.probe_eval import run as run_probe
 from mgfm.evaluate.report import markdown_table, save_figure, write_report
@@ -144,12 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     if not probes or any(p not in PROBES for p in probes):
         raise SystemExit(f"mgfm.evaluate.curve: error: --probes: expected linear and/or attentive, got {args.probes!r}")
     sets = [s.strip() for s in args.shards.split(",") if s.strip()]
-    try:
+    with one_line_errors("mgfm.evaluate.curve"):
         for run_dir in args.runs:
-            result = curve(run_dir, sets, probes)
-            print(curve_markdown(result))
-    except MgfmError as err:
-        raise SystemExit(f"mgfm.evaluate.curve: error: {err}") from None
+            print(curve_markdown(curve(run_dir, sets, probes)))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mgfm.config import bounded
 from mgfm.errors import MgfmError
 from mgfm.evaluate.featureset import FeatureSet
 from mgfm.evaluate.probe import LinearProbe, ProbeConfig, train_probe
@@ -119,12 +120,12 @@ def fit_vector_head(x: np.ndarray, y: np.ndarray, groups: Sequence[str], cfg: Pr
 class SequenceHeadConfig:
     """The BiLSTM emotion head and how it is trained (full batch, AdamW, class-balanced BCE)."""
 
-    hidden: int = 64  # input projection width = 2 x LSTM state width
-    dropout: float = 0.3  # on the input features and the pooled state
-    clip_dropout: float = 0.2  # each epoch, each training clip is dropped with this probability (order kept)
-    epochs: int = 150
-    lr: float = 3e-3
-    weight_decay: float = 1e-2
+    hidden: int = bounded(64, ge=2)  # input projection width = 2 x LSTM state width
+    dropout: float = bounded(0.3, ge=0, lt=1)  # on the input features and the pooled state
+    clip_dropout: float = bounded(0.2, ge=0, lt=1)  # each epoch, each training clip is dropped with this probability (order kept)
+    epochs: int = bounded(150, ge=1)
+    lr: float = bounded(3e-3, gt=0)
+    weight_decay: float = bounded(1e-2, ge=0)
 
 
 class SequenceHead(nn.Module):

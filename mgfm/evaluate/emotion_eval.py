@@ -41,6 +41,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from mgfm.config import bounded
 from mgfm.evaluate.emotion import (EMOTION_NAMES, EmotionError, SequenceHeadConfig, VideoSequence, binary_metrics,
                                    build_sequences, concat_features, fit_sequence_head, fit_vector_head,
                                    majority_probability, mg_probabilities, one_hot_labels, require_both_emotions)
@@ -64,13 +65,13 @@ class EmotionRecipe(EncoderEvalRecipe):
     probe_split: str = "train"  # the recognition-train shard split the MG probe learns from
     train_emotion: str = "train"  # emotion split names (manifest emotion_splits, else the clip split)
     test_emotion: str = "test"
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    seeds: list[int] = bounded(default_factory=lambda: [0, 1, 2, 3, 4], ge=0)
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # the MG probe (route c)
-    probe_folds: int = 5
+    probe_folds: int = bounded(5, ge=2)
     head: SequenceHeadConfig = field(default_factory=SequenceHeadConfig)  # the BiLSTM heads
     logistic: ProbeConfig = field(default_factory=lambda: ProbeConfig(c_grid=[1e-3, 1e-2, 1e-1, 1.0, 10.0]))
     oracle: bool = True  # add the true-MG-label rows (upper bound)
-    explain_videos: int = 2  # test videos whose most relied-on micro-gestures go into the report
+    explain_videos: int = bounded(2, ge=0)  # test videos whose most relied-on micro-gestures go into the report
     allow_missing_videos: bool = False
 
 

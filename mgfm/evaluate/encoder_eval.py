@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from mgfm.config import bounded
 from mgfm.data.distributed import is_main_process
 from mgfm.data.stream import StreamConfig
 from mgfm.devices import join_process_group, local_device
@@ -36,16 +37,16 @@ class EncoderEvalRecipe:
     runs_dir: str = "runs"
     shards: str = "shards/synthetic"
     out: str | None = None  # default: a folder under the run, named after the evaluation and the shards
-    views: int = 1  # temporal views averaged per clip
-    batch_size: int = 32
-    num_workers: int = 2
+    views: int = bounded(1, ge=1)  # temporal views averaged per clip
+    batch_size: int = bounded(32, ge=1)
+    num_workers: int = bounded(2, ge=0)
     references: bool = True  # add random-init and raw-pixel rows
     device: str = "auto"  # encoder device: auto (this process's GPU when CUDA is there) | cpu | cuda | cuda:N
     features_dir: str | None = None  # feature cache folder; default <run>/features
     # Evaluate although the shards delivered fewer clips than their manifest lists (the report then says so
     # first); by default a missing clip of a scored split is an error.
     allow_missing: bool = False
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
 
 
 def newest_run(runs_dir: str | Path) -> Path:

@@ -31,7 +31,6 @@ from mgfm.data.transforms import normalise
 from mgfm.devices import autocast, feature_precision
 from mgfm.errors import InputError
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
-from mgfm.files import writing
 from mgfm.shards.read import resolve_shards, set_name
 
 log = logging.getLogger(__name__)
@@ -240,6 +239,5 @@ def split_features(encoder_folder: str | Path | None, shards: str | Path, split:
         if result.read.get("missing"):  # an incomplete set is never cached: the next run reads the shards again
             log.info("features %s %s: not cached (incomplete)", Path(str(shards)).name, split)
         else:
-            with writing(stem.parent):
-                result.save(stem)
+            result.save(stem)
     return result

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mgfm.errors import MgfmError
+from mgfm.files import atomic_path, write_atomic
 
 
 class FeatureError(MgfmError, ValueError):
@@ -88,14 +89,10 @@ class FeatureSet:
         from safetensors.numpy import save_file
 
         stem = Path(stem)
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        tensor_tmp = stem.with_name(stem.name + ".safetensors.tmp")
-        save_file({"features": self.features}, str(tensor_tmp))
-        tensor_tmp.replace(stem.with_name(stem.name + ".safetensors"))
-        json_tmp = stem.with_name(stem.name + ".json.tmp")
-        json_tmp.write_text(json.dumps({"key": self.key, "read": self.read, "rows": self.rows,
-                                        "token_dim": self.token_dim}))
-        json_tmp.replace(stem.with_name(stem.name + ".json"))
+        with atomic_path(stem.with_name(stem.name + ".safetensors")) as tmp:
+            save_file({"features": self.features}, str(tmp))
+        write_atomic(stem.with_name(stem.name + ".json"), json.dumps(
+            {"key": self.key, "read": self.read, "rows": self.rows, "token_dim": self.token_dim}))
 
     @classmethod
     def load(cls, stem: str | Path) -> "FeatureSet":

@@ -15,17 +15,18 @@ from typing import Callable
 
 import numpy as np
 
+from mgfm.config import bounded
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 
 
 @dataclass
 class ProbeConfig:
-    C: float | None = None  # inverse L2 strength; None = chosen by subject-grouped CV from c_grid
-    c_grid: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0])
-    cv_folds: int = 3
+    C: float | None = bounded(None, gt=0)  # inverse L2 strength; None = chosen by subject-grouped CV from c_grid
+    c_grid: list[float] = bounded(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0], gt=0)
+    cv_folds: int = bounded(3, ge=2)
     # "none" | "balanced": loss weighted by inverse class frequency (long-tailed data)
     class_weighting: str = "none"
-    max_iter: int = 300
+    max_iter: int = bounded(300, ge=1)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mgfm.data.distributed import is_main_process
+from mgfm.data.subset import missing_train_classes
 from mgfm.evaluate.cluster import kmeans_scores
 from mgfm.errors import InputError
 from mgfm.evaluate.attentive import AttentiveProbeConfig, train_attentive_probe
@@ -73,11 +74,10 @@ def probe_scores(train: FeatureSet, test: FeatureSet, class_names: list[str], ex
         probe = train_probe(train, len(class_names), cfg)
         fitted = {"C": probe.C}
     test = test.labelled().require("probe test split", train.dim)
-    absent = sorted(set(test.labels.tolist()) - set(train.labelled().labels.tolist()))
-    if absent:
-        names = ", ".join(f"{k} ({class_names[k]!r})" for k in absent[:6]) + (", ..." if len(absent) > 6 else "")
+    missing = missing_train_classes(train.labelled().labels.tolist(), test.labels.tolist(), class_names)
+    if missing:
         lost = f"; {train.read['describe']}" if train.read.get("missing") else ""
-        message = (f"classes {names} have test clips but no train clips{lost}; the probe cannot learn them")
+        message = f"{missing}{lost}; the probe cannot learn them"
         if not allow_missing:
             raise FeatureError(message + " (restore the train shards, or set allow_missing=true)")
         log.warning("%s (allow_missing=true: scored as never predicted)", message)

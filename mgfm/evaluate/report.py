@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mgfm.files import atomic_path, write_atomic
+
 
 def jsonable(value: Any) -> Any:
     """``value`` with numpy scalars/arrays, paths and tuples turned into JSON types; NaN/inf -> None."""
@@ -28,21 +30,15 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_report(out_dir: str | Path, report: dict, markdown: str, title: str) -> tuple[Path, Path]:
     """Write ``out_dir/report.json`` (``report`` plus ``"title"``) and ``out_dir/report.md`` (``# title``
     then ``markdown``), each atomically, JSON last. Returns ``(json_path, md_path)``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md_path, json_path = out / "report.md", out / "report.json"
-    _write_atomic(md_path, f"# {title}\n\n{markdown.rstrip()}\n")
+    write_atomic(md_path, f"# {title}\n\n{markdown.rstrip()}\n")
     payload = {"title": title, **jsonable(report)}
-    _write_atomic(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    write_atomic(json_path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
     return json_path, md_path
 
 
@@ -86,9 +82,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], floatfmt
 
 def save_figure(fig, path: str | Path) -> Path:
     """Write a matplotlib figure as PNG atomically (temp file + rename); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
-    return path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)

@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from mgfm.evaluate.featureset import FeatureError
+from mgfm.files import atomic_path, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -404,21 +405,17 @@ class RetrievalIndex:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / META_FILE).unlink(missing_ok=True)  # an old JSON must not vouch for a half-replaced index
-        tmp = folder / (INDEX_FILE + ".tmp")
-        faiss.write_index(self.cpu_index, str(tmp))
-        tmp.replace(folder / INDEX_FILE)
+        with atomic_path(folder / INDEX_FILE) as tmp:
+            faiss.write_index(self.cpu_index, str(tmp))
         if self.exact is not None:  # ivfpq: the re-ranking vectors, written in chunks
-            tmp = folder / (VECTORS_FILE + ".tmp.npy")
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=self.exact.shape)
-            for lo in range(0, len(out), CHUNK_ROWS):
-                out[lo:lo + CHUNK_ROWS] = self.exact[lo:lo + CHUNK_ROWS]
-            out.flush()
-            del out
-            tmp.replace(folder / VECTORS_FILE)
+            with atomic_path(folder / VECTORS_FILE, suffix=".npy") as tmp:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=self.exact.shape)
+                for lo in range(0, len(out), CHUNK_ROWS):
+                    out[lo:lo + CHUNK_ROWS] = self.exact[lo:lo + CHUNK_ROWS]
+                out.flush()
+                del out
         meta = {"kind": self.kind, "params": self.params, "dim": self.dim, "ntotal": self.ntotal, "rows": self.rows}
-        tmp = folder / (META_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta))
-        tmp.replace(folder / META_FILE)
+        write_atomic(folder / META_FILE, json.dumps(meta))
         return folder
 
     @classmethod

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from mgfm.config import bounded
 from mgfm.data.sampling import sample_indices
 from mgfm.data.stream import StreamConfig
 from mgfm.data.transforms import centre_crop_box, crop_resize, normalise_into
@@ -38,6 +39,7 @@ from mgfm.evaluate.encoder_eval import (EncoderEvalRecipe, eval_device, features
 from mgfm.evaluate.features import cache_key, cache_stem, split_features
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.evaluate.report import format_table, markdown_table, save_figure
+from mgfm.files import write_atomic
 from mgfm.shards.read import read_samples, resolve_shards
 from mgfm.evaluate.retrieval import CHOICES, RetrievalIndex, retrieval_metrics
 
@@ -62,22 +64,22 @@ class RetrievalRecipe(EncoderEvalRecipe):
     index: str = "auto"
     # The neighbour R@10 the search knob (nprobe / ef_search / rerank) is calibrated to (None: keep the given
     # knobs); the report records the recall / speed frontier it chose from.
-    recall_target: float | None = 0.99
-    index_memory_gb: float | None = None  # RAM an index may take; default half of what is available
-    nlist: int | None = None  # ivf / ivfpq lists (default ~4 sqrt(N))
-    nprobe: int | None = None  # ivf lists searched (default nlist/16, at least 8; tuned with recall_target)
-    hnsw_m: int = 32
-    ef_search: int = 128  # tuned with recall_target
+    recall_target: float | None = bounded(0.99, gt=0, le=1)
+    index_memory_gb: float | None = bounded(None, gt=0)  # RAM an index may take; default half of what is available
+    nlist: int | None = bounded(None, ge=1)  # ivf / ivfpq lists (default ~4 sqrt(N))
+    nprobe: int | None = bounded(None, ge=1)  # ivf lists searched (default nlist/16, at least 8; tuned with recall_target)
+    hnsw_m: int = bounded(32, ge=2)
+    ef_search: int = bounded(128, ge=1)  # tuned with recall_target
     use_gpu: bool | str = "auto"  # faiss index on a GPU: auto | true | false
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
-    selfcheck: int = 8  # queries searched on the built and on the reloaded index (must agree)
+    ks: list[int] = bounded(default_factory=lambda: [1, 5, 10], ge=1)
+    selfcheck: int = bounded(8, ge=0)  # queries searched on the built and on the reloaded index (must agree)
     index_dir: str | None = None  # where the index is saved / read; default <out>/index (rebuilt when stale)
     query: str | None = None  # a video file: search the index with it instead of evaluating
-    query_start: int = 0  # first frame of the query span
-    query_end: int = -1  # last frame (inclusive) of the query span; -1 = end of the video
-    k: int = 5  # neighbours shown for a query
+    query_start: int = bounded(0, ge=0)  # first frame of the query span
+    query_end: int = bounded(-1, ge=-1)  # last frame (inclusive) of the query span; -1 = end of the video
+    k: int = bounded(5, ge=1)  # neighbours shown for a query
     montage: str | None = None  # PNG with the query's and the neighbours' frames
-    montage_frames: int = 4  # frames per clip in the montage
+    montage_frames: int = bounded(4, ge=1)  # frames per clip in the montage
 
     def __post_init__(self) -> None:
         if self.index not in CHOICES:
@@ -160,9 +162,7 @@ def save_index(index: RetrievalIndex, folder: Path, key: dict) -> None:
     (folder / KEY_FILE).unlink(missing_ok=True)
     index.save(folder)
     (folder / "vectors.build.npy").unlink(missing_ok=True)  # a compressed index's build copy; saved as vectors.npy
-    tmp = folder / (KEY_FILE + ".tmp")
-    tmp.write_text(json.dumps(key, sort_keys=True))
-    tmp.replace(folder / KEY_FILE)
+    write_atomic(folder / KEY_FILE, json.dumps(key, sort_keys=True))
 
 
 def saved_key(folder: Path) -> dict | None:
@@ -199,7 +199,7 @@ def evaluate(recipe: RetrievalRecipe) -> dict:
     for split in (recipe.database_split, recipe.query_split):
         require_split(manifest, recipe.shards, split)
     results: dict[str, dict] = {}
-    selfcheck: dict = {}
+    selfcheck: dict = bounded({}, ge=0)
     folder = index_dir(recipe, setup.out)
     for name, encoder, encoder_id in setup.encoders:
         log.info("retrieval for %s", name)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mgfm.config import bounded
 from mgfm.data.masking import TokenGrid
 from mgfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mgfm.errors import MgfmError
@@ -81,30 +82,30 @@ class ModelConfig:
     """
 
     size: str = "tiny"
-    img_size: int | None = None
-    frames: int | None = None
-    tubelet: int = 2
-    patch: int = 16
-    channels: int = 3
-    dim: int | None = None
-    depth: int | None = None
-    heads: int | None = None
-    mlp_ratio: float = 4.0
-    decoder_dim: int | None = None
-    decoder_depth: int | None = None
-    decoder_heads: int | None = None
-    decoder_mlp_ratio: float = 4.0
-    drop_path: float = 0.0
-    layer_norm_eps: float = 1e-6
+    img_size: int | None = bounded(None, ge=1)
+    frames: int | None = bounded(None, ge=1)
+    tubelet: int = bounded(2, ge=1)
+    patch: int = bounded(16, ge=1)
+    channels: int = bounded(3, ge=1)
+    dim: int | None = bounded(None, ge=1)
+    depth: int | None = bounded(None, ge=1)
+    heads: int | None = bounded(None, ge=1)
+    mlp_ratio: float = bounded(4.0, gt=0)
+    decoder_dim: int | None = bounded(None, ge=1)
+    decoder_depth: int | None = bounded(None, ge=1)
+    decoder_heads: int | None = bounded(None, ge=1)
+    decoder_mlp_ratio: float = bounded(4.0, gt=0)
+    drop_path: float = bounded(0.0, ge=0, lt=1)
+    layer_norm_eps: float = bounded(1e-6, gt=0)
     qv_bias: bool = True
     final_norm: bool = True
     norm_pix_loss: bool = True
-    pixel_mean: tuple[float, ...] = IMAGENET_MEAN
-    pixel_std: tuple[float, ...] = IMAGENET_STD
+    pixel_mean: tuple[float, ...] = bounded(IMAGENET_MEAN, ge=0, le=1)
+    pixel_std: tuple[float, ...] = bounded(IMAGENET_STD, gt=0)
     grad_checkpointing: bool = False
     # The (t, h, w) token grid the encoder's position table was trained on, when it differs from this
     # config's own grid: that table resampled over (t, h, w) (see position_table and at_geometry). None = own.
-    pos_grid: tuple[int, int, int] | None = None
+    pos_grid: tuple[int, int, int] | None = bounded(None, ge=1)
 
     def __post_init__(self) -> None:
         size = self.size.upper() if self.size.lower() in ("s", "b", "l", "h") else self.size
@@ -207,31 +208,25 @@ class LossConfig:
     """
 
     target: Literal["pixels", "motion", "pixels+motion", "features"] = "pixels"
-    ema_momentum: float = 0.996
-    ema_momentum_end: float = 1.0
+    ema_momentum: float = bounded(0.996, ge=0, le=1)
+    ema_momentum_end: float = bounded(1.0, ge=0, le=1)
     # A hinge max(0, 1 - std) on the batch standard deviation of each dimension of the encoder's pooled
     # visible tokens (VICReg's variance term): keeps clips apart where a feature target could collapse.
-    variance_weight: float = 0.0
+    variance_weight: float = bounded(0.0, ge=0)
     # Clip contrast between the repeated views of each clip (mgfm.model.contrastive); 0 = pure VideoMAE.
-    contrastive_weight: float = 0.0
-    contrastive_temperature: float = 0.1
+    contrastive_weight: float = bounded(0.0, ge=0)
+    contrastive_temperature: float = bounded(0.1, gt=0)
     # An extra MSE between the predicted and the target frame-to-frame differences inside each tubelet
     # (target=pixels only): it singles out what moves, which MG recognition needs.
-    motion_weight: float = 0.0
+    motion_weight: float = bounded(0.0, ge=0)
     # A linear head on the pooled features of the unmasked clip regresses where the clip moved
     # (mgfm.model.motion_map), on a motion_map_grid x motion_map_grid grid.
-    motion_map_weight: float = 0.0
-    motion_map_grid: int = 8
+    motion_map_weight: float = bounded(0.0, ge=0)
+    motion_map_grid: int = bounded(8, ge=1)
 
     def __post_init__(self) -> None:
-        for name in ("contrastive_weight", "motion_weight", "motion_map_weight", "variance_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"loss.{name}: expected >= 0 (0 = off), got {getattr(self, name)}")
-        if self.contrastive_temperature <= 0 or self.motion_map_grid <= 0:
-            raise ValueError(f"loss.contrastive_temperature/motion_map_grid: expected > 0, got "
-                             f"{self.contrastive_temperature}/{self.motion_map_grid}")
-        if not 0.0 <= self.ema_momentum <= self.ema_momentum_end <= 1.0:
-            raise ValueError(f"loss.ema_momentum/ema_momentum_end: expected 0 <= start <= end <= 1, got "
+        if self.ema_momentum > self.ema_momentum_end:
+            raise ValueError(f"loss.ema_momentum/ema_momentum_end: the momentum rises, expected start <= end, got "
                              f"{self.ema_momentum}/{self.ema_momentum_end}")
         if self.motion_weight > 0 and self.target != "pixels":
             raise ValueError(f"loss.motion_weight: an extra term on predicted pixels, only with loss.target=pixels "

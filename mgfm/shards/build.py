@@ -36,6 +36,7 @@ from tqdm import tqdm
 from mgfm.data.clip_index import Clip, ClipIndex
 from mgfm.data.video_io import VideoWriter
 from mgfm.errors import InputError
+from mgfm.files import atomic_path
 from mgfm.shards import manifest as mf
 
 log = logging.getLogger(__name__)
@@ -248,40 +249,39 @@ def _build_one(out_dir: Path, name: str, rows: list[dict], config: BuildConfig, 
     from webdataset import TarWriter
 
     clips = [Clip.from_row(r) for r in rows]
-    tmp = out_dir / f"{name}.tmp"
-    samples: list[dict] = []
-    skipped: list[dict] = []
-    with open(tmp, "wb") as handle:
-        writer = TarWriter(handle, encoder=False, mtime=_TAR_MTIME, user=_TAR_OWNER, group=_TAR_OWNER)
-        try:
-            for clip, result in _cut_clips(clips, config):
-                if isinstance(result, str):
-                    skipped.append({"clip_id": clip.clip_id, "video_id": clip.video_id, "split": clip.split,
-                                    "path": clip.path, "reason": result})
-                    log.warning("skipping clip %s of %s: %s", clip.clip_id, clip.path, result)
-                else:
-                    mp4, meta = result
-                    writer.write({"__key__": clip.clip_id, "mp4": mp4, "json": json.dumps(meta).encode()})
-                    samples.append(meta)
-                if progress is not None:
-                    progress(1)
-        finally:
-            writer.close()  # on an interrupt too: the temp file stays behind and is rewritten next run
-    fragment = {
-        "shard": name,
-        "plan_hash": digest,
-        "split": clips[0].split,
-        "samples": len(samples),
-        "bytes": tmp.stat().st_size,
-        "sha256": mf.sha256_file(tmp),
-        "keys": [m["clip_id"] for m in samples],
-        "labels": _count(str(m["label"]) for m in samples),
-        "subjects": _count(str(m["subject"]) for m in samples),
-        "videos": sorted({m["video_id"] for m in samples}),
-        "skipped": skipped,
-    }
-    mf.write_json_atomic(mf.fragment_path(out_dir, name), fragment)
-    tmp.replace(out_dir / name)
+    with atomic_path(out_dir / name) as tmp:  # a shard is complete or absent
+        samples: list[dict] = []
+        skipped: list[dict] = []
+        with open(tmp, "wb") as handle:
+            writer = TarWriter(handle, encoder=False, mtime=_TAR_MTIME, user=_TAR_OWNER, group=_TAR_OWNER)
+            try:
+                for clip, result in _cut_clips(clips, config):
+                    if isinstance(result, str):
+                        skipped.append({"clip_id": clip.clip_id, "video_id": clip.video_id, "split": clip.split,
+                                        "path": clip.path, "reason": result})
+                        log.warning("skipping clip %s of %s: %s", clip.clip_id, clip.path, result)
+                    else:
+                        mp4, meta = result
+                        writer.write({"__key__": clip.clip_id, "mp4": mp4, "json": json.dumps(meta).encode()})
+                        samples.append(meta)
+                    if progress is not None:
+                        progress(1)
+            finally:
+                writer.close()
+        fragment = {
+            "shard": name,
+            "plan_hash": digest,
+            "split": clips[0].split,
+            "samples": len(samples),
+            "bytes": tmp.stat().st_size,
+            "sha256": mf.sha256_file(tmp),
+            "keys": [m["clip_id"] for m in samples],
+            "labels": _count(str(m["label"]) for m in samples),
+            "subjects": _count(str(m["subject"]) for m in samples),
+            "videos": sorted({m["video_id"] for m in samples}),
+            "skipped": skipped,
+        }
+        mf.write_json_atomic(mf.fragment_path(out_dir, name), fragment)  # before the shard: it vouches for it
     return fragment
 
 

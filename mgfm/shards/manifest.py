@@ -19,12 +19,12 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from mgfm.errors import InputError
+from mgfm.files import write_atomic
 
 MANIFEST = "manifest.json"
 META_DIR = "_meta"
@@ -46,11 +46,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:
     """Write JSON to ``path`` through a temp file in the same folder + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=False))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(payload, indent=1, sort_keys=False))
 
 
 def fragment_path(out_dir: str | Path, name: str) -> Path:

@@ -24,6 +24,7 @@ class ShardRef:
 
     url: str
     samples: int | None = None
+    bytes: int | None = None  # the file's size as the manifest lists it (None when unknown)
 
 
 def set_name(source: str | Path) -> str:
@@ -105,7 +106,7 @@ def resolve_shards(source: str | Path | Sequence[str], split: str,
             if is_url:
                 refs = [ShardRef(_remote(base + s["name"], remote_commands), s["samples"]) for s in listed]
             else:
-                refs = [ShardRef(str(base_dir / s["name"]), s["samples"]) for s in listed]
+                refs = [ShardRef(str(base_dir / s["name"]), s["samples"], s.get("bytes")) for s in listed]
         else:
             refs = [ShardRef(_remote(u, remote_commands)) for u in expand_urls(text.replace("{split}", split))]
     refs = [r for r in refs if r.samples != 0]
@@ -141,7 +142,23 @@ def missing_local_shards(source, split: str, remote_commands: dict[str, str] | N
             out.append({"kind": "shard", "shard": ref.url, "key": None, "reason": why, "count": 1})
             if ref.samples:
                 out.append({"kind": "sample", "shard": ref.url, "key": None, "part": None,
-                            "reason": f"lost: {why} ({ref.samples} samples)", "count": ref.samples})
+                            "reason": f"{why}: {ref.samples} samples not read", "count": ref.samples})
+    return out
+
+
+def size_mismatches(source, split: str) -> list[str]:
+    """One line per local shard of ``split`` whose size on disk differs from the manifest's: a cheap check
+    (no reading) that catches a shard damaged or replaced since it was built. Checksums are what ``python -m
+    mgfm.shards verify`` compares; reading every byte is too slow to do before each run."""
+    out = []
+    for _, refs in shard_sets(source, split):
+        for ref in refs:
+            if ref.bytes is None or "://" in ref.url or ref.url.startswith("pipe:"):
+                continue
+            size = Path(ref.url).stat().st_size
+            if size != ref.bytes:
+                out.append(f"{ref.url} is {size} bytes, its manifest says {ref.bytes}: damaged or replaced since "
+                           f"it was built (`python -m mgfm.shards verify {Path(ref.url).parent}` checks every checksum)")
     return out
 
 

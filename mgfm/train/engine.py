@@ -42,6 +42,7 @@ from torch import nn
 
 from mgfm.config import RecipeError
 from mgfm.devices import native_bf16
+from mgfm.files import write_atomic
 from mgfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mgfm.train.distributed import is_main_process, rank_world
 
@@ -405,9 +406,7 @@ def load_history(path: Path, upto_step: int) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     kept = [r for r in rows if r["step"] <= upto_step]
     if len(kept) != len(rows):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(path)
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept
 
 

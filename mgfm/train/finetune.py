@@ -50,7 +50,7 @@ from mgfm.data.clip_cache import ClipCache, cache_split
 from mgfm.data.distributed import gather_objects
 from mgfm.data.stream import SkipCounter, SplitRead, expected_clips
 from mgfm.data.transforms import normalise
-from mgfm.data.subset import stratified_subset
+from mgfm.data.subset import missing_train_classes, stratified_subset
 from mgfm.errors import InputError
 from mgfm.files import FolderLock
 from mgfm.shards.read import set_name
@@ -150,6 +150,12 @@ def load_data(recipe: FinetuneRecipe, cfg, fraction: float, cached: FinetuneData
     if not pairs:
         raise InputError(f"{recipe.shards}: split {recipe.train_split!r} has no clips")
     ids, labels = zip(*pairs)
+    test_labels = [y for part in gather_objects(test.labels.tolist()) for y in part]
+    missing = missing_train_classes(labels, test_labels, class_names)
+    if missing:
+        read = split_read(recipe.shards, recipe.train_split, train)
+        lost = "" if read.complete else f"; {read.describe()}"
+        raise InputError(f"{recipe.shards}: {missing}{lost}; fine-tuning cannot learn them")
     labelled_ids = stratified_subset(ids, labels, fraction, recipe.seed, class_names)
     lab = dict(pairs)
     counts = np.bincount([lab[c] for c in labelled_ids], minlength=len(class_names))

@@ -28,8 +28,8 @@ from mgfm.config import save_recipe
 from mgfm.data.stream import MemoryClips, SkipCounter, make_loader
 from mgfm.data.transforms import normalise
 from mgfm.errors import InputError
-from mgfm.files import FolderLock
-from mgfm.shards.read import Mixture
+from mgfm.files import FolderLock, write_atomic
+from mgfm.shards.read import Mixture, size_mismatches
 from mgfm.model.contrastive import group_ids
 from mgfm.model.hf import config_from_hf, init_encoder_from_hf, read_hf_config, save_encoder_hf
 from mgfm.model.videomae import at_geometry, build_encoder, build_pretraining_model, param_groups
@@ -133,6 +133,10 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
         trained = config_from_hf(read_hf_config(recipe.init_from), recipe.init_from)
         recipe.model = at_geometry(trained, recipe.model, recipe.pos_embed, recipe.init_from)
     model = build_pretraining_model(recipe.model, recipe.loss)
+    if is_main_process():
+        for source in shard_sources(recipe):
+            for line in size_mismatches(source, recipe.split):
+                log.warning("%s", line)
     memory = None
     if recipe.clip_stream.cache == "memory":  # decoded once for every epoch of the run
         memory = MemoryClips.load(stream_source(recipe), recipe.split, recipe.clip_stream, progress=is_main_process())
@@ -205,12 +209,13 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
         skipped = lost.samples
         summary = {"run": str(run_dir), "steps": schedule.total_steps,
                    "final_loss": history[-1]["loss"] if history else None, "clips_per_s": engine.clips_per_s,
-                   "skipped_samples": skipped, "broken_shards": lost.shard_errors, "world_size": world, "precision": engine.precision,
-                   "deepspeed": engine.deepspeed, "resumed_from_step": step if resume_from else None,
-                   "seconds": time.time() - start}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        log.info("done: %d steps, final loss %s, %.1f clips/s, %d corrupt samples skipped, encoder at %s",
-                 schedule.total_steps, summary["final_loss"], summary["clips_per_s"], skipped, run_dir / "encoder")
+                   "skipped_samples": skipped, "broken_shards": lost.shard_errors,
+                   "skipped_by_reason": dict(sorted(lost.by_reason.items())), "world_size": world,
+                   "precision": engine.precision, "deepspeed": engine.deepspeed,
+                   "resumed_from_step": step if resume_from else None, "seconds": time.time() - start}
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+        log.info("done: %d steps, final loss %s, %.1f clips/s; data: %s; encoder at %s", schedule.total_steps,
+                 summary["final_loss"], summary["clips_per_s"], lost.summary(), run_dir / "encoder")
     barrier()
     return run_dir
 

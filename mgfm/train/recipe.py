@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mgfm.config import bounded
 from mgfm.data.stream import StreamConfig
 from mgfm.errors import InputError
 from mgfm.model.videomae import LossConfig, ModelConfig
@@ -14,22 +15,14 @@ from mgfm.model.videomae import LossConfig, ModelConfig
 class OptimConfig:
     """AdamW with linear warmup and cosine decay; ``lr = base_lr * global_batch / 256`` (VideoMAE)."""
 
-    base_lr: float = 1.5e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    epochs: int = 20
-    warmup_epochs: float = 1.0
-    grad_accum: int = 1
-    clip_grad: float | None = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.base_lr > 0:  # the schedule is relative to the peak lr (min_lr / peak)
-            raise InputError(f"optim.base_lr: expected a positive lr, got {self.base_lr}")
-        if self.min_lr < 0:
-            raise InputError(f"optim.min_lr: expected a non-negative lr, got {self.min_lr}")
-        if self.epochs < 1 or self.grad_accum < 1:
-            raise InputError(f"optim.epochs and optim.grad_accum must be >= 1, got {self.epochs} and {self.grad_accum}")
+    base_lr: float = bounded(1.5e-4, gt=0)
+    min_lr: float = bounded(1e-6, ge=0)
+    weight_decay: float = bounded(0.05, ge=0)
+    betas: tuple[float, float] = bounded((0.9, 0.95), ge=0, lt=1)
+    epochs: int = bounded(20, ge=1)
+    warmup_epochs: float = bounded(1.0, ge=0)
+    grad_accum: int = bounded(1, ge=1)
+    clip_grad: float | None = bounded(1.0, ge=0)
 
 
 @dataclass
@@ -41,7 +34,7 @@ class PretrainRecipe:
     # Shards to pretrain on: a folder with manifest.json, a brace pattern or URLs; or a list of several such
     # shard sets, streamed as one mixture sampled with `shard_weights` (default: in proportion to their clips).
     shards: str | list[str] = "shards/synthetic"
-    shard_weights: list[float] | None = None
+    shard_weights: list[float] | None = bounded(None, ge=0)
     split: str = "train"
     # When `shards` is the default path (shards/synthetic) and missing, and this is set, render this synthetic
     # benchmark and shard it first. Any other missing `shards` is an error.
@@ -51,7 +44,7 @@ class PretrainRecipe:
     stream: StreamConfig = field(default_factory=StreamConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     # DeepSpeed ZeRO stage used when the launcher gave no DeepSpeed config (0 = plain Accelerate).
-    zero_stage: int = 0
+    zero_stage: int = bounded(0, ge=0, le=3)
     mixed_precision: str = "auto"  # auto: bf16 on a GPU with native bf16, else fp32 (TF32 on CUDA)
     init_from: str | None = None  # a Hugging Face VideoMAE folder to start the encoder from
     # init_from an encoder of another clip length / crop size: "error" (refuse) or "interpolate" (resample its
@@ -60,16 +53,16 @@ class PretrainRecipe:
     # How a fresh run starts the tubelet embedding: "random", or "motion_pca" = whitened principal components
     # of in-tubelet frame differences of `patch_init_clips` unlabelled train clips (mgfm/model/motion_init.py).
     patch_init: Literal["random", "motion_pca"] = "random"
-    patch_init_clips: int = 256
+    patch_init_clips: int = bounded(256, ge=1)
     # Keep the tubelet embedding fixed during training (as MoCo v3 does with its random patch projection).
     freeze_patch_embed: bool = False
     resume: str = "auto"  # auto | never | path to a checkpoint folder
-    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of every epoch
-    keep_checkpoints: int = 2
-    seed: int = 0
+    checkpoint_every: int = bounded(0, ge=0)  # optimizer steps between checkpoints; 0 = at the end of every epoch
+    keep_checkpoints: int = bounded(2, ge=1)
+    seed: int = bounded(0, ge=0)
     # Epochs after which the encoder is also exported to runs/<name>/encoders/epoch_NNNNN/ (Hugging Face format,
     # like encoder/), for learning curves; 0 = the initialisation.
-    export_epochs: list[int] = field(default_factory=list)
+    export_epochs: list[int] = bounded(default_factory=list, ge=0)
     # Write the clip ids each rank trained on to runs/<name>/data_audit/rank<R>.txt (to check data splits).
     audit_data: bool = False
 
@@ -82,11 +75,28 @@ class PretrainRecipe:
             if given is not None and given != getattr(self.model, key):
                 raise ValueError(f"stream.{key}={given}: the clip geometry is the model's (model.{key}="
                                  f"{getattr(self.model, key)}); set model.{key} only")
+        check_masks(self.stream, self.model)
 
     @property
     def clip_stream(self) -> StreamConfig:
         """The train stream cut for the model (its clip geometry and normalisation)."""
         return self.stream.with_model(self.model)
+
+
+def check_masks(stream: StreamConfig, model: ModelConfig) -> None:
+    """The masks ``stream`` draws must leave the encoder a token and give the decoder one, on ``model``'s
+    token grid (a tube mask hides whole tubes: ``round(mask_ratio x patches per frame)`` of them)."""
+    grid = model.grid
+    patches = grid.h * grid.w
+    hidden = round(stream.mask_ratio * patches)
+    if not 1 <= hidden < patches:
+        raise ValueError(f"stream.mask_ratio={stream.mask_ratio:g} hides {hidden} of the {patches} patches of a frame "
+                         f"({grid.h}x{grid.w} at model.img_size={model.img_size}, model.patch={model.patch}); expected "
+                         f"a ratio that hides at least 1 and leaves at least 1 visible: [{0.5 / patches:.3g}, "
+                         f"{(patches - 0.5) / patches:.3g})")
+    if stream.decoder_keep_ratio is not None and round(hidden * grid.t * stream.decoder_keep_ratio) < 1:
+        raise ValueError(f"stream.decoder_keep_ratio={stream.decoder_keep_ratio:g} keeps none of the {hidden * grid.t} "
+                         f"masked tokens for the decoder; expected at least {0.5 / (hidden * grid.t):.3g}")
 
 
 #: Stream settings that are the model's: a recipe sets them under ``model.`` only.

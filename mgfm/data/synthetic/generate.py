@@ -32,6 +32,7 @@ from mgfm.data.synthetic.body import Pose, SubjectLook
 from mgfm.data.synthetic.gestures import GESTURES, apply_idle, idle_motion, make_motion
 from mgfm.data.synthetic.plan import DatasetPlan, SyntheticConfig, VideoPlan, make_plan
 from mgfm.data.synthetic.render import FigureRenderer
+from mgfm.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -169,12 +170,6 @@ def protocol(plan: DatasetPlan) -> dict:
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _config_record(config: SyntheticConfig) -> dict:
     return {"generator_version": GENERATOR_VERSION, "config": config.identity()}
 
@@ -193,7 +188,7 @@ def _check_config(out: Path, config: SyntheticConfig) -> None:
             raise ValueError(f"{path}: folder was generated with a different config (differs in "
                              f"{diff or ['generator_version']}); use another --out or delete it")
         return
-    _write_atomic(path, json.dumps(record, indent=1) + "\n")
+    write_atomic(path, json.dumps(record, indent=1) + "\n")
 
 
 def is_complete(out_dir: str | Path, config: SyntheticConfig) -> bool:
@@ -260,8 +255,8 @@ def generate_with_stats(out_dir: str | Path, config: SyntheticConfig | None = No
         bar.close()
     stats.wall_s = time.perf_counter() - t0
     # Annotations last: their presence marks a finished folder.
-    _write_atomic(out / PROTOCOL_FILE, json.dumps(protocol(plan), indent=1) + "\n")
-    _write_atomic(csv_path, labels_csv(plan))
+    write_atomic(out / PROTOCOL_FILE, json.dumps(protocol(plan), indent=1) + "\n")
+    write_atomic(csv_path, labels_csv(plan))
     return stats
 
 
