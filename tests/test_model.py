@@ -387,8 +387,8 @@ def test_motion_map_term_trains_the_unmasked_pooled_feature_on_one_view_per_clip
     model.zero_grad()
     (model.motion_map(pooled, v[:1], cfg.pixel_mean, cfg.pixel_std)).backward()
     assert model.encoder.patch_embed.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="motion_map_grid"):
-        LossConfig(motion_map_grid=0)
+    with pytest.raises(ValueError, match="motion_map_grid=0: expected >= 1"):
+        load_recipe(LossConfig, None, ["motion_map_grid=0"])
 
 
 # ------------------------------------------------------------------------------------- objectives
