@@ -50,6 +50,9 @@ def test_real_motion_table_over_seeds_and_probes(tmp_path, tiny_videos, capsys):
     assert "pretrained - pixels" in (out / "table.md").read_text() and "table:" in capsys.readouterr().out
 
 
-def test_missing_real_set_is_one_line_error(tmp_path):
-    with pytest.raises(SystemExit, match="no such file.*utkinect"):
+def test_missing_real_set_is_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--shared", str(tmp_path), "--no-synthetic", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err
+    assert err.startswith("mgfm.real_motion: error: ") and "no such file" in err and "utkinect" in err
