@@ -43,10 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mgfm.data.clip_index import Clip, ClipIndex  # noqa: E402
+from mgfm.sources.clip_index import Clip, ClipIndex  # noqa: E402
 from mgfm.data.sampling import sample_indices  # noqa: E402
 from mgfm.data.stream import StreamConfig, make_loader  # noqa: E402
-from mgfm.data.video_io import from_decord, encode_video  # noqa: E402
+from mgfm.sources.video_io import from_decord, encode_video  # noqa: E402
 from mgfm.shards import BuildConfig, build_shards  # noqa: E402
 
 log = logging.getLogger("bench_loader")

@@ -186,7 +186,7 @@ def peak_bf16_tflops(device_name: str | None) -> float | None:
 def stage_environment(ctx: Context) -> dict:
     import torch
 
-    from mgfm.devices import native_bf16
+    from mgfm.runtime import native_bf16
 
     packages, missing = {}, []
     for module, wheel in OPTIONAL.items():
@@ -282,7 +282,7 @@ def stage_pretrain_random(ctx: Context) -> dict:
 def stage_pretrain_shards(ctx: Context) -> dict:
     """Synthetic shards, then ``accelerate launch --use_deepspeed pretrain.py`` on them as users run it."""
     require("webdataset", "braceexpand", "av", "decord")
-    from mgfm.data.synthetic import SyntheticConfig
+    from mgfm.sources.synthetic import SyntheticConfig
     from mgfm.model.hf import load_encoder_hf
     from mgfm.pipeline import ensure_synthetic
     from mgfm.shards import BuildConfig, build_shards
@@ -344,7 +344,7 @@ def stage_features(ctx: Context) -> dict:
     require("webdataset", "braceexpand", "av", "decord")
     import torch
 
-    from mgfm.devices import feature_precision, local_device
+    from mgfm.runtime import feature_precision, local_device
     from mgfm.evaluate.features import split_features
     from mgfm.evaluate.encoder_eval import stream_for
     from mgfm.model.hf import load_encoder_hf, save_encoder_hf

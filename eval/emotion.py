@@ -7,7 +7,7 @@ heads on the emotion-test videos over several seeds. See mgfm.evaluate.emotion_e
 
 from mgfm.cli import run_cli
 from mgfm.evaluate.emotion_eval import EmotionRecipe, run
-from mgfm.train.distributed import setup_logging
+from mgfm.runtime import setup_logging
 
 if __name__ == "__main__":
     setup_logging()

@@ -5,7 +5,7 @@ With no arguments: the newest run in runs/ on the default synthetic shards. See 
 
 from mgfm.cli import run_cli
 from mgfm.evaluate.probe_eval import ProbeRecipe, run
-from mgfm.train.distributed import setup_logging
+from mgfm.runtime import setup_logging
 
 if __name__ == "__main__":
     setup_logging()

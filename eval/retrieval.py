@@ -7,7 +7,7 @@ See mgfm.evaluate.retrieval_eval.
 
 from mgfm.cli import run_cli
 from mgfm.evaluate.retrieval_eval import RetrievalRecipe, run
-from mgfm.train.distributed import setup_logging
+from mgfm.runtime import setup_logging
 
 if __name__ == "__main__":
     setup_logging()

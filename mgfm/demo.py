@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from mgfm.cli import one_line_errors
-from mgfm.data.clip_index import format_summary
-from mgfm.train.distributed import setup_logging
+from mgfm.sources.clip_index import format_summary
+from mgfm.runtime import setup_logging
 
 log = logging.getLogger("mgfm.demo")
 STAGES = ("data", "shards", "pretrain", "eval", "retrieval", "emotion")

@@ -2,7 +2,7 @@
 
 Entry points (:mod:`mgfm.cli`, ``python -m mgfm.shards``, the demo) print an :class:`MgfmError` (and a
 missing file) as one ``error:`` line; any other exception is a bug and keeps its traceback. Each kind
-subclasses it: :class:`~mgfm.config.RecipeError`, :class:`~mgfm.data.clip_index.AnnotationError`,
+subclasses it: :class:`~mgfm.config.RecipeError`, :class:`~mgfm.sources.clip_index.AnnotationError`,
 :class:`~mgfm.model.hf.EncoderFolderError`, :class:`~mgfm.evaluate.featureset.FeatureError`,
 :class:`~mgfm.files.StorageError`, ... and :class:`InputError` for the rest (shard sets, paths, data that
 does not fit the run).

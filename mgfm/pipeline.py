@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from mgfm.data.clip_index import ClipIndex
+from mgfm.sources.clip_index import ClipIndex
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ def default_workers() -> int:
 
 def ensure_synthetic(data_dir: str | Path, config=None) -> ClipIndex:
     """Render the synthetic benchmark into ``data_dir`` unless it is complete; return its clip index."""
-    from mgfm.data.synthetic import SyntheticConfig, generate, is_complete, read_synthetic
+    from mgfm.sources.synthetic import SyntheticConfig, generate, is_complete, read_synthetic
 
     config = config or SyntheticConfig()
     if is_complete(data_dir, config):

@@ -24,7 +24,7 @@ import numpy as np
 
 from mgfm.cli import one_line_errors
 from mgfm.errors import InputError
-from mgfm.train.distributed import setup_logging
+from mgfm.runtime import setup_logging
 
 log = logging.getLogger("mgfm.real_motion")
 REPO = Path(__file__).resolve().parents[1]

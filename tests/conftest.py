@@ -18,8 +18,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from mgfm.data.clip_index import Clip, ClipIndex
-from mgfm.data.video_io import encode_video
+from mgfm.sources.clip_index import Clip, ClipIndex
+from mgfm.sources.video_io import encode_video
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests marked ``gpu`` skip where CUDA is absent (this CI), saying so."""

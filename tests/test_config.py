@@ -90,7 +90,7 @@ def test_a_bug_keeps_its_traceback_but_user_errors_are_one_line(tmp_path, capsys
     with pytest.raises(ValueError, match="internal assertion"):
         _cli(value_bug, [])
 
-    from mgfm.data.generic_csv import read_csv_index
+    from mgfm.sources.generic_csv import read_csv_index
 
     bad_csv = tmp_path / "clips.csv"
     bad_csv.write_text("path,label,subject,split\na.mp4,0,s1,holdout\n")

@@ -15,7 +15,7 @@ import torch
 from conftest import subprocess_env, tiny_encoder_folder
 
 from mgfm.data.stream import StreamConfig
-from mgfm.devices import feature_precision, local_device
+from mgfm.runtime import feature_precision, local_device
 from mgfm.evaluate.features import cache_key, eval_stream_config
 
 REPO = Path(__file__).resolve().parents[1]

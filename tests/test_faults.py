@@ -19,7 +19,7 @@ import torch
 import yaml
 from conftest import TINY_CLASSES, read_tar, subprocess_env, tiny_encoder_folder
 
-from mgfm.data.clip_index import AnnotationError, Clip, ClipIndex
+from mgfm.sources.clip_index import AnnotationError, Clip, ClipIndex
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"size": "custom", "img_size": 32, "frames": 4, "dim": 32, "depth": 1, "heads": 2,
@@ -242,7 +242,7 @@ def _csv(tmp_path: Path, rows: list[str], name: str = "clips.csv", encoding: str
 
 
 def _read(path: Path, **kw) -> ClipIndex:
-    from mgfm.data.generic_csv import read_csv_index
+    from mgfm.sources.generic_csv import read_csv_index
 
     return read_csv_index(path, **kw)
 

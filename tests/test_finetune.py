@@ -356,7 +356,7 @@ def test_bad_input_is_one_line_error(tmp_path, tiny_shards, tiny_encoder, overri
 
 
 def test_class_without_train_clips_is_one_line_error(tmp_path, tiny_index, tiny_encoder):
-    from mgfm.data.clip_index import ClipIndex
+    from mgfm.sources.clip_index import ClipIndex
     from mgfm.shards import BuildConfig, build_shards
 
     # class_c keeps its test clips but loses its train clips

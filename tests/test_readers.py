@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from mgfm.data.clip_index import AnnotationError, ClipIndex
-from mgfm.data.generic_csv import read_csv_index
-from mgfm.data.imigue import CLASS_NAMES, official_protocol, read_imigue
-from mgfm.data.readers import read_index
-from mgfm.data.smg import read_smg
+from mgfm.sources.clip_index import AnnotationError, ClipIndex
+from mgfm.sources.generic_csv import read_csv_index
+from mgfm.sources.imigue import CLASS_NAMES, official_protocol, read_imigue
+from mgfm.sources.readers import read_index
+from mgfm.sources.smg import read_smg
 
 SHARED = Path(os.environ.get("MGFM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 IMIGUE_CSV = SHARED / "data" / "imigue" / "labels_20200831.csv"
@@ -210,7 +210,7 @@ REAL_MOTION = {"utkinect": (199, 10), "florence3d": (215, 9)}  # clips, classes 
 def test_real_motion_csv_reads_unchanged_with_cross_subject_splits(name):
     """The generic CSV reader takes the real-motion sets as they are; UTKinect's long recordings are cut by
     start/end frames, and each clip's first and last frames decode."""
-    from mgfm.data.video_io import decode_frames, probe
+    from mgfm.sources.video_io import decode_frames, probe
 
     index_csv = SHARED / "data" / name / "index.csv"
     if not index_csv.exists():

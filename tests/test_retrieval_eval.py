@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mgfm.config import RecipeError, load_recipe
-from mgfm.data.clip_index import ClipIndex
+from mgfm.sources.clip_index import ClipIndex
 from mgfm.data.stream import make_loader
 from mgfm.evaluate.featureset import FeatureSet
 from mgfm.evaluate.encoder_eval import stream_for

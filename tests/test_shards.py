@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_CLIPS, read_tar, read_time_code
 
-from mgfm.data.clip_index import Clip, ClipIndex
-from mgfm.data.video_io import decode_frames
+from mgfm.sources.clip_index import Clip, ClipIndex
+from mgfm.sources.video_io import decode_frames
 from mgfm.shards import BuildConfig, build_shards, plan_shards, verify_shards
 from mgfm.shards import build as build_mod
 from mgfm.shards.__main__ import main as shards_cli

@@ -23,12 +23,13 @@ import pytest
 import torch
 from conftest import TINY_CLIPS, read_tar, read_time_code
 
-from mgfm.data.distributed import Slot, rank_world
+from mgfm.data.stream import Slot
+from mgfm.runtime import rank_world
 from mgfm.data.sampling import sample_indices
 from mgfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mgfm.data.stream import ShardTask, StreamConfig, assign_shards, make_loader, split_tasks
 from mgfm.shards.read import ShardRef, resolve_shards
-from mgfm.data.video_io import decode_frames
+from mgfm.sources.video_io import decode_frames
 from mgfm.data.transforms import (CropBox, centre_crop_box, crop_resize, crop_resize_planar, multiscale_crop_box,
                                   normalise, normalise_into, to_planar)
 from mgfm.shards import BuildConfig, build_shards
@@ -387,7 +388,7 @@ def test_loader_length_counts_batches_per_worker(tiny_shards):
 
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_an_error_of_our_own_code_stops_the_stream_instead_of_counting_as_bad_data(tiny_shards, monkeypatch, workers):
-    import mgfm.data.stream as stream_mod
+    import mgfm.data.stream.decode as stream_mod
 
     def broken(*args):
         raise TypeError("boom in our crop code")

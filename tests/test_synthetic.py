@@ -9,14 +9,14 @@ import json
 import numpy as np
 import pytest
 
-from mgfm.data.imigue import CLASS_NAMES, read_imigue
-from mgfm.data.synthetic import SyntheticConfig, generate, generate_with_stats, is_complete, make_plan
-from mgfm.data.synthetic.body import Pose, sample_subject
-from mgfm.data.synthetic.gestures import GESTURES, apply_idle, idle_motion, make_motion
-from mgfm.data.synthetic.plan import NEGATIVE_LEANING, POSITIVE_LEANING, ClipPlan, VideoPlan, class_probabilities
-from mgfm.data.synthetic.render import FigureRenderer
-from mgfm.data.synthetic.generate import render_frames, render_video
-from mgfm.data.video_io import decode_frames, probe
+from mgfm.sources.imigue import CLASS_NAMES, read_imigue
+from mgfm.sources.synthetic import SyntheticConfig, generate, generate_with_stats, is_complete, make_plan
+from mgfm.sources.synthetic.body import Pose, sample_subject
+from mgfm.sources.synthetic.gestures import GESTURES, apply_idle, idle_motion, make_motion
+from mgfm.sources.synthetic.plan import NEGATIVE_LEANING, POSITIVE_LEANING, ClipPlan, VideoPlan, class_probabilities
+from mgfm.sources.synthetic.render import FigureRenderer
+from mgfm.sources.synthetic.generate import render_frames, render_video
+from mgfm.sources.video_io import decode_frames, probe
 
 TINY = SyntheticConfig(subjects=2, videos=4, clips_per_video=3, height=64, width=80, max_clip_frames=30,
                        idle_gap_frames=6, workers=1)

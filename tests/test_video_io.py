@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mgfm.data.video_io import VideoDecodeError, decode_frames, encode_video, probe
+from mgfm.sources.video_io import VideoDecodeError, decode_frames, encode_video, probe
 
 
 def _frames(n: int = 12, h: int = 48, w: int = 64) -> np.ndarray:

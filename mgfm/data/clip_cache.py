@@ -79,7 +79,7 @@ def cache_split(source: str | Path | Sequence[str], split: str, cfg: StreamConfi
     """
     from tqdm.auto import tqdm
 
-    from mgfm.data.distributed import rank_world
+    from mgfm.runtime import rank_world
 
     if views < 1:
         raise InputError(f"views must be >= 1, got {views}")

@@ -25,7 +25,7 @@ from mgfm.evaluate.probe_eval import PROBES, ProbeRecipe
 from mgfm.evaluate.probe_eval import run as run_probe
 from mgfm.evaluate.report import markdown_table, save_figure, write_report
 from mgfm.shards.read import set_name
-from mgfm.train.distributed import setup_logging
+from mgfm.runtime import setup_logging
 
 log = logging.getLogger(__name__)
 SNAPSHOT = re.compile(r"^epoch_(\d+)$")

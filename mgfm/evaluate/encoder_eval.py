@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from mgfm.config import bounded
-from mgfm.data.distributed import is_main_process
+from mgfm.runtime import is_main_process
 from mgfm.data.stream import StreamConfig
-from mgfm.devices import join_process_group, local_device
+from mgfm.runtime import join_process_group, local_device
 from mgfm.errors import MgfmError
 from mgfm.evaluate.features import PixelEncoder, eval_stream_config, require_complete, split_features
 from mgfm.evaluate.featureset import FeatureSet

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mgfm.data.distributed import gather_objects, rank_world
+from mgfm.runtime import gather_objects, rank_world
 from mgfm.data.stream import SkipCounter, SplitRead, StreamConfig, expected_clips, make_loader
 from mgfm.data.transforms import normalise
-from mgfm.devices import autocast, feature_precision
+from mgfm.runtime import autocast, feature_precision
 from mgfm.errors import InputError
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.shards.read import resolve_shards, set_name
@@ -132,7 +132,7 @@ def encode_split(features_fn: Callable[[torch.Tensor], torch.Tensor], shards: st
     ``token_dim = W``). With ``views > 1`` each clip is encoded at
     ``views`` temporal offsets (evenly spread over the clip) and the features are averaged over the views
     that decoded. On a GPU with native bf16 the encoder runs under bf16 autocast
-    (:func:`mgfm.devices.feature_precision`); features are returned as fp32.
+    (:func:`mgfm.runtime.feature_precision`); features are returned as fp32.
     """
     from tqdm.auto import tqdm
 

@@ -25,8 +25,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from mgfm.data.clip_index import Clip, ClipIndex
-from mgfm.data.video_io import VideoDecodeError, decode_frames
+from mgfm.sources.clip_index import Clip, ClipIndex
+from mgfm.sources.video_io import VideoDecodeError, decode_frames
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from mgfm.data.imigue import read_imigue
+    from mgfm.sources.imigue import read_imigue
 
     data = Path(args.data)
     index = read_imigue(data / "labels.csv", protocol=data / "protocol.json", video_dir=data / "videos",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mgfm.data.distributed import is_main_process
+from mgfm.runtime import is_main_process
 from mgfm.data.subset import missing_train_classes
 from mgfm.evaluate.cluster import kmeans_scores
 from mgfm.errors import InputError

@@ -31,8 +31,8 @@ from mgfm.config import bounded
 from mgfm.data.sampling import sample_indices
 from mgfm.data.stream import StreamConfig
 from mgfm.data.transforms import centre_crop_box, crop_resize, normalise_into
-from mgfm.data.video_io import VideoDecodeError, decode_frames, probe
-from mgfm.devices import feature_precision
+from mgfm.sources.video_io import VideoDecodeError, decode_frames, probe
+from mgfm.runtime import feature_precision
 from mgfm.errors import MgfmError
 from mgfm.evaluate.encoder_eval import (EncoderEvalRecipe, eval_device, features_folder, finish, output_folder,
                                         prepare, resolve_encoder, stream_for)

@@ -33,8 +33,8 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from mgfm.data.clip_index import Clip, ClipIndex
-from mgfm.data.video_io import VideoWriter
+from mgfm.sources.clip_index import Clip, ClipIndex
+from mgfm.sources.video_io import VideoWriter
 from mgfm.errors import InputError
 from mgfm.files import atomic_path
 from mgfm.shards import manifest as mf
@@ -433,9 +433,9 @@ def _output_size(height: int, width: int, short_side: int) -> tuple[int, int]:
 def read_source_index(fmt: str, path: str | Path, protocol: str | None = None, video_dir: str | None = None,
                       video_pattern: str | None = None, classes: str | Path | None = None,
                       dedupe: bool = False) -> ClipIndex:
-    """Read a clip index for the builder via :func:`mgfm.data.readers.read_index`; ``classes`` is a text
+    """Read a clip index for the builder via :func:`mgfm.sources.readers.read_index`; ``classes`` is a text
     file of class names, one per line (csv / smg)."""
-    from mgfm.data.readers import read_index
+    from mgfm.sources.readers import read_index
     from mgfm.files import read_text
 
     kwargs: dict = {}

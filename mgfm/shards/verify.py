@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mgfm.data.video_io import VideoDecodeError, probe
+from mgfm.sources.video_io import VideoDecodeError, probe
 from mgfm.shards import manifest as mf
 
 log = logging.getLogger(__name__)

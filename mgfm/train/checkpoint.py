@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from mgfm.files import StorageError, writing
-from mgfm.train.distributed import barrier, is_main_process
+from mgfm.runtime import barrier, is_main_process
 
 log = logging.getLogger(__name__)
 PATTERN = re.compile(r"^step_(\d{8})$")

@@ -41,10 +41,10 @@ import torch
 from torch import nn
 
 from mgfm.config import RecipeError
-from mgfm.devices import native_bf16
+from mgfm.runtime import native_bf16
 from mgfm.files import write_atomic
 from mgfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from mgfm.train.distributed import is_main_process, rank_world
+from mgfm.runtime import is_main_process, rank_world
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "no", "bf16", "fp16")

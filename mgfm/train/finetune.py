@@ -47,14 +47,14 @@ import torch.nn.functional as F
 from mgfm.config import recipe_to_dict, save_recipe
 from mgfm.data.clip_augment import crop_resize, strong_jitter
 from mgfm.data.clip_cache import ClipCache, cache_split
-from mgfm.data.distributed import gather_objects
+from mgfm.runtime import gather_objects
 from mgfm.data.stream import SkipCounter, SplitRead, expected_clips
 from mgfm.data.transforms import normalise
 from mgfm.data.subset import missing_train_classes, stratified_subset
 from mgfm.errors import InputError
 from mgfm.files import FolderLock
 from mgfm.shards.read import set_name
-from mgfm.train.distributed import barrier, is_main_process, rank_world, setup_logging
+from mgfm.runtime import barrier, is_main_process, rank_world, setup_logging
 from mgfm.train.engine import Engine, MicroResult, Schedule, find_checkpoint, make_accelerator, to_model, train
 from mgfm.train.finetune_recipe import FinetuneRecipe
 

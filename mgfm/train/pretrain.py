@@ -34,7 +34,7 @@ from mgfm.model.contrastive import group_ids
 from mgfm.model.hf import config_from_hf, init_encoder_from_hf, read_hf_config, save_encoder_hf
 from mgfm.model.videomae import at_geometry, build_encoder, build_pretraining_model, param_groups
 from mgfm.train.engine import Engine, MicroResult, Schedule, find_checkpoint, train
-from mgfm.train.distributed import barrier, is_main_process, setup_logging
+from mgfm.runtime import barrier, is_main_process, setup_logging
 from mgfm.train.recipe import PretrainRecipe
 
 log = logging.getLogger("mgfm.pretrain")

@@ -27,11 +27,11 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from mgfm.data.imigue import CLASS_NAMES, ILLUSTRATIVE_CLASS
-from mgfm.data.synthetic.body import Pose, SubjectLook
-from mgfm.data.synthetic.gestures import GESTURES, apply_idle, idle_motion, make_motion
-from mgfm.data.synthetic.plan import DatasetPlan, SyntheticConfig, VideoPlan, make_plan
-from mgfm.data.synthetic.render import FigureRenderer
+from mgfm.sources.imigue import CLASS_NAMES, ILLUSTRATIVE_CLASS
+from mgfm.sources.synthetic.body import Pose, SubjectLook
+from mgfm.sources.synthetic.gestures import GESTURES, apply_idle, idle_motion, make_motion
+from mgfm.sources.synthetic.plan import DatasetPlan, SyntheticConfig, VideoPlan, make_plan
+from mgfm.sources.synthetic.render import FigureRenderer
 from mgfm.files import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def render_video(video: VideoPlan, look: SubjectLook, config: SyntheticConfig, p
     """
     import cv2
 
-    from mgfm.data.video_io import VideoWriter
+    from mgfm.sources.video_io import VideoWriter
 
     cv2.setNumThreads(1)
     render_s = encode_s = 0.0
@@ -149,11 +149,11 @@ def labels_csv(plan: DatasetPlan) -> str:
 
 
 def protocol(plan: DatasetPlan) -> dict:
-    """``protocol.json`` in the shape of the iMiGUE one (readable by :func:`mgfm.data.imigue.read_imigue`)."""
+    """``protocol.json`` in the shape of the iMiGUE one (readable by :func:`mgfm.sources.imigue.read_imigue`)."""
     n_train = sum(len(v.clips) for v in plan.videos if plan.split_of(v.subject_id) == "train")
     n_all = sum(len(v.clips) for v in plan.videos)
     return {
-        "description": "Synthetic micro-gesture benchmark (mgfm.data.synthetic): iMiGUE's classes, format and "
+        "description": "Synthetic micro-gesture benchmark (mgfm.sources.synthetic): iMiGUE's classes, format and "
                        "protocol shape. Class ids are 0-based: CSV column 'class' k in 1..31 maps to k-1, 99 to 31.",
         "fps": plan.config.fps,
         "recognition": {

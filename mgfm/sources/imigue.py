@@ -17,7 +17,7 @@ import io
 import json
 from pathlib import Path
 
-from mgfm.data.clip_index import AnnotationError, Clip, ClipIndex
+from mgfm.sources.clip_index import AnnotationError, Clip, ClipIndex
 from mgfm.files import TextFileError, read_text
 
 FPS = 25

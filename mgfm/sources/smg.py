@@ -17,7 +17,7 @@ import io
 import re
 from pathlib import Path
 
-from mgfm.data.clip_index import AnnotationError, Clip, ClipIndex
+from mgfm.sources.clip_index import AnnotationError, Clip, ClipIndex
 from mgfm.files import TextFileError, read_text
 
 NUM_CLASSES = 17

@@ -13,7 +13,7 @@ import math
 import cv2
 import numpy as np
 
-from mgfm.data.synthetic.body import (BEHIND, FINGERS_UP, FIST, FRONT, INTERLOCK, POINT, SIDES, UNDER, Pose,
+from mgfm.sources.synthetic.body import (BEHIND, FINGERS_UP, FIST, FRONT, INTERLOCK, POINT, SIDES, UNDER, Pose,
                                       SubjectLook, solve_elbow)
 
 SHIFT = 4

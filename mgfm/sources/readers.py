@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mgfm.data.clip_index import ClipIndex
-from mgfm.data.generic_csv import read_csv_index
-from mgfm.data.imigue import read_imigue
-from mgfm.data.smg import read_smg
+from mgfm.sources.clip_index import ClipIndex
+from mgfm.sources.generic_csv import read_csv_index
+from mgfm.sources.imigue import read_imigue
+from mgfm.sources.smg import read_smg
 from mgfm.errors import InputError
 
 FORMATS = ("imigue", "smg", "csv", "json")

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mgfm.data.imigue import CLASS_NAMES
-from mgfm.data.synthetic.body import SubjectLook, sample_subject
+from mgfm.sources.imigue import CLASS_NAMES
+from mgfm.sources.synthetic.body import SubjectLook, sample_subject
 
 # Clips per class in iMiGUE, in CLASS_NAMES order (CSV class 1..31, then 99 "illustrative").
 IMIGUE_CLASS_COUNTS = (15, 515, 45, 271, 90, 32, 90, 1134, 132, 5, 454, 198, 140, 70, 44, 30, 406, 131, 2, 1217,

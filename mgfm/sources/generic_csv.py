@@ -14,7 +14,7 @@ import difflib
 import logging
 from pathlib import Path
 
-from mgfm.data.clip_index import SPLITS, UNLABELED, AnnotationError, Clip, ClipIndex
+from mgfm.sources.clip_index import SPLITS, UNLABELED, AnnotationError, Clip, ClipIndex
 from mgfm.files import TextFileError, read_text
 
 log = logging.getLogger(__name__)

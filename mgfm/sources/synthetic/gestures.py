@@ -5,7 +5,7 @@ A gesture is a function ``(pose, motion, t)`` that adds to the idle pose of fram
 hands at anchor points of the resulting skeleton (forehead, chin, an ear, the other arm, ...). Every
 gesture ramps in over ``motion.ramp`` frames, does its characteristic movement and returns to rest, so
 the annotated span covers the whole movement. :data:`GESTURES` lists them in the order of
-:data:`mgfm.data.imigue.CLASS_NAMES`.
+:data:`mgfm.sources.imigue.CLASS_NAMES`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from mgfm.data.synthetic.body import (BEHIND, FINGERS_UP, FIST, FRONT, INTERLOCK, LEFT, OPEN, POINT, RIGHT, SIDES,
+from mgfm.sources.synthetic.body import (BEHIND, FINGERS_UP, FIST, FRONT, INTERLOCK, LEFT, OPEN, POINT, RIGHT, SIDES,
                                       UNDER, Pose, SubjectLook, solve_elbow)
 
 TWO_PI = 2.0 * math.pi

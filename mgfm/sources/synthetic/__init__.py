@@ -5,15 +5,15 @@ classes inside long "interview" videos, with iMiGUE-shaped long-tailed class fre
 lengths, per-subject looks and movement styles, and a video-level emotion that changes which gestures
 occur. Written in iMiGUE's own format (``labels.csv`` + ``protocol.json`` + ``videos/<id>.mp4``)::
 
-    python -m mgfm.data.synthetic --out data/synthetic
+    python -m mgfm.sources.synthetic --out data/synthetic
 
-    from mgfm.data.synthetic import SyntheticConfig, generate
+    from mgfm.sources.synthetic import SyntheticConfig, generate
     csv_path = generate("data/synthetic", SyntheticConfig())
 """
 
-from mgfm.data.synthetic.generate import (GenerationStats, generate, generate_with_stats, is_complete, labels_csv,
+from mgfm.sources.synthetic.generate import (GenerationStats, generate, generate_with_stats, is_complete, labels_csv,
                                           protocol, render_frames, render_video)
-from mgfm.data.synthetic.plan import DatasetPlan, SyntheticConfig, make_plan
+from mgfm.sources.synthetic.plan import DatasetPlan, SyntheticConfig, make_plan
 
 __all__ = [
     "DatasetPlan", "GenerationStats", "SyntheticConfig", "generate", "generate_with_stats", "is_complete",
@@ -22,10 +22,10 @@ __all__ = [
 
 
 def read_synthetic(out_dir, name: str = "synthetic"):
-    """Read a generated folder into a :class:`~mgfm.data.clip_index.ClipIndex` (iMiGUE reader, same format)."""
+    """Read a generated folder into a :class:`~mgfm.sources.clip_index.ClipIndex` (iMiGUE reader, same format)."""
     from pathlib import Path
 
-    from mgfm.data.imigue import read_imigue
+    from mgfm.sources.imigue import read_imigue
 
     out = Path(out_dir)
     return read_imigue(out / "labels.csv", protocol=out / "protocol.json", video_dir=out / "videos", name=name)

@@ -1,4 +1,4 @@
-"""CLI: ``python -m mgfm.data.synthetic --out data/synthetic [--videos N --subjects S --seed S --height 128 ...]``.
+"""CLI: ``python -m mgfm.sources.synthetic --out data/synthetic [--videos N --subjects S --seed S --height 128 ...]``.
 
 Generates (or finishes) the synthetic benchmark, then prints its statistics and the rendering speed.
 """
@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mgfm.data.clip_index import format_summary
-from mgfm.data.synthetic import SyntheticConfig, generate_with_stats, is_complete, read_synthetic
+from mgfm.sources.clip_index import format_summary
+from mgfm.sources.synthetic import SyntheticConfig, generate_with_stats, is_complete, read_synthetic
 
 
 def main(argv: list[str] | None = None) -> None:
     d = SyntheticConfig()
-    ap = argparse.ArgumentParser(prog="python -m mgfm.data.synthetic", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m mgfm.sources.synthetic", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="data/synthetic", help="output folder (resumed when it exists)")
     ap.add_argument("--videos", type=int, default=d.videos)
     ap.add_argument("--subjects", type=int, default=d.subjects)

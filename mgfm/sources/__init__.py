@@ -1,0 +1,1 @@
+"""Readers of the world: annotations, clip index, video I/O and the synthetic benchmark."""
