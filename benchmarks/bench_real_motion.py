@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mgfm.data.clip_augment import crop_resize
+from mgfm.data.clip_augment import crop_clips
 from mgfm.data.clip_cache import cache_split
 from mgfm.data.masking import MaskGenerator
 from mgfm.data.stream import StreamConfig, make_loader
@@ -41,7 +41,7 @@ from mgfm.evaluate.features import PixelEncoder
 from mgfm.evaluate.featureset import FeatureSet
 from mgfm.evaluate.metrics import classification_metrics
 from mgfm.evaluate.probe import ProbeConfig, predict, train_probe
-from mgfm.evaluate.report import format_table, save_figure
+from mgfm.report import format_table, save_figure
 from mgfm.model.motion_map import motion_map
 from mgfm.model.videomae import ModelConfig, build_pretraining_model, param_groups
 from mgfm.shards.manifest import load_manifest
@@ -126,7 +126,7 @@ def curve(objective: str, data: dict[str, dict], args: argparse.Namespace) -> li
             break
         picks = [(names[rng.integers(len(names))], 0) for _ in range(args.batch)]
         clips = torch.stack([data[n]["train"].video[rng.integers(len(data[n]["train"])), 0] for n, _ in picks])
-        video = normalise(crop_resize(clips, cfg.img_size, (1.0, 0.875, 0.75, 0.66), False, gen),
+        video = normalise(crop_clips(clips, cfg.img_size, (1.0, 0.875, 0.75, 0.66), False, gen),
                           IMAGENET_MEAN, IMAGENET_STD)
         enc = torch.as_tensor(np.stack([masks(rng)[0] for _ in range(args.batch)]))
         loss, _ = model(video, enc)

@@ -35,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from mgfm.evaluate.report import format_table
+from mgfm.report import format_table
 from mgfm.evaluate.retrieval import CHUNK_ROWS, RetrievalIndex
 
 log = logging.getLogger("bench_retrieval")

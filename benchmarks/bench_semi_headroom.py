@@ -34,7 +34,7 @@ import numpy as np
 from mgfm.data.subset import stratified_subset
 from mgfm.evaluate.featureset import FeatureSet
 from mgfm.evaluate.probe import ProbeConfig, train_probe
-from mgfm.evaluate.report import format_table
+from mgfm.report import format_table
 
 log = logging.getLogger("bench_semi_headroom")
 

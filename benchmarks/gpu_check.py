@@ -346,6 +346,7 @@ def stage_features(ctx: Context) -> dict:
 
     from mgfm.runtime import feature_precision, local_device
     from mgfm.evaluate.features import split_features
+    from mgfm.data.stream import StreamConfig
     from mgfm.evaluate.encoder_eval import stream_for
     from mgfm.model.hf import load_encoder_hf, save_encoder_hf
     from mgfm.model.videomae import ModelConfig, build_encoder
@@ -358,7 +359,8 @@ def stage_features(ctx: Context) -> dict:
         folder, note = ctx.out / "random_encoder", "random init (pretrain_shards gave no encoder)"
         save_encoder_hf(build_encoder(ModelConfig(**ctx.sizes.model)), folder)
     _, cfg = load_encoder_hf(folder)
-    stream = stream_for(cfg, SimpleNamespace(seed=0, batch_size=ctx.sizes.batch, num_workers=ctx.sizes.workers))
+    stream = stream_for(cfg, SimpleNamespace(seed=0, stream=StreamConfig(masks=False, batch_size=ctx.sizes.batch,
+                                                                         num_workers=ctx.sizes.workers)))
     device = local_device()
     t0 = time.perf_counter()
     features = split_features(folder, ctx.shards, "test", stream, device=device)

@@ -4,7 +4,8 @@
 fully typed recipe. Unknown keys are an error naming the key and its nearest valid spelling, so a typo
 never silently falls back to a default. Every numeric field declares its valid range where it is defined
 (:func:`bounded`); a value outside it is a one-line :class:`RecipeError` naming the dotted key, the value and
-what is allowed, raised while the recipe loads, before any data is read or any folder is made.
+what is allowed, raised while the recipe loads, before any data is read or any folder is made. A key that
+moved (a recipe class's ``MOVED = {old: new dotted key}``) is a one-line error naming its new address.
 ``recipe_to_dict`` gives the resolved recipe to save with a run.
 """
 
@@ -131,6 +132,9 @@ def _build(cls: type, data: dict, where: str, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
+        moved = getattr(cls, "MOVED", {})
+        if key not in fields and key in moved:
+            raise RecipeError(f"{where}: {prefix}{key} has moved: set {prefix}{moved[key]} instead")
         if key not in fields:
             near = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
             hint = f"; did you mean {prefix + near[0]!r}?" if near else f"; valid keys: {', '.join(fields)}"

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> None:
 def write_summary(run_dir: Path, data_summary: dict, probe_report: dict, timings: dict[str, float],
                   emotion_report: dict | None = None, retrieval_report: dict | None = None) -> Path:
     from mgfm.evaluate.probe_eval import summary_rows
-    from mgfm.evaluate.report import markdown_table
+    from mgfm.report import markdown_table
 
     results = probe_report["results"]
     has_without = "without" in results["pretrained"]["probe"]

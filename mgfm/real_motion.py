@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args: argparse.Namespace) -> str:
     from mgfm.evaluate.probe_eval import PROBES
-    from mgfm.evaluate.report import markdown_table
+    from mgfm.report import markdown_table
     from mgfm.pipeline import build_default_shards
 
     seeds = [s.strip() for s in str(args.seeds).split(",") if s.strip()]

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import tiny_encoder_folder
 
+from mgfm.data.stream import StreamConfig
 from mgfm.evaluate.attentive import AttentiveProbeConfig, train_attentive_probe
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.evaluate.probe import ProbeConfig, train_probe
@@ -80,7 +81,7 @@ def test_attentive_probe_report_has_reference_rows_and_its_own_folder(tmp_path, 
 
     run = tmp_path / "run"
     tiny_encoder_folder(run / "encoder")
-    recipe = ProbeRecipe(run=str(run), shards=str(tiny_shards), num_workers=0, batch_size=4, probe="attentive",
+    recipe = ProbeRecipe(run=str(run), shards=str(tiny_shards), stream=StreamConfig(masks=False, num_workers=0, batch_size=4), probe="attentive",
                          attentive=AttentiveProbeConfig(grid=[1, 2, 2], steps=20, wd_grid=[0.1]))
     report = run_probe(recipe)
     assert set(report["results"]) == {"pretrained", "random init", "raw pixels"}

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import tiny_encoder_folder
 
+from mgfm.data.stream import StreamConfig
 from mgfm.evaluate.emotion import (EmotionError, SequenceHeadConfig, binary_metrics, build_sequences, concat_features,
                                    fit_sequence_head, fit_vector_head, majority_probability, mg_probabilities,
                                    one_hot_labels)
@@ -220,7 +221,7 @@ def emotion_shards(tiny_index, tmp_path_factory) -> Path:
 def test_evaluate_emotion_report(tmp_path, emotion_shards):
     run = tmp_path / "run"
     tiny_encoder_folder(run / "encoder")
-    recipe = EmotionRecipe(run=str(run), shards=str(emotion_shards), num_workers=0, batch_size=4, seeds=[0, 1],
+    recipe = EmotionRecipe(run=str(run), shards=str(emotion_shards), stream=StreamConfig(masks=False, num_workers=0, batch_size=4), seeds=[0, 1],
                            probe=ProbeConfig(C=1.0), probe_folds=2, head=SequenceHeadConfig(hidden=8, epochs=3),
                            logistic=ProbeConfig(C=1.0))
     report = evaluate_emotion(recipe)
@@ -248,7 +249,7 @@ def test_mixed_emotions_in_a_video_is_a_one_line_cli_error(tmp_path, tiny_shards
     run = tmp_path / "run"
     tiny_encoder_folder(run / "encoder")
     result = subprocess.run([sys.executable, "eval/emotion.py", f"run={run}", f"shards={tiny_shards}",
-                             "num_workers=0", f"features_dir={tmp_path / 'cache'}"], cwd=REPO, capture_output=True,
+                             "stream.num_workers=0", f"features_dir={tmp_path / 'cache'}"], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]

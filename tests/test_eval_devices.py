@@ -58,7 +58,7 @@ def test_the_recipe_device_reaches_feature_extraction(monkeypatch, tmp_path, tin
     run = tmp_path / "run"
     tiny_encoder_folder(run / "encoder")
     recipe_cls = {"probe_eval": "ProbeRecipe", "emotion_eval": "EmotionRecipe", "retrieval_eval": "RetrievalRecipe"}[evaluator]
-    recipe = getattr(module, recipe_cls)(run=str(run), shards=str(tiny_shards), num_workers=0)
+    recipe = getattr(module, recipe_cls)(run=str(run), shards=str(tiny_shards), stream=StreamConfig(masks=False, num_workers=0))
     with pytest.raises(_Stop):
         module.run(recipe)
     assert seen == [torch.device("cuda", 1)]
@@ -70,7 +70,7 @@ def test_linear_probe_under_accelerate_launch_with_two_processes(tmp_path, tiny_
     tiny_encoder_folder(run / "encoder")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "eval/linear_probe.py",
-           f"run={run}", f"shards={tiny_shards}", "num_workers=0", "batch_size=2", "references=false",
+           f"run={run}", f"shards={tiny_shards}", "stream.num_workers=0", "stream.batch_size=2", "references=false",
            "kmeans=false", "linear.c_grid=[1.0]"]
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

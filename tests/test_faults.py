@@ -47,7 +47,7 @@ def _last_line(result: subprocess.CompletedProcess) -> str:
 
 
 def _probe_args(run: Path, shards: Path, *extra: str) -> list[str]:
-    return ["eval/linear_probe.py", f"run={run}", f"shards={shards}", "num_workers=0", "batch_size=2",
+    return ["eval/linear_probe.py", f"run={run}", f"shards={shards}", "stream.num_workers=0", "stream.batch_size=2",
             "references=false", "kmeans=false", "linear.c_grid=[1.0]", *extra]
 
 

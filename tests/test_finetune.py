@@ -77,8 +77,8 @@ def _classifier(classes: int = 3, seed: int = 0):
 
 
 def test_fixmatch_loss_uses_unlabelled_clips():
-    from mgfm.train.finetune import StepBatch, compute_loss
-    from mgfm.train.finetune_recipe import FinetuneRecipe, SemiConfig
+    from mgfm.evaluate.finetune import StepBatch, compute_loss
+    from mgfm.evaluate.finetune_recipe import FinetuneRecipe, SemiConfig
 
     recipe = FinetuneRecipe(semi=SemiConfig(method="fixmatch", threshold=0.0))
     gen = torch.Generator().manual_seed(0)
@@ -112,7 +112,7 @@ def _square_clips(by_row: bool):
     """18 two-window clips of 3 classes; the class sets where a bright square sits: its column (left to
     right), or, ``by_row``, its row (the square then stays at the left, so a mirror image moves it)."""
     from mgfm.data.clip_cache import ClipCache
-    from mgfm.train.finetune import FinetuneData
+    from mgfm.evaluate.finetune import FinetuneData
 
     gen = torch.Generator().manual_seed(0)
     labels = torch.arange(3).repeat(6)
@@ -127,8 +127,8 @@ def _square_clips(by_row: bool):
 
 def test_probe_head_reproduces_the_linear_probe_on_the_labelled_clips():
     from mgfm.data.clip_cache import ClipCache
-    from mgfm.train.finetune import fit_probe_head, predict_cache
-    from mgfm.train.finetune_recipe import FinetuneRecipe
+    from mgfm.evaluate.finetune import fit_probe_head, predict_cache
+    from mgfm.evaluate.finetune_recipe import FinetuneRecipe
 
     data = _square_clips(by_row=False)
     cache, video, labels = data.labelled, data.labelled.video, data.labelled.labels
@@ -150,8 +150,8 @@ def test_probe_head_reproduces_the_linear_probe_on_the_labelled_clips():
 
 def test_probe_head_with_flip_is_fitted_on_the_mirror_images_too():
     from mgfm.data.clip_cache import ClipCache
-    from mgfm.train.finetune import fit_probe_head, predict_cache
-    from mgfm.train.finetune_recipe import FinetuneRecipe
+    from mgfm.evaluate.finetune import fit_probe_head, predict_cache
+    from mgfm.evaluate.finetune_recipe import FinetuneRecipe
 
     data = _square_clips(by_row=True)
     model = _classifier()
@@ -300,8 +300,8 @@ def test_semi_supervised_run_writes_report_model_and_resumes(tmp_path, tiny_shar
     from mgfm.data.clip_cache import cache_split
     from mgfm.data.transforms import normalise
     from mgfm.evaluate.metrics import classification_metrics
-    from mgfm.train.finetune import model_geometry, stream_configs
-    from mgfm.train.finetune_recipe import FinetuneRecipe
+    from mgfm.evaluate.finetune_data import model_geometry, stream_configs
+    from mgfm.evaluate.finetune_recipe import FinetuneRecipe
 
     loaded = load_recipe(FinetuneRecipe, recipe, ["semi.method=fixmatch", "label_fraction=0.5"])
     _, _, cfg = model_geometry(loaded)
@@ -372,7 +372,7 @@ def test_class_without_train_clips_is_one_line_error(tmp_path, tiny_index, tiny_
 
 def test_mid_run_resume_trains_on_as_the_uninterrupted_run(tmp_path, tiny_shards, tiny_encoder):
     recipe = _recipe(tmp_path, tiny_shards, tiny_encoder, checkpoint_every=2, keep_checkpoints=5)
-    args = ["--recipe", str(recipe), "semi.method=fixmatch", "label_fraction=0.5", "drop_path=0.1"]
+    args = ["--recipe", str(recipe), "semi.method=fixmatch", "label_fraction=0.5", "model.drop_path=0.1"]
     first = _finetune(args)
     assert first.returncode == 0, first.stderr[-3000:]
     out = tmp_path / "ft"
@@ -396,19 +396,19 @@ def test_mid_run_resume_trains_on_as_the_uninterrupted_run(tmp_path, tiny_shards
 
 def test_fine_tunes_of_one_run_on_two_shard_sets_get_their_own_folders(tmp_path):
     """Same run, same recipe name, two shard sets: two folders (one would resume the other's checkpoints)."""
-    from mgfm.train.finetune import output_folder
-    from mgfm.train.finetune_recipe import FinetuneRecipe
+    from mgfm.evaluate.finetune import finetune_folder
+    from mgfm.evaluate.finetune_recipe import FinetuneRecipe
 
     run = tmp_path / "runs" / "r"
-    a, b = (output_folder(FinetuneRecipe(shards=s), run) for s in ("shards/utkinect", "shards/florence3d/"))
+    a, b = (finetune_folder(FinetuneRecipe(shards=s), run) for s in ("shards/utkinect", "shards/florence3d/"))
     assert a == run / "finetune" / "utkinect" / "finetune" and b == run / "finetune" / "florence3d" / "finetune"
-    assert output_folder(FinetuneRecipe(shards="shards/utkinect", out=str(tmp_path / "x")), run) == tmp_path / "x"
+    assert finetune_folder(FinetuneRecipe(shards="shards/utkinect", out=str(tmp_path / "x")), run) == tmp_path / "x"
 
 
 def test_the_labelled_subset_is_drawn_with_the_recipe_seed(tiny_shards):
     from mgfm.data.clip_cache import ClipCache
-    from mgfm.train.finetune import FinetuneData, load_data
-    from mgfm.train.finetune_recipe import FinetuneRecipe
+    from mgfm.evaluate.finetune import FinetuneData, load_data
+    from mgfm.evaluate.finetune_recipe import FinetuneRecipe
 
     n = 40
     train = ClipCache(torch.zeros(n, 1, 2, 3, 4, 4, dtype=torch.uint8), torch.arange(n) % 4,
@@ -422,8 +422,18 @@ def test_the_labelled_subset_is_drawn_with_the_recipe_seed(tiny_shards):
     assert subsets[1] == load_data(FinetuneRecipe(seed=1, label_fraction=0.25), cfg, 0.25, cached).labelled_ids
 
 
+@pytest.mark.parametrize("old,new", [("frames=8", "model.frames"), ("img_size=64", "model.img_size"),
+                                     ("drop_path=0", "model.drop_path"), ("batch_size=4", "stream.batch_size")])
+def test_keys_that_moved_name_their_new_address(old, new):
+    from mgfm.config import RecipeError, load_recipe
+    from mgfm.evaluate.finetune_recipe import FinetuneRecipe
+
+    with pytest.raises(RecipeError, match=f"{old.split('=')[0]} has moved: set {new} instead"):
+        load_recipe(FinetuneRecipe, None, [old])
+
+
 def test_another_clip_length_is_refused_unless_the_position_table_is_resampled(tmp_path, tiny_shards, tiny_encoder):
-    recipe = _recipe(tmp_path, tiny_shards, tiny_encoder, frames=2)
+    recipe = _recipe(tmp_path, tiny_shards, tiny_encoder, model={"frames": 2})
     refused = _finetune(["--recipe", str(recipe), "optim.epochs=1"])
     assert refused.returncode == 2
     last = refused.stderr.strip().splitlines()[-1]
@@ -488,8 +498,8 @@ def _assert_exports_fp32_master_weights(out: Path) -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "recipes" / "finetune").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_load(path):
     from mgfm.config import load_recipe
-    from mgfm.train.finetune_recipe import FinetuneRecipe
+    from mgfm.evaluate.finetune_recipe import FinetuneRecipe
 
     recipe = load_recipe(FinetuneRecipe, path)
-    assert 0 < recipe.label_fraction <= 1 and recipe.optim.layer_decay < 1 and 0 <= recipe.drop_path < 1
-    assert (recipe.cache_side or 0) >= (recipe.img_size or 0)
+    assert 0 < recipe.label_fraction <= 1 and recipe.optim.layer_decay < 1 and 0 <= recipe.model.drop_path < 1
+    assert (recipe.cache_side or 0) >= (recipe.model.img_size or 0)

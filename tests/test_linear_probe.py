@@ -205,7 +205,7 @@ def test_linear_probe_report_and_references(tmp_path, tiny_shards):
 
     run = tmp_path / "run"
     tiny_encoder_folder(run / "encoder")
-    report = run_probe(ProbeRecipe(run=str(run), shards=str(tiny_shards), num_workers=0, batch_size=4,
+    report = run_probe(ProbeRecipe(run=str(run), shards=str(tiny_shards), stream=StreamConfig(masks=False, num_workers=0, batch_size=4),
                                  linear=ProbeConfig(c_grid=[0.01, 1.0])))
     assert set(report["results"]) == {"pretrained", "random init", "raw pixels"}
     probe = report["results"]["pretrained"]["probe"]
@@ -248,6 +248,6 @@ def test_not_an_encoder_is_one_line_error(tmp_path, tiny_shards):
 def test_empty_split_is_one_line_error(tmp_path, tiny_shards):
     run = tmp_path / "run"
     tiny_encoder_folder(run / "encoder")
-    result = _probe_cli(f"run={run}", f"shards={tiny_shards}", "test_split=val", "num_workers=0")
+    result = _probe_cli(f"run={run}", f"shards={tiny_shards}", "test_split=val", "stream.num_workers=0")
     assert result.returncode == 2
     assert "val" in result.stderr.strip().splitlines()[-1]

@@ -10,7 +10,7 @@ from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
 
 from mgfm.evaluate.featureset import FeatureError
 from mgfm.evaluate.metrics import classification_metrics, plot_confusion, rank_of_true
-from mgfm.evaluate.report import format_table, jsonable, markdown_table, write_report
+from mgfm.report import format_table, jsonable, markdown_table, write_report
 
 NAMES = ["c0", "c1", "c2", "c3", "c4", "c5"]
 LABELS = np.array([0, 0, 1, 1, 2, 5])

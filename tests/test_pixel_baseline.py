@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mgfm.evaluate.pixel_baseline import (clip_features, fit_and_score, mean_class_accuracy, motion_features,
-                                          pixel_features, sample_indices)
+                                          pixel_features, evenly_spaced)
 
 
 def test_pixel_features_shape_range_and_sampling():
@@ -22,7 +22,7 @@ def test_pixel_features_shape_range_and_sampling():
     assert pixel_features(frames[:3]).shape == (8 * 16 * 16 * 3,)  # shorter than n_frames: repeats
     with pytest.raises(ValueError, match="T, H, W, 3"):
         pixel_features(np.zeros((4, 8, 8), np.uint8))
-    assert list(sample_indices(10, 3)) == [0, 4, 9]
+    assert list(evenly_spaced(10, 3)) == [0, 4, 9]
 
 
 def test_motion_features_see_movement_not_appearance():
@@ -47,7 +47,7 @@ def test_clip_features_decode_the_clip_span_and_skip_broken_videos(tiny_index, t
     assert skipped == 1 and len(kept) == len(clips) - 1 and x.shape == (len(kept), 4 * 16 * 16 * 3)
     for row, clip in zip(x, kept):
         frames = (row.reshape(4, 16, 16, 3) * 255).round().astype(np.uint8)
-        want = clip.start_frame + sample_indices(clip.n_frames, 4)
+        want = clip.start_frame + evenly_spaced(clip.n_frames, 4)
         assert list(read_time_code(frames)) == list(want)
 
 

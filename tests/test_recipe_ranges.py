@@ -13,7 +13,7 @@ from mgfm.config import Bounds, RecipeError, field_bounds, load_recipe
 from mgfm.evaluate.emotion_eval import EmotionRecipe
 from mgfm.evaluate.probe_eval import ProbeRecipe
 from mgfm.evaluate.retrieval_eval import RetrievalRecipe
-from mgfm.train.finetune_recipe import FinetuneRecipe
+from mgfm.evaluate.finetune_recipe import FinetuneRecipe
 from mgfm.train.recipe import PretrainRecipe
 
 RECIPES = [PretrainRecipe, FinetuneRecipe, ProbeRecipe, RetrievalRecipe, EmotionRecipe]

@@ -41,7 +41,7 @@ def tiny_encoder(folder: Path, dim: int = 32, seed: int = 1) -> Path:
 
 
 def recipe(run_dir: Path, shards: Path, *overrides: str) -> RetrievalRecipe:
-    return load_recipe(RetrievalRecipe, None, [f"run={run_dir}", f"shards={shards}", "num_workers=0", "batch_size=4",
+    return load_recipe(RetrievalRecipe, None, [f"run={run_dir}", f"shards={shards}", "stream.num_workers=0", "stream.batch_size=4",
                                                *overrides])
 
 
@@ -186,7 +186,7 @@ def empty_test_shards(tiny_index, tmp_path_factory) -> Path:
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, PROG, *args, "num_workers=0", "batch_size=4"], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, PROG, *args, "stream.num_workers=0", "stream.batch_size=4"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -45,7 +45,7 @@ def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor
     return lo + (hi - lo) * torch.rand(n, generator=gen)
 
 
-def crop_resize(clips: torch.Tensor, size: int, scales: Sequence[float] | None, flip: bool,
+def crop_clips(clips: torch.Tensor, size: int, scales: Sequence[float] | None, flip: bool,
                 gen: torch.Generator | None) -> torch.Tensor:
     """uint8 ``(B, T, 3, S0, S0)`` -> float ``(B, T, 3, size, size)`` in [0, 1]: a random crop (side = a
     scale drawn from ``scales`` x S0, random place) per clip, or the centre ``S0`` square when
@@ -96,4 +96,4 @@ def strong_jitter(video: torch.Tensor, cfg: StrongAugConfig, gen: torch.Generato
     return x
 
 
-__all__ = ["StrongAugConfig", "crop_resize", "strong_jitter"]
+__all__ = ["StrongAugConfig", "crop_clips", "strong_jitter"]

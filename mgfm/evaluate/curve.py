@@ -23,7 +23,7 @@ from mgfm.cli import one_line_errors
 from mgfm.errors import InputError
 from mgfm.evaluate.probe_eval import PROBES, ProbeRecipe
 from mgfm.evaluate.probe_eval import run as run_probe
-from mgfm.evaluate.report import markdown_table, save_figure, write_report
+from mgfm.report import markdown_table, save_figure, write_report
 from mgfm.shards.read import set_name
 from mgfm.runtime import setup_logging
 

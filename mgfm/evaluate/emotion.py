@@ -21,6 +21,7 @@ from mgfm.config import bounded
 from mgfm.errors import MgfmError
 from mgfm.evaluate.featureset import FeatureSet
 from mgfm.evaluate.probe import LinearProbe, ProbeConfig, train_probe
+from mgfm.sources.clip_index import natural_key
 
 log = logging.getLogger(__name__)
 EMOTION_NAMES = {1: "positive", 0: "negative"}
@@ -245,10 +246,6 @@ class VideoSequence:
     start_frames: np.ndarray  # (T,) int64
 
 
-def _natural(video_id: str) -> tuple:
-    return (0, int(video_id), "") if video_id.isdigit() else (1, 0, video_id)
-
-
 def build_sequences(features: FeatureSet, emotion_splits: Mapping[str, str] | None = None,
                     source: str = "clips", allow_missing_videos: bool = False) -> list[VideoSequence]:
     """Group ``features``' rows by ``video_id`` into time-ordered :class:`VideoSequence` s.
@@ -272,7 +269,7 @@ def build_sequences(features: FeatureSet, emotion_splits: Mapping[str, str] | No
         by_video.setdefault(str(row["video_id"]), []).append(i)
     splits = {str(k): str(v) for k, v in (emotion_splits or {}).items()}
     if splits:
-        missing = sorted((v for v in splits if v not in by_video), key=_natural)
+        missing = sorted((v for v in splits if v not in by_video), key=natural_key)
         if missing and not allow_missing_videos:
             raise EmotionError(f"{source}: {len(missing)} video(s) of the emotion protocol have no clips "
                                f"(e.g. {', '.join(missing[:5])}); rebuild the shards from all videos or set "
@@ -280,7 +277,7 @@ def build_sequences(features: FeatureSet, emotion_splits: Mapping[str, str] | No
         if missing:
             log.warning("%s: %d emotion-protocol videos have no clips; left out", source, len(missing))
     sequences, unlabelled, unlisted = [], 0, 0
-    for vid in sorted(by_video, key=_natural):
+    for vid in sorted(by_video, key=natural_key):
         rows = [features.rows[i] for i in by_video[vid]]
         emotions = {int(r["emotion"]) for r in rows if r.get("emotion") is not None}
         if len(emotions) > 1:

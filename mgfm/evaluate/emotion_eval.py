@@ -47,7 +47,7 @@ from mgfm.evaluate.emotion import (EMOTION_NAMES, EmotionError, SequenceHeadConf
                                    majority_probability, mg_probabilities, one_hot_labels, require_both_emotions)
 from mgfm.evaluate.encoder_eval import EncoderEvalRecipe, finish, prepare
 from mgfm.evaluate.probe import ProbeConfig
-from mgfm.evaluate.report import format_table, markdown_table
+from mgfm.report import format_table, markdown_table
 
 log = logging.getLogger(__name__)
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")

@@ -6,20 +6,21 @@ saying so) and the report's data section and ending. Each evaluation (``*_eval.p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from mgfm.config import bounded
-from mgfm.runtime import is_main_process
 from mgfm.data.stream import StreamConfig
-from mgfm.runtime import join_process_group, local_device
 from mgfm.errors import MgfmError
 from mgfm.evaluate.features import PixelEncoder, eval_stream_config, require_complete, split_features
 from mgfm.evaluate.featureset import FeatureSet
-from mgfm.evaluate.report import format_table, write_report
+from mgfm.report import format_table, write_report
+from mgfm.runtime import is_main_process, join_process_group, local_device
 from mgfm.shards.read import set_name
 
 log = logging.getLogger(__name__)
@@ -30,16 +31,25 @@ class RunError(MgfmError, ValueError):
 
 
 @dataclass
-class EncoderEvalRecipe:
-    """What every frozen-encoder evaluation needs: which encoder, which shards, how to read them."""
+class RunRecipe:
+    """Which trained encoder and which shards a use of an encoder reads, and where it writes: shared by every
+    evaluation and by fine-tuning."""
 
     run: str | None = None  # a run folder (runs/<name>) or an encoder folder; None = newest run in runs_dir
     runs_dir: str = "runs"
     shards: str = "shards/synthetic"
     out: str | None = None  # default: a folder under the run, named after the evaluation and the shards
+
+
+@dataclass
+class EncoderEvalRecipe(RunRecipe):
+    """What every frozen-encoder evaluation needs: which encoder, which shards, how to read them. The clip
+    geometry is the encoder's; ``stream`` holds how clips are decoded and batched."""
+
+    MOVED: ClassVar[dict[str, str]] = {"batch_size": "stream.batch_size", "num_workers": "stream.num_workers"}
+
     views: int = bounded(1, ge=1)  # temporal views averaged per clip
-    batch_size: int = bounded(32, ge=1)
-    num_workers: int = bounded(2, ge=0)
+    stream: StreamConfig = field(default_factory=lambda: StreamConfig(masks=False, batch_size=32))
     references: bool = True  # add random-init and raw-pixel rows
     device: str = "auto"  # encoder device: auto (this process's GPU when CUDA is there) | cpu | cuda | cuda:N
     features_dir: str | None = None  # feature cache folder; default <run>/features
@@ -47,6 +57,17 @@ class EncoderEvalRecipe:
     # first); by default a missing clip of a scored split is an error.
     allow_missing: bool = False
     seed: int = bounded(0, ge=0)
+
+    def __post_init__(self) -> None:
+        require_encoder_geometry(self.stream)
+
+
+def require_encoder_geometry(stream: StreamConfig) -> None:
+    """The clip geometry of a use of a trained encoder is the encoder's: a ``stream.`` copy is refused."""
+    for key in ("frames", "img_size", "tubelet", "patch"):
+        if getattr(stream, key) is not None:
+            raise ValueError(f"stream.{key}: the clip geometry is the encoder's (fine-tuning changes it with "
+                             f"model.{key if key in ('frames', 'img_size') else 'frames'})")
 
 
 def newest_run(runs_dir: str | Path) -> Path:
@@ -56,7 +77,7 @@ def newest_run(runs_dir: str | Path) -> Path:
     return max(runs, key=lambda p: p.stat().st_mtime).parent.parent
 
 
-def resolve_encoder(recipe: EncoderEvalRecipe) -> tuple[Path, Path]:
+def resolve_encoder(recipe: RunRecipe) -> tuple[Path, Path]:
     """(run folder, encoder folder) for ``recipe.run``."""
     run = Path(recipe.run) if recipe.run else newest_run(recipe.runs_dir)
     if not run.exists():
@@ -85,9 +106,8 @@ def eval_device(recipe: EncoderEvalRecipe) -> torch.device:
 
 
 def stream_for(encoder_cfg, recipe: EncoderEvalRecipe) -> StreamConfig:
-    """An eval stream cut for the encoder's clip geometry."""
-    return eval_stream_config(StreamConfig(seed=recipe.seed).with_model(encoder_cfg), recipe.batch_size,
-                              recipe.num_workers)
+    """The recipe's eval stream cut for the encoder's clip geometry."""
+    return eval_stream_config(dataclasses.replace(recipe.stream, seed=recipe.seed).with_model(encoder_cfg))
 
 
 def encoders_to_compare(encoder_folder: Path, recipe: EncoderEvalRecipe):
@@ -105,9 +125,9 @@ def encoders_to_compare(encoder_folder: Path, recipe: EncoderEvalRecipe):
     return rows, cfg
 
 
-def output_folder(recipe: EncoderEvalRecipe, run_dir: Path, task: str) -> Path:
-    """Where an evaluation writes its report: ``out``, else ``<run>/<task>/<shard set name>``."""
-    return Path(recipe.out) if recipe.out else run_dir / task / set_name(recipe.shards)
+def output_folder(recipe: RunRecipe, run_dir: Path, task: str, *more: str) -> Path:
+    """Where a use of an encoder writes: ``out``, else ``<run>/<task>/<shard set name>[/<more>...]``."""
+    return Path(recipe.out) if recipe.out else run_dir.joinpath(task, set_name(recipe.shards), *more)
 
 
 @dataclass

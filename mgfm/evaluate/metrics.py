@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix
 
 from mgfm.evaluate.featureset import FeatureError
-from mgfm.evaluate.report import save_figure
+from mgfm.report import save_figure
 
 TOP_K = 5
 

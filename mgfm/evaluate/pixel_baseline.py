@@ -31,7 +31,7 @@ from mgfm.sources.video_io import VideoDecodeError, decode_frames
 logger = logging.getLogger(__name__)
 
 
-def sample_indices(n_total: int, n_frames: int) -> np.ndarray:
+def evenly_spaced(n_total: int, n_frames: int) -> np.ndarray:
     """``n_frames`` uniformly spaced positions in [0, n_total) (repeats when the clip is shorter) -> (n_frames,) int."""
     if n_total < 1:
         raise ValueError(f"expected a clip with at least one frame, got {n_total}")
@@ -52,7 +52,7 @@ def pixel_features(frames: np.ndarray, n_frames: int = 8, size: int = 16) -> np.
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected frames shaped (T, H, W, 3), got {frames.shape}")
-    picked = frames[sample_indices(len(frames), n_frames)]
+    picked = frames[evenly_spaced(len(frames), n_frames)]
     small = [cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in picked]
     return (np.stack(small).astype(np.float32) / 255.0).reshape(-1)
 
@@ -91,7 +91,7 @@ def clip_features(clips: list[Clip], n_frames: int = 8, size: int = 16, backend:
     kept: list[Clip] = []
     skipped = 0
     for path, group in tqdm(sorted(by_video.items()), desc="pixel features", unit="video", disable=not progress):
-        picks = [c.start_frame + sample_indices(c.n_frames, n_frames) for c in group]
+        picks = [c.start_frame + evenly_spaced(c.n_frames, n_frames) for c in group]
         wanted = np.unique(np.concatenate(picks))
         try:
             frames = decode_frames(path, wanted.tolist(), backend=backend)

@@ -26,7 +26,7 @@ from mgfm.evaluate.encoder_eval import EncoderEvalRecipe, finish, prepare
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.evaluate.metrics import classification_metrics, plot_confusion
 from mgfm.evaluate.probe import ProbeConfig, train_probe
-from mgfm.evaluate.report import format_table, markdown_table
+from mgfm.report import format_table, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class ProbeRecipe(EncoderEvalRecipe):
     attentive: AttentiveProbeConfig = field(default_factory=AttentiveProbeConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.probe not in PROBES:
             raise InputError(f"probe: expected one of {', '.join(PROBES)}, got {self.probe!r}")
 

@@ -38,7 +38,7 @@ from mgfm.evaluate.encoder_eval import (EncoderEvalRecipe, eval_device, features
                                         prepare, resolve_encoder, stream_for)
 from mgfm.evaluate.features import cache_key, cache_stem, split_features
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
-from mgfm.evaluate.report import format_table, markdown_table, save_figure
+from mgfm.report import format_table, markdown_table, save_figure
 from mgfm.files import write_atomic
 from mgfm.shards.read import read_samples, resolve_shards
 from mgfm.evaluate.retrieval import CHOICES, RetrievalIndex, retrieval_metrics
@@ -82,10 +82,9 @@ class RetrievalRecipe(EncoderEvalRecipe):
     montage_frames: int = bounded(4, ge=1)  # frames per clip in the montage
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.index not in CHOICES:
             raise ValueError(f"index must be one of {list(CHOICES)}, got {self.index!r}")
-        if self.recall_target is not None and not 0 < self.recall_target <= 1:
-            raise ValueError(f"recall_target must be in (0, 1] (or null), got {self.recall_target}")
         if self.use_gpu not in ("auto", True, False):
             raise ValueError(f"use_gpu must be auto, true or false, got {self.use_gpu!r}")
         if not self.ks or min(self.ks) < 1:

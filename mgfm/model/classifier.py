@@ -148,7 +148,7 @@ def classifier_to_hf_state(model: VideoClassifier) -> dict[str, torch.Tensor]:
 def save_classifier_hf(model: VideoClassifier, folder: str | Path, class_names: Sequence[str]) -> Path:
     """Write ``folder`` as a Hugging Face ``VideoMAEForVideoClassification`` (``config.json`` with label
     names, ``model.safetensors``, ``preprocessor_config.json``), built beside it and swapped in."""
-    model = _unwrap(model)
+    model = unwrap_classifier(model)
     config = classifier_hf_config(model, class_names)
     folder = write_hf_folder(folder, classifier_to_hf_state(model), config, model.cfg)
     log.info("saved classifier (%d classes) to %s", model.num_classes, folder)
@@ -177,14 +177,15 @@ def load_classifier_hf(folder: str | Path) -> tuple[VideoClassifier, list[str]]:
     return model.eval(), names
 
 
-def _unwrap(model: nn.Module) -> VideoClassifier:
+def unwrap_classifier(model: nn.Module) -> VideoClassifier:
+    """The :class:`VideoClassifier` inside ``model`` (a DDP / DeepSpeed / Accelerate wrapper, or itself)."""
     for _ in range(3):
         if isinstance(model, VideoClassifier):
             return model
         model = getattr(model, "module", None)
         if model is None:
             break
-    raise TypeError("save_classifier_hf: expected a VideoClassifier (or a wrapper with .module)")
+    raise TypeError("expected a VideoClassifier (or a wrapper with .module)")
 
 
 __all__ = ["HF_FC_NORM_EPS", "VideoClassifier", "layer_decay_groups", "build_classifier", "init_classifier_from_hf",

@@ -25,6 +25,7 @@ from typing import Any
 
 from mgfm.errors import InputError
 from mgfm.files import write_atomic
+from mgfm.sources.clip_index import natural_key
 
 MANIFEST = "manifest.json"
 META_DIR = "_meta"
@@ -116,7 +117,7 @@ def rebuild_manifest(out_dir: str | Path) -> dict:
         info["skipped"] += len(frag["skipped"])
         skipped.extend(frag["skipped"])
     for info in splits.values():
-        info["subjects"] = _natural_sorted(info["subjects"])
+        info["subjects"] = sorted(info["subjects"], key=natural_key)
         info["videos"] = len(info["videos"])
     manifest = {
         "format": FORMAT,
@@ -187,5 +188,3 @@ def format_manifest(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def _natural_sorted(values) -> list[str]:
-    return sorted(values, key=lambda s: (0, int(s), "") if str(s).isdigit() else (1, 0, str(s)))

@@ -124,7 +124,7 @@ class ClipIndex:
         return counts
 
     def subjects(self, split: str | None = None) -> list[str]:
-        return sorted({c.subject for c in self.clips if split is None or c.split == split}, key=_natural)
+        return sorted({c.subject for c in self.clips if split is None or c.split == split}, key=natural_key)
 
     def videos(self) -> dict[str, list[Clip]]:
         """Clips grouped by video, each list in time order (by start frame)."""
@@ -178,7 +178,8 @@ class ClipIndex:
         )
 
 
-def _natural(s: str) -> tuple:
+def natural_key(s: str) -> tuple:
+    """Sort key that puts numeric ids in numeric order ("2" before "10"), then the other ids by text."""
     return (0, int(s), "") if str(s).isdigit() else (1, 0, str(s))
 
 

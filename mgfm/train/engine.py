@@ -1,7 +1,7 @@
 """The one training engine: accelerator and precision, LR schedule, the optimiser step, checkpoints and
 resume, per-step logs, and the export of full fp32 weights.
 
-Pretraining (:mod:`mgfm.train.pretrain`) and fine-tuning (:mod:`mgfm.train.finetune`) only build a model,
+Pretraining (:mod:`mgfm.train.pretrain`) and fine-tuning (:mod:`mgfm.evaluate.finetune`) only build a model,
 an iterator of micro-batches and a loss, then call :func:`train` (the split of mae's ``engine_pretrain.py``
 and ``main_pretrain.py``)::
 
@@ -52,7 +52,7 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 class TrainRecipe(Protocol):
     """What the engine reads from a recipe (:class:`~mgfm.train.recipe.PretrainRecipe` and
-    :class:`~mgfm.train.finetune_recipe.FinetuneRecipe` both have it)."""
+    :class:`~mgfm.evaluate.finetune_recipe.FinetuneRecipe` both have it)."""
 
     mixed_precision: str
     zero_stage: int

@@ -285,7 +285,7 @@ def _plot_loss(history: list[dict], path: Path) -> None:
         log.warning("matplotlib is not installed: no %s (metrics.jsonl has the losses)", path.name)
         return
 
-    from mgfm.evaluate.report import save_figure
+    from mgfm.report import save_figure
 
     fig = Figure(figsize=(6, 3.5), dpi=120)
     ax = fig.add_subplot()

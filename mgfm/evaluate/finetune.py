@@ -36,202 +36,35 @@ import json
 import logging
 import math
 import time
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from mgfm.cli import run_cli
 from mgfm.config import recipe_to_dict, save_recipe
-from mgfm.data.clip_augment import crop_resize, strong_jitter
-from mgfm.data.clip_cache import ClipCache, cache_split
-from mgfm.runtime import gather_objects
-from mgfm.data.stream import SkipCounter, SplitRead, expected_clips
+from mgfm.data.clip_augment import crop_clips
+from mgfm.data.clip_cache import ClipCache
 from mgfm.data.transforms import normalise
-from mgfm.data.subset import missing_train_classes, stratified_subset
+from mgfm.evaluate.encoder_eval import output_folder
+from mgfm.evaluate.featureset import FeatureSet
+from mgfm.evaluate.finetune_data import FinetuneData, StepBatch, load_data, make_batch, model_geometry, step_generator
+from mgfm.evaluate.finetune_recipe import FinetuneRecipe
+from mgfm.evaluate.metrics import classification_metrics, plot_confusion
+from mgfm.evaluate.probe import ProbeConfig, train_probe
 from mgfm.errors import InputError
 from mgfm.files import FolderLock
-from mgfm.shards.read import set_name
-from mgfm.runtime import barrier, is_main_process, rank_world, setup_logging
+from mgfm.model.classifier import (VideoClassifier, build_classifier, layer_decay_groups, save_classifier_hf,
+                                   unwrap_classifier)
+from mgfm.report import format_table, markdown_table, write_report
+from mgfm.runtime import barrier, gather_objects, is_main_process, rank_world, setup_logging
 from mgfm.train.engine import Engine, MicroResult, Schedule, find_checkpoint, make_accelerator, to_model, train
-from mgfm.train.finetune_recipe import FinetuneRecipe
 
 log = logging.getLogger("mgfm.finetune")
 DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "finetune" / "tiny_cpu.yaml"
 DEFAULT_CHECKPOINT_EPOCHS = 10  # checkpoint_every=0: a checkpoint every this many epochs
-
-
-# ------------------------------------------------------------------------------------------------ data
-
-
-@dataclass
-class FinetuneData:
-    """What every variant of a run trains and tests on (this rank's part of each split).
-
-    ``train``: every train clip (the unlabelled pool), ``labelled``: the labelled subset of it,
-    ``test``: the test clips (``views`` windows each), ``class_names``, ``labelled_ids``: the global
-    labelled subset, ``class_counts``: labelled clips per class over all ranks."""
-
-    train: ClipCache
-    labelled: ClipCache
-    test: ClipCache
-    class_names: list[str]
-    labelled_ids: list[str]
-    class_counts: np.ndarray
-    n_train: int
-    fraction: float
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-def model_geometry(recipe: FinetuneRecipe):
-    """The encoder folder, the run folder and the model config of the run: the encoder's, at the recipe's
-    ``frames`` / ``img_size`` (its position table kept, resampled or refused: ``pos_embed``)."""
-    from mgfm.evaluate.encoder_eval import RunError, newest_run
-    from mgfm.model.hf import config_from_hf, read_hf_config
-    from mgfm.model.videomae import at_geometry
-
-    run = Path(recipe.run) if recipe.run else newest_run(recipe.runs_dir)
-    if not run.exists():
-        raise RunError(f"{run}: no such run or encoder folder")
-    encoder = run / "encoder" if (run / "encoder").is_dir() else run
-    trained = config_from_hf(read_hf_config(encoder), encoder)
-    changes = {"drop_path": recipe.drop_path}
-    if recipe.frames is not None:
-        changes["frames"] = recipe.frames
-    if recipe.img_size is not None:
-        changes["img_size"] = recipe.img_size
-    try:
-        cfg = dataclasses.replace(trained, **changes)
-    except ValueError as err:
-        raise InputError(f"frames/img_size/drop_path do not fit the encoder: {err}") from None
-    return encoder, (run if encoder != run else run.parent), at_geometry(trained, cfg, recipe.pos_embed, str(encoder))
-
-
-def stream_configs(recipe: FinetuneRecipe, cfg) -> tuple:
-    """(train cache stream, test stream): the recipe's decoding settings cut to the model's geometry."""
-    side = recipe.cache_side or cfg.img_size
-    if side < cfg.img_size:
-        raise InputError(f"cache_side={side} is smaller than img_size={cfg.img_size}")
-    stream = dataclasses.replace(recipe.stream.with_model(cfg), masks=False, repeats=1, seed=recipe.seed)
-    # the train cache keeps whole frames at cache_side for random crops; no masks, so any side will do
-    return dataclasses.replace(stream, img_size=side, eval_crop=1.0), stream
-
-
-def split_read(shards: str, split: str, cache: ClipCache) -> SplitRead:
-    """How completely the ranks together cached ``split`` (against its manifest)."""
-    parts = gather_objects((len(cache), cache.lost))
-    return SplitRead(str(shards), split, expected_clips(shards, split), sum(n for n, _ in parts),
-                     SkipCounter.merged_records(r for _, lost in parts for r in lost))
-
-
-def load_data(recipe: FinetuneRecipe, cfg, fraction: float, cached: FinetuneData | None = None) -> FinetuneData:
-    """Decode (or reuse ``cached``'s) splits and choose the labelled subset for ``fraction``."""
-    from mgfm.shards.manifest import load_manifest
-
-    if cached is None:
-        class_names = list(load_manifest(recipe.shards)["class_names"])
-        train_cfg, test_cfg = stream_configs(recipe, cfg)
-        train = cache_split(recipe.shards, recipe.train_split, train_cfg, recipe.train_views,
-                            desc=f"decode {recipe.train_split}")
-        test = cache_split(recipe.shards, recipe.test_split, test_cfg, recipe.views, desc=f"decode {recipe.test_split}")
-        for split, cache, strict in ((recipe.train_split, train, False), (recipe.test_split, test, True)):
-            read = split_read(recipe.shards, split, cache)
-            if not read.complete and (strict and not recipe.allow_missing):
-                raise InputError(f"{recipe.shards}: {read.describe()}; restore the shards (`python -m mgfm.shards "
-                                 f"verify` names what is wrong) or set allow_missing=true")
-            if not read.complete:
-                log.warning("%s: %s", recipe.shards, read.describe())
-    else:
-        class_names, train, test = cached.class_names, cached.train, cached.test
-    pairs = [p for part in gather_objects(list(zip(train.clip_ids, train.labels.tolist()))) for p in part]
-    if not pairs:
-        raise InputError(f"{recipe.shards}: split {recipe.train_split!r} has no clips")
-    ids, labels = zip(*pairs)
-    test_labels = [y for part in gather_objects(test.labels.tolist()) for y in part]
-    missing = missing_train_classes(labels, test_labels, class_names)
-    if missing:
-        read = split_read(recipe.shards, recipe.train_split, train)
-        lost = "" if read.complete else f"; {read.describe()}"
-        raise InputError(f"{recipe.shards}: {missing}{lost}; fine-tuning cannot learn them")
-    labelled_ids = stratified_subset(ids, labels, fraction, recipe.seed, class_names)
-    lab = dict(pairs)
-    counts = np.bincount([lab[c] for c in labelled_ids], minlength=len(class_names))
-    labelled = train.select(labelled_ids)
-    log.info("label_fraction %g: %d of %d train clips labelled (%d classes, %d-%d per class)", fraction,
-             len(labelled_ids), len(pairs), len(class_names), counts.min(), counts.max())
-    return FinetuneData(train, labelled, test, class_names, labelled_ids, counts, len(pairs), fraction,
-                        tuple(cfg.pixel_mean), tuple(cfg.pixel_std))
-
-
-# ------------------------------------------------------------------------------------------ batches
-
-
-@dataclass
-class StepBatch:
-    """One micro-batch: labelled ``video`` float ``(B, T, 3, S, S)`` + ``labels`` ``(B,)``; for FixMatch the
-    unlabelled ``weak`` and ``strong`` views ``(B*mu, T, 3, S, S)`` of the same clips (+ their true
-    labels ``unlabelled_labels`` for diagnostics only, -1 where unknown)."""
-
-    video: torch.Tensor
-    labels: torch.Tensor
-    weak: torch.Tensor | None = None
-    strong: torch.Tensor | None = None
-    unlabelled_labels: torch.Tensor | None = None
-
-
-def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
-    """The generator of one micro-batch's draws (deterministic, so resume replays the same data)."""
-    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{rank}:{step}:{micro}".encode()))
-
-
-def labelled_indices(n: int, labels: torch.Tensor, batch: int, step: int, micro: int, grad_accum: int,
-                     balance: str, seed: int, rank: int) -> torch.Tensor:
-    """Indices of this micro-batch's labelled clips: epoch-wise permutations (every clip once per
-    ``n`` clips drawn), or, with ``balance="sampler"``, class-balanced draws (each class equally likely,
-    then a clip of it)."""
-    if balance == "sampler":
-        counts = torch.bincount(labels, minlength=int(labels.max()) + 1).float()
-        weights = 1.0 / counts[labels]
-        return torch.multinomial(weights, batch, replacement=True, generator=step_generator(seed, rank, step, micro))
-    start = (step * grad_accum + micro) * batch
-    out = []
-    for k in range(start, start + batch):
-        epoch, pos = divmod(k, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(zlib.crc32(f"{seed}:{rank}:e{epoch}".encode())))
-        out.append(int(perm[pos]))
-    return torch.tensor(out, dtype=torch.long)
-
-
-def make_batch(data: FinetuneData, recipe: FinetuneRecipe, img_size: int, step: int, micro: int,
-               semi: bool) -> StepBatch:
-    """Augmented tensors of one micro-batch (weak views for labelled clips)."""
-    rank, _ = rank_world()
-    gen = step_generator(recipe.seed, rank, step, micro)
-    b = recipe.stream.batch_size
-    mean, std = data.mean, data.std
-    idx = labelled_indices(len(data.labelled), data.labelled.labels, b, step, micro, recipe.optim.grad_accum,
-                           recipe.balance, recipe.seed, rank)
-    video = _pick_views(data.labelled, idx, gen)
-    out = StepBatch(normalise(crop_resize(video, img_size, recipe.crop_scales, recipe.flip, gen), mean, std),
-                    data.labelled.labels[idx])
-    if semi:
-        uidx = torch.randint(len(data.train), (b * recipe.semi.ratio,), generator=gen)
-        clips = _pick_views(data.train, uidx, gen)
-        weak = crop_resize(clips, img_size, recipe.crop_scales, recipe.flip, gen)
-        strong = strong_jitter(crop_resize(clips, img_size, recipe.crop_scales, recipe.flip, gen),
-                               recipe.semi.strong, gen)
-        out.weak, out.strong = normalise(weak, mean, std), normalise(strong, mean, std)
-        out.unlabelled_labels = data.train.labels[uidx]
-    return out
-
-
-def _pick_views(cache: ClipCache, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """uint8 ``(B, T, 3, S0, S0)``: one random cached temporal window of each clip ``idx``."""
-    views = torch.randint(cache.views, (len(idx),), generator=gen)
-    return cache.video[idx, views]
 
 
 # -------------------------------------------------------------------------------------------- losses
@@ -298,15 +131,13 @@ def compute_loss(model, batch: StepBatch, recipe: FinetuneRecipe, log_prior: tor
 def _map_cache(fn, model, cache: ClipCache, batch_size: int, mean, std, img_size: int,
                device: torch.device | str, desc: str, progress: bool) -> list[torch.Tensor]:
     """``fn(flat normalised centre views)`` per batch, in eval mode: a list of ``(b, V, ...)`` CPU tensors."""
-    from tqdm.auto import tqdm
-
     was_training = model.training
     model.eval()
     out = []
     for start in tqdm(range(0, len(cache), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         clips = cache.video[start:start + batch_size]  # (b, V, T, 3, S, S)
         b, v = clips.shape[:2]
-        flat = normalise(crop_resize(clips.flatten(0, 1), img_size, None, False, None), mean, std)
+        flat = normalise(crop_clips(clips.flatten(0, 1), img_size, None, False, None), mean, std)
         y = fn(to_model(flat, model, device)).float()
         out.append(y.reshape(b, v, *y.shape[1:]).cpu())
     model.train(was_training)
@@ -318,7 +149,7 @@ def predict_cache(model, cache: ClipCache, batch_size: int, mean, std, img_size:
     """Softmax scores ``(N, C)`` of every cached clip, averaged over its ``V`` temporal windows."""
     parts = _map_cache(lambda x: torch.softmax(model(x).float(), dim=-1), model, cache, batch_size, mean, std,
                        img_size, device, "test", progress)
-    n_classes = getattr(_unwrap(model), "num_classes", 0)
+    n_classes = unwrap_classifier(model).num_classes
     return torch.cat(parts).mean(1).numpy() if parts else np.zeros((0, n_classes), dtype=np.float32)
 
 
@@ -333,8 +164,6 @@ def fit_probe_head(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: 
     frequent classes; starting from the probe's head keeps the pretrained features while the whole
     network adapts. The probe's standardisation is folded into the head's weights and bias. Returns the
     probe's train accuracy."""
-    from mgfm.evaluate.featureset import FeatureSet
-    from mgfm.evaluate.probe import ProbeConfig, train_probe
 
     caches = [data.labelled]
     if recipe.flip:  # the head then sees the mirror images fine-tuning will train on
@@ -360,8 +189,6 @@ def fit_probe_head(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: 
 
 def evaluate_test(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: int, device) -> dict:
     """Multi-view test scores over all ranks -> :func:`mgfm.evaluate.metrics.classification_metrics`."""
-    from mgfm.evaluate.metrics import classification_metrics
-
     mean, std = data.mean, data.std
     scores = predict_cache(model, data.test, recipe.stream.batch_size * 2, mean, std, img_size, device,
                            progress=is_main_process())
@@ -375,11 +202,6 @@ def evaluate_test(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: i
     return classification_metrics(scores[order][keep], labels[order][keep], data.class_names, exclude)
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
 
 # ------------------------------------------------------------------------------------------ training
 
@@ -390,10 +212,6 @@ def variant_name(recipe: FinetuneRecipe) -> str:
 
 def train_variant(recipe: FinetuneRecipe, data: FinetuneData, encoder_folder: Path, cfg, out: Path) -> dict:
     """Fine-tune one variant into ``out``; returns its report (an existing finished report is reused)."""
-    from mgfm.evaluate.metrics import plot_confusion
-    from mgfm.evaluate.report import format_table, markdown_table, write_report
-    from mgfm.model.classifier import VideoClassifier, build_classifier, layer_decay_groups, save_classifier_hf
-
     rank, world = rank_world()
     resolved = recipe_to_dict(recipe)
     done = out / "report.json"
@@ -517,12 +335,10 @@ def variants(recipe: FinetuneRecipe) -> list[FinetuneRecipe]:
     return out
 
 
-def output_folder(recipe: FinetuneRecipe, run_dir: Path) -> Path:
-    """``out``, else ``<run>/finetune/<shard set name>/<recipe name>``: fine-tunes of one run on two shard
-    sets never share (and resume from) one folder."""
-    if recipe.out:
-        return Path(recipe.out)
-    return run_dir / "finetune" / set_name(recipe.shards) / recipe.name
+def finetune_folder(recipe: FinetuneRecipe, run_dir: Path) -> Path:
+    """``out``, else ``<run>/finetune/<shard set name>/<recipe name>``: fine-tunes of one run on two shard sets
+    never share (and resume from) one folder."""
+    return output_folder(recipe, run_dir, "finetune", recipe.name)
 
 
 def run(recipe: FinetuneRecipe) -> dict:
@@ -531,13 +347,12 @@ def run(recipe: FinetuneRecipe) -> dict:
     make_accelerator(recipe)  # initialises the process group (under accelerate launch) before any data
     setup_logging()
     encoder_folder, run_dir, cfg = model_geometry(recipe)
-    out = output_folder(recipe, run_dir)
+    out = finetune_folder(recipe, run_dir)
     with FolderLock(out) if is_main_process() else contextlib.nullcontext():
         return _run(recipe, encoder_folder, cfg, out)
 
 
 def _run(recipe: FinetuneRecipe, encoder_folder: Path, cfg, out: Path) -> dict:
-    from mgfm.evaluate.report import format_table, markdown_table, write_report
 
     data: FinetuneData | None = None
     reports = []
@@ -566,8 +381,6 @@ def _run(recipe: FinetuneRecipe, encoder_folder: Path, cfg, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry: ``[--recipe FILE] [key=value ...]``; user errors end in one line and exit code 2."""
-    from mgfm.cli import run_cli
-
     return run_cli(FinetuneRecipe, run, argv, "eval/finetune.py",
                    "Supervised / semi-supervised fine-tuning for MG recognition.", DEFAULT_RECIPE)
 

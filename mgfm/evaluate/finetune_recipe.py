@@ -8,12 +8,13 @@ factory serve both loops.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from mgfm.config import bounded
 from mgfm.data.clip_augment import StrongAugConfig
 from mgfm.data.stream import StreamConfig
 from mgfm.data.subset import check_fraction
+from mgfm.evaluate.encoder_eval import RunRecipe, require_encoder_geometry
 
 BALANCE = ("none", "sampler", "logit_adjust")
 INITS = ("pretrained", "random")
@@ -53,14 +54,24 @@ class SemiConfig:
 
 
 @dataclass
-class FinetuneRecipe:
-    """Everything a fine-tuning run (or a ``compare=true`` grid of runs) needs."""
+class EncoderChanges:
+    """What fine-tuning changes of the encoder it starts from (None = the encoder's own): its clip length and
+    crop size (the position table is then kept, resampled or refused: ``pos_embed``) and its drop path."""
+
+    frames: int | None = bounded(None, ge=1)
+    img_size: int | None = bounded(None, ge=1)
+    drop_path: float = bounded(0.1, ge=0, lt=1)
+
+
+@dataclass
+class FinetuneRecipe(RunRecipe):
+    """Everything a fine-tuning run (or a ``compare=true`` grid of runs) needs. ``run``, ``shards`` and ``out``
+    (default: <run>/finetune/<shard set name>/<name>) as every evaluation has them."""
+
+    MOVED: ClassVar[dict[str, str]] = {"frames": "model.frames", "img_size": "model.img_size",
+                                       "drop_path": "model.drop_path", "batch_size": "stream.batch_size"}
 
     name: str = "finetune"
-    run: str | None = None  # a pretraining run folder or encoder folder; None = newest run in runs_dir
-    runs_dir: str = "runs"
-    shards: str = "shards/synthetic"
-    out: str | None = None  # default: <run>/finetune/<shard set name>/<name>
     train_split: str = "train"
     test_split: str = "test"
     init: Literal["pretrained", "random"] = "pretrained"
@@ -75,12 +86,10 @@ class FinetuneRecipe:
     head_init_c: float = bounded(0.1, gt=0)
     balance: Literal["none", "sampler", "logit_adjust"] = "none"
     logit_adjust_tau: float = bounded(1.0, ge=0)
-    frames: int | None = bounded(None, ge=1)  # clip length; None = the encoder's
-    img_size: int | None = bounded(None, ge=1)  # crop side; None = the encoder's
-    # Another frames/img_size than the encoder's: "error" (refuse) or "interpolate" (resample its position
-    # table over (t, h, w); the saved model then needs mgfm to load, transformers rebuilds a plain table).
+    model: EncoderChanges = field(default_factory=EncoderChanges)
+    # Another model.frames / model.img_size than the encoder's: "error" (refuse) or "interpolate" (resample its
+    # position table over (t, h, w); the saved model then needs mgfm to load, transformers rebuilds a plain table).
     pos_embed: Literal["error", "interpolate"] = "error"
-    drop_path: float = bounded(0.1, ge=0, lt=1)
     cache_side: int | None = bounded(None, ge=1)  # side of the cached train clips random crops come from; None = img_size
     crop_scales: tuple[float, ...] = bounded((1.0, 0.875, 0.75), gt=0, le=1)
     flip: bool = False
@@ -104,9 +113,7 @@ class FinetuneRecipe:
     seed: int = bounded(0, ge=0)
 
     def __post_init__(self) -> None:
-        for key in ("frames", "img_size", "tubelet", "patch"):
-            if getattr(self.stream, key) is not None:
-                raise ValueError(f"stream.{key}: the clip geometry is the encoder's (frames=/img_size= change it)")
+        require_encoder_geometry(self.stream)
         check_fraction(self.label_fraction)
         for f in self.compare_fractions:
             check_fraction(f, "compare_fractions")
