@@ -4,7 +4,7 @@ With no arguments it runs the embedded default (recipes/pretrain/tiny_cpu.yaml):
 synthetic micro-gesture benchmark, building the benchmark and its shards first when they are missing.
 """
 
-from mgfm.train.pretrain import main
+from mgfm.pipeline import pretrain_main
 
 if __name__ == "__main__":
-    main()
+    pretrain_main()

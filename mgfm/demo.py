@@ -21,6 +21,18 @@ import time
 from pathlib import Path
 
 from mgfm.cli import one_line_errors
+from mgfm.config import load_recipe
+from mgfm.evaluate.emotion_eval import EmotionRecipe
+from mgfm.evaluate.emotion_eval import run as run_emotion
+from mgfm.evaluate.probe_eval import ProbeRecipe, summary_rows
+from mgfm.evaluate.probe_eval import run as run_probe
+from mgfm.evaluate.retrieval_eval import RetrievalRecipe
+from mgfm.evaluate.retrieval_eval import run as run_retrieval
+from mgfm.evaluate.retrieval_eval import summary_rows as retrieval_rows
+from mgfm.files import write_atomic
+from mgfm.pipeline import build_default_shards, ensure_synthetic, pretrain
+from mgfm.report import markdown_table
+from mgfm.train.recipe import PretrainRecipe
 from mgfm.sources.clip_index import format_summary
 from mgfm.runtime import setup_logging
 
@@ -49,8 +61,6 @@ def run(args: argparse.Namespace) -> None:
     timings: dict[str, float] = {}
 
     start = time.time()
-    from mgfm.pipeline import ensure_synthetic
-
     index = ensure_synthetic(args.data)
     print(format_summary(index.summary()), flush=True)
     timings["data"] = time.time() - start
@@ -58,8 +68,6 @@ def run(args: argparse.Namespace) -> None:
         return
 
     start = time.time()
-    from mgfm.pipeline import build_default_shards
-
     manifest = build_default_shards(args.data, args.shards)
     print(f"shards: {args.shards}: " + ", ".join(f"{s} {v['samples']} clips in {len(v['shards'])} shards"
                                                  for s, v in manifest["splits"].items()), flush=True)
@@ -68,10 +76,6 @@ def run(args: argparse.Namespace) -> None:
         return
 
     start = time.time()
-    from mgfm.config import load_recipe
-    from mgfm.train.pretrain import run as pretrain
-    from mgfm.train.recipe import PretrainRecipe
-
     recipe = load_recipe(PretrainRecipe, args.recipe, [f"shards={args.shards}", f"synthetic_data={args.data}",
                                                        *args.overrides])
     run_dir = pretrain(recipe)
@@ -80,25 +84,16 @@ def run(args: argparse.Namespace) -> None:
         return
 
     start = time.time()
-    from mgfm.evaluate.probe_eval import ProbeRecipe
-    from mgfm.evaluate.probe_eval import run as run_probe
-
     report = run_probe(ProbeRecipe(run=str(run_dir), shards=args.shards))
     timings["eval"] = time.time() - start
     retrieval = None
     if last >= STAGES.index("retrieval"):
         start = time.time()
-        from mgfm.evaluate.retrieval_eval import RetrievalRecipe
-        from mgfm.evaluate.retrieval_eval import run as run_retrieval
-
         retrieval = run_retrieval(RetrievalRecipe(run=str(run_dir), shards=args.shards))
         timings["retrieval"] = time.time() - start
     emotion = None
     if last >= STAGES.index("emotion"):
         start = time.time()
-        from mgfm.evaluate.emotion_eval import EmotionRecipe
-        from mgfm.evaluate.emotion_eval import run as run_emotion
-
         emotion = run_emotion(EmotionRecipe(run=str(run_dir), shards=args.shards))
         timings["emotion"] = time.time() - start
     write_summary(run_dir, index.summary(), report, timings, emotion, retrieval)
@@ -106,9 +101,6 @@ def run(args: argparse.Namespace) -> None:
 
 def write_summary(run_dir: Path, data_summary: dict, probe_report: dict, timings: dict[str, float],
                   emotion_report: dict | None = None, retrieval_report: dict | None = None) -> Path:
-    from mgfm.evaluate.probe_eval import summary_rows
-    from mgfm.report import markdown_table
-
     results = probe_report["results"]
     has_without = "without" in results["pretrained"]["probe"]
     headers, rows = summary_rows(results, has_without)
@@ -124,8 +116,6 @@ def write_summary(run_dir: Path, data_summary: dict, probe_report: dict, timings
         f"Linear-probe top-1 gain of pretraining over random init: {100 * gain:+.1f} points.", "",
     ]
     if retrieval_report is not None:
-        from mgfm.evaluate.retrieval_eval import summary_rows as retrieval_rows
-
         r_headers, r_rows = retrieval_rows(retrieval_report["results"], retrieval_report["ks"])
         lines += ["## Retrieval (test clips querying the train index, cosine)", "", markdown_table(r_headers, r_rows), ""]
     if emotion_report is not None:
@@ -135,8 +125,7 @@ def write_summary(run_dir: Path, data_summary: dict, probe_report: dict, timings
     lines += [
         "## Time per stage", "", markdown_table(["stage", "seconds"], [[k, round(v, 1)] for k, v in timings.items()]),
     ]
-    path = run_dir / "demo_summary.md"
-    path.write_text("\n".join(lines) + "\n")
+    path = write_atomic(run_dir / "demo_summary.md", "\n".join(lines) + "\n")
     print(f"demo summary: {path}")
     return path
 

@@ -19,6 +19,9 @@ import shutil
 import socket
 from pathlib import Path
 from typing import Iterator
+import datetime
+
+import psutil
 
 from mgfm.errors import MgfmError
 
@@ -196,18 +199,14 @@ class FolderLock:
 
 
 def _process_identity(pid: int) -> dict:
-    import datetime
-
     return {"pid": pid, "host": socket.gethostname(), "started": _start_time(pid),
             "since": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
 def _start_time(pid: int) -> float | None:
     try:
-        import psutil
-
         return psutil.Process(pid).create_time()
-    except Exception:  # noqa: BLE001 - no psutil, or no such process
+    except psutil.Error:  # no such process, or not ours to inspect
         return None
 
 

@@ -23,6 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from mgfm.cli import one_line_errors
+from mgfm.config import load_recipe
+from mgfm.evaluate.probe_eval import PROBES, ProbeRecipe
+from mgfm.evaluate.probe_eval import run as run_probe
+from mgfm.pipeline import build_default_shards, default_workers, pretrain
+from mgfm.report import markdown_table
+from mgfm.shards import BuildConfig, build_shards
+from mgfm.shards.build import read_source_index
+from mgfm.train.recipe import PretrainRecipe
 from mgfm.errors import InputError
 from mgfm.runtime import setup_logging
 
@@ -35,10 +43,6 @@ ROWS = ("pretrained", "random init", "raw pixels")
 def real_shards(shared: Path, shards_dir: Path, names: tuple[str, ...] = REAL_SETS) -> list[Path]:
     """Build (or resume) each real set's shards from ``<shared>/<name>/index.csv`` as the issue measured them
     (generic clip CSV, short side 112); a missing set is a one-line error naming where it was looked for."""
-    from mgfm.shards import BuildConfig, build_shards
-    from mgfm.pipeline import default_workers
-    from mgfm.shards.build import read_source_index
-
     out = []
     for name in names:
         index = (shared / name / "index.csv").resolve()
@@ -55,10 +59,6 @@ def real_shards(shared: Path, shards_dir: Path, names: tuple[str, ...] = REAL_SE
 def pretrain_seed(seed: int, sets: list[Path], out: Path, recipe_path: Path, synthetic_data: str | None,
                   overrides: list[str]) -> Path:
     """Pretrain (or resume, or find finished) the mixture run of ``seed``; returns its run folder."""
-    from mgfm.config import load_recipe
-    from mgfm.train.pretrain import run as pretrain
-    from mgfm.train.recipe import PretrainRecipe
-
     recipe = load_recipe(PretrainRecipe, recipe_path, [
         f"shards=[{','.join(str(s) for s in sets)}]", f"shard_weights=[{','.join('1' for _ in sets)}]",
         f"synthetic_data={synthetic_data or 'null'}", f"seed={seed}", f"name=seed{seed}", f"out_dir={out}", *overrides])
@@ -67,9 +67,6 @@ def pretrain_seed(seed: int, sets: list[Path], out: Path, recipe_path: Path, syn
 
 def probe_run(run_dir: Path, shards: Path, probe: str, seed: int, features_dir: Path) -> dict[str, float]:
     """``{row: test top-1}`` of one probe of ``run_dir``'s encoder on ``shards``, with the reference rows."""
-    from mgfm.evaluate.probe_eval import ProbeRecipe
-    from mgfm.evaluate.probe_eval import run as run_probe
-
     report = run_probe(ProbeRecipe(run=str(run_dir), shards=str(shards), probe=probe, seed=seed, kmeans=False,
                                    features_dir=str(features_dir)))
     return {row: report["results"][row]["probe"]["top1"] for row in ROWS}
@@ -112,10 +109,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> str:
-    from mgfm.evaluate.probe_eval import PROBES
-    from mgfm.report import markdown_table
-    from mgfm.pipeline import build_default_shards
-
     seeds = [s.strip() for s in str(args.seeds).split(",") if s.strip()]
     probes = [p.strip() for p in args.probes.split(",") if p.strip()]
     if not probes or any(p not in PROBES for p in probes):

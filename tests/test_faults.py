@@ -290,13 +290,14 @@ def test_shard_builder_takes_a_class_list_and_dedupe(tmp_path):
 
 def test_a_read_only_run_folder_is_one_line(tmp_path, tiny_shards, monkeypatch, capsys):
     import mgfm.train.pretrain as pretrain
+    from mgfm.pipeline import pretrain_main
 
     def read_only(recipe, path):
         raise OSError(errno.EROFS, "Read-only file system", str(path) + ".tmp")
 
     monkeypatch.setattr(pretrain, "save_recipe", read_only)
     with pytest.raises(SystemExit) as exit_info:
-        pretrain.main(["--recipe", str(_tiny_recipe(tmp_path, tiny_shards))])
+        pretrain_main(["--recipe", str(_tiny_recipe(tmp_path, tiny_shards))])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("pretrain.py: error: cannot write") and "recipe.yaml.tmp: read-only file system" in err

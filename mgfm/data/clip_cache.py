@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from mgfm.data.stream import SkipCounter, StreamConfig, make_loader
 from mgfm.errors import InputError
+from mgfm.runtime import rank_world
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +79,6 @@ def cache_split(source: str | Path | Sequence[str], split: str, cfg: StreamConfi
     ``cfg`` gives the temporal sampling, the eval centre crop (``eval_crop``), the output side
     (``img_size``), batch size and workers; masks are not made. Returns a :class:`ClipCache`.
     """
-    from tqdm.auto import tqdm
-
-    from mgfm.runtime import rank_world
-
     if views < 1:
         raise InputError(f"views must be >= 1, got {views}")
     rank, _ = rank_world()

@@ -33,6 +33,7 @@ def kmeans_assign(features: np.ndarray, n_clusters: int, seed: int = 0, n_init: 
     otherwise plain Euclidean k-means on the raw features. The best of ``n_init`` restarts (lowest
     objective) is kept.
     """
+    # deferred: faiss comes from the cpu or gpu extra and loads its native library
     import faiss
 
     x = np.ascontiguousarray(features, dtype=np.float32)

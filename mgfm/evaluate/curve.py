@@ -19,6 +19,8 @@ import logging
 import re
 from pathlib import Path
 
+import yaml
+
 from mgfm.cli import one_line_errors
 from mgfm.errors import InputError
 from mgfm.evaluate.probe_eval import PROBES, ProbeRecipe
@@ -45,8 +47,6 @@ def snapshots(run_dir: Path) -> list[tuple[int, Path]]:
     final = run_dir / "encoder"
     recipe = run_dir / "recipe.yaml"
     if (final / "config.json").exists() and recipe.exists():
-        import yaml
-
         epochs = int(yaml.safe_load(recipe.read_text())["optim"]["epochs"])
         if epochs not in {e for e, _ in found}:
             found.append((epochs, final))
@@ -72,8 +72,6 @@ def probe_snapshot(run_dir: Path, epoch: int, encoder: Path, shards: str, probe:
 def curve(run_dir: Path, sets: list[str], probes: list[str]) -> dict:
     """Probe every snapshot of ``run_dir`` on every set with every probe; returns (and writes) the curve:
     ``{"epochs": [...], "scores": {set: {probe: {"pretrained": [...], "random init": x, "raw pixels": x}}}}``."""
-    import yaml
-
     recipe_file = run_dir / "recipe.yaml"
     seed = int(yaml.safe_load(recipe_file.read_text()).get("seed", 0)) if recipe_file.exists() else 0
     found = snapshots(run_dir)
@@ -111,6 +109,7 @@ def curve_markdown(result: dict) -> str:
 
 def plot_curve(result: dict, path: Path) -> None:
     """One panel per set: each probe's curve over epochs, its references as dashed lines."""
+    # deferred on purpose: matplotlib is slow to import and only plots need it
     from matplotlib.figure import Figure
 
     sets = list(result["scores"])

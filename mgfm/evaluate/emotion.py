@@ -16,6 +16,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
+from scipy.special import softmax
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+from sklearn.model_selection import GroupKFold
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from mgfm.config import bounded
 from mgfm.errors import MgfmError
@@ -45,8 +49,6 @@ def binary_metrics(y_true: Sequence[int], p_positive: Sequence[float], threshold
         of both emotions, an absent/never-predicted one counting 0), "auroc" (None when the test videos
         hold one emotion only)}``.
     """
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
-
     y = np.asarray(y_true).astype(np.int64)
     p = np.asarray(p_positive, dtype=np.float64)
     if y.ndim != 1 or p.shape != y.shape:
@@ -146,8 +148,6 @@ class SequenceHead(nn.Module):
         self.classify = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, 1))
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
         t = x.shape[1]
         packed = pack_padded_sequence(self.project(x), lengths.cpu(), batch_first=True, enforce_sorted=False)
         states, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=t)
@@ -330,8 +330,6 @@ def concat_features(parts: Mapping[str, FeatureSet]) -> tuple[FeatureSet, np.nda
 # ---------------------------------------------------------------------------- MG clip distributions
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
-    from scipy.special import softmax
-
     return softmax(logits, axis=1).astype(np.float32)
 
 
@@ -347,8 +345,6 @@ def mg_probabilities(features: FeatureSet, in_pool: np.ndarray, num_classes: int
     Returns:
         (probabilities, info) with info = {"C", "group_by", "folds", "pool_clips", "cross_fitted_clips"}.
     """
-    from sklearn.model_selection import GroupKFold
-
     if folds < 2:
         raise EmotionError(f"probe_folds must be >= 2, got {folds}")
     rows = features.rows

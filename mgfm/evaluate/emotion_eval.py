@@ -48,6 +48,7 @@ from mgfm.evaluate.emotion import (EMOTION_NAMES, EmotionError, SequenceHeadConf
 from mgfm.evaluate.encoder_eval import EncoderEvalRecipe, finish, prepare
 from mgfm.evaluate.probe import ProbeConfig
 from mgfm.report import format_table, markdown_table
+from mgfm.shards.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
@@ -261,8 +262,6 @@ def run(recipe: EmotionRecipe) -> dict:
     """Run the emotion evaluation; returns the report dict (also written to ``out``). The report has
     ``summary`` = {"headers", "rows"} (rows of formatted "mean ± std" cells) for a demo summary; ``results``
     rows are keyed by their display name and carry the head's stable ``key``."""
-    from mgfm.shards.manifest import load_manifest
-
     if recipe.probe_split not in recipe.splits:
         raise EmotionError(f"probe_split {recipe.probe_split!r} is not one of splits {recipe.splits}")
     if not recipe.seeds:

@@ -22,6 +22,8 @@ from mgfm.evaluate.featureset import FeatureSet
 from mgfm.report import format_table, write_report
 from mgfm.runtime import is_main_process, join_process_group, local_device
 from mgfm.shards.read import set_name
+from mgfm.model.hf import encoder_checksum, load_encoder_hf
+from mgfm.model.videomae import build_encoder
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +114,6 @@ def stream_for(encoder_cfg, recipe: EncoderEvalRecipe) -> StreamConfig:
 
 def encoders_to_compare(encoder_folder: Path, recipe: EncoderEvalRecipe):
     """[(row name, encoder module, encoder id)]: the run's encoder, then the references."""
-    from mgfm.model.hf import encoder_checksum, load_encoder_hf
-    from mgfm.model.videomae import build_encoder
-
     encoder, cfg = load_encoder_hf(encoder_folder)
     rows = [("pretrained", encoder, encoder_checksum(encoder_folder))]
     if recipe.references:

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from mgfm.runtime import gather_objects, rank_world
 from mgfm.data.stream import SkipCounter, SplitRead, StreamConfig, expected_clips, make_loader
@@ -32,6 +33,7 @@ from mgfm.runtime import autocast, feature_precision
 from mgfm.errors import InputError
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.shards.read import resolve_shards, set_name
+from mgfm.model.hf import encoder_checksum, load_encoder_hf
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +136,6 @@ def encode_split(features_fn: Callable[[torch.Tensor], torch.Tensor], shards: st
     that decoded. On a GPU with native bf16 the encoder runs under bf16 autocast
     (:func:`mgfm.runtime.feature_precision`); features are returned as fp32.
     """
-    from tqdm.auto import tqdm
-
     rank, _ = rank_world()
     precision = feature_precision(device)
     rows: dict[str, dict] = {}
@@ -215,8 +215,6 @@ def split_features(encoder_folder: str | Path | None, shards: str | Path, split:
 
     Every rank must call it (extraction is collective); the cache is written by rank 0.
     """
-    from mgfm.model.hf import encoder_checksum, load_encoder_hf
-
     if encoder is None:
         encoder_id = encoder_checksum(encoder_folder)  # the weights' hash keys the cache; load them on a miss only
     if encoder_id is None:

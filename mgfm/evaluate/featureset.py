@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from mgfm.errors import MgfmError
 from mgfm.files import atomic_path, write_atomic
@@ -86,8 +87,6 @@ class FeatureSet:
         return self
 
     def save(self, stem: str | Path) -> None:
-        from safetensors.numpy import save_file
-
         stem = Path(stem)
         with atomic_path(stem.with_name(stem.name + ".safetensors")) as tmp:
             save_file({"features": self.features}, str(tmp))

@@ -136,6 +136,7 @@ def plot_confusion(conf: np.ndarray | list, class_names: Sequence[str], path: st
         class_names: C names.
         path: the PNG to write.
     """
+    # deferred on purpose: matplotlib is slow to import and only plots need it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

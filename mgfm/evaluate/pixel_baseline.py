@@ -24,9 +24,14 @@ from typing import Callable
 import cv2
 import numpy as np
 from tqdm import tqdm
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from mgfm.sources.clip_index import Clip, ClipIndex
 from mgfm.sources.video_io import VideoDecodeError, decode_frames
+from mgfm.sources.imigue import read_imigue
 
 logger = logging.getLogger(__name__)
 
@@ -117,12 +122,6 @@ def mean_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 def fit_and_score(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
                   c: float = 0.01, max_iter: int = 500, seed: int = 0) -> dict:
     """Standardise, fit a multinomial logistic regression, score -> {top1, mean_class, n_train, n_test}."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from sklearn.exceptions import ConvergenceWarning
-
     model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter, random_state=seed))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
@@ -169,7 +168,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from mgfm.sources.imigue import read_imigue
 
     data = Path(args.data)
     index = read_imigue(data / "labels.csv", protocol=data / "protocol.json", video_dir=data / "videos",

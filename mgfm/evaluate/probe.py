@@ -12,8 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
+import warnings
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import GroupKFold
 
 from mgfm.config import bounded
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
@@ -66,11 +71,6 @@ class LinearProbe:
 
 
 def _fit(x: np.ndarray, y: np.ndarray, C: float, cfg: ProbeConfig):
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
     model = LogisticRegression(C=C, max_iter=cfg.max_iter,
                                class_weight="balanced" if cfg.class_weighting == "balanced" else None)
     with warnings.catch_warnings():
@@ -87,8 +87,6 @@ def choose_by_group_cv(grid: list[float], score: Callable[[float, np.ndarray, np
                        y: np.ndarray, groups: np.ndarray, folds: int) -> tuple[float, dict[float, float]]:
     """The value of ``grid`` with the best mean ``score(value, train_idx, val_idx)`` over subject-grouped
     folds (ties: the smaller value), and every value's score. Fewer than 2 groups: the middle value."""
-    from sklearn.model_selection import GroupKFold
-
     folds = min(folds, len(np.unique(groups)))
     if folds < 2:
         return grid[len(grid) // 2], {}
@@ -98,8 +96,6 @@ def choose_by_group_cv(grid: list[float], score: Callable[[float, np.ndarray, np
 
 
 def _choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, cfg: ProbeConfig) -> tuple[float, dict]:
-    from sklearn.metrics import balanced_accuracy_score
-
     metric = balanced_accuracy_score if cfg.class_weighting == "balanced" else _accuracy
 
     def score(C: float, train_idx: np.ndarray, val_idx: np.ndarray) -> float:

@@ -27,6 +27,7 @@ from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.evaluate.metrics import classification_metrics, plot_confusion
 from mgfm.evaluate.probe import ProbeConfig, train_probe
 from mgfm.report import format_table, markdown_table
+from mgfm.shards.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,6 @@ def probe_scores(train: FeatureSet, test: FeatureSet, class_names: list[str], ex
 
 def run(recipe: ProbeRecipe) -> dict:
     """Run the whole evaluation; returns the report dict (also written to disk)."""
-    from mgfm.shards.manifest import load_manifest
-
     setup = prepare(recipe, "eval" if recipe.probe == "linear" else f"eval-{recipe.probe}")
     class_names = list(load_manifest(recipe.shards)["class_names"])
     exclude = [class_names.index(c) for c in recipe.exclude_classes if c in class_names]

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import psutil
 
 from mgfm.evaluate.featureset import FeatureError
 from mgfm.files import atomic_path, write_atomic
@@ -112,12 +113,7 @@ def default_pq_m(d: int) -> int:
 
 def memory_budget() -> int:
     """Bytes an index may hold in RAM by default: half of what the machine has available now."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available // 2)
-    except ImportError:  # pragma: no cover - psutil comes with deepspeed
-        return 8 << 30
+    return int(psutil.virtual_memory().available // 2)
 
 
 def choose_kind(n: int, d: int, budget: int | None = None, hnsw_m: int = 32,

@@ -42,6 +42,8 @@ from mgfm.report import format_table, markdown_table, save_figure
 from mgfm.files import write_atomic
 from mgfm.shards.read import read_samples, resolve_shards
 from mgfm.evaluate.retrieval import CHOICES, RetrievalIndex, retrieval_metrics
+from mgfm.model.hf import encoder_checksum, load_encoder_hf
+from mgfm.shards.manifest import load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +193,6 @@ def evaluate(recipe: RetrievalRecipe) -> dict:
     """Index the database split, score the query split, for the run's encoder and the references.
 
     Returns the report dict (also written to ``<out>/report.json``)."""
-    from mgfm.shards.manifest import load_manifest
-
     setup = prepare(recipe, "retrieval")
     manifest = load_manifest(recipe.shards)
     for split in (recipe.database_split, recipe.query_split):
@@ -313,7 +313,6 @@ def index_for_queries(recipe: RetrievalRecipe, run_dir: Path, encoder: torch.nn.
         log.info("using the saved index %s", folder)
         return RetrievalIndex.load(folder, use_gpu=recipe.use_gpu)
     log.info("no up-to-date index in %s: building one", folder)
-    from mgfm.shards.manifest import load_manifest
 
     require_split(load_manifest(recipe.shards), recipe.shards, recipe.database_split)
     db = split_features(None, recipe.shards, recipe.database_split, stream, features_folder(recipe, run_dir), recipe.views,
@@ -352,6 +351,7 @@ def pick_frames(frames: np.ndarray, count: int) -> np.ndarray:
 def write_montage(path: str | Path, strips: Sequence[tuple[np.ndarray | None, str]]) -> Path:
     """A PNG with one row per ``(frames uint8 (F, H, W, 3) or None, caption)``: frames side by side,
     caption above. Written atomically."""
+    # deferred on purpose: matplotlib is slow to import and only plots need it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -376,8 +376,6 @@ def query_video(recipe: RetrievalRecipe) -> dict:
 
     Returns ``{"query", "frames", "index", "neighbours": [{rank, clip_id, label, label_name, video_id,
     start_frame, end_frame, score}]}``."""
-    from mgfm.model.hf import encoder_checksum, load_encoder_hf
-
     run_dir, encoder_folder = resolve_encoder(recipe)
     encoder, cfg = load_encoder_hf(encoder_folder)
     stream = stream_for(cfg, recipe)

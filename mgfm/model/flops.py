@@ -11,11 +11,13 @@ GELU are not counted. :func:`measured_encoder_gmacs` cross-checks the formula wi
 from __future__ import annotations
 
 import dataclasses
+import argparse
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mgfm.model.videomae import SIZES, MaskedVideoModel, ModelConfig, VideoEncoder
+from mgfm.data.masking import num_masked
 
 
 def count_params(cfg: ModelConfig, part: str = "encoder") -> int:
@@ -53,8 +55,6 @@ def pretrain_gflops(cfg: ModelConfig, mask_ratio: float = 0.9, decoder_keep_rati
     taken as twice the forward (the usual convention, although no gradient flows into the input patches);
     the optional contrastive and motion-map terms, norms, softmax, the loss and the optimiser are not counted.
     """
-    from mgfm.data.masking import num_masked
-
     masked = num_masked(cfg.grid, mask_ratio)
     visible = cfg.num_tokens - masked
     reconstructed = masked if decoder_keep_ratio is None else int(round(masked * decoder_keep_ratio))
@@ -87,8 +87,6 @@ def size_table(img_size: int = 224, frames: int = 16, sizes: tuple[str, ...] = t
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m mgfm.model.flops [--img 224] [--frames 16]``: print the encoder size table."""
-    import argparse
-
     ap = argparse.ArgumentParser(description="encoder parameters and GMACs per clip for each size preset")
     ap.add_argument("--img", type=int, default=224)
     ap.add_argument("--frames", type=int, default=16)

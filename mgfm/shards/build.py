@@ -32,12 +32,14 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from tqdm import tqdm
+from webdataset import TarWriter
 
 from mgfm.sources.clip_index import Clip, ClipIndex
 from mgfm.sources.video_io import VideoWriter
 from mgfm.errors import InputError
-from mgfm.files import atomic_path
+from mgfm.files import atomic_path, read_text
 from mgfm.shards import manifest as mf
+from mgfm.sources.readers import read_index
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,7 @@ def _estimate_bytes(clip: Clip, config: BuildConfig, lengths: dict[str, int]) ->
 
 def _probe_length(path: str, default: int) -> int:
     """Frame count from container metadata (no decoding); ``default`` when unknown."""
+    # deferred: the native decoder is loaded where frames are decoded, not by every importer
     import av
 
     try:
@@ -246,8 +249,6 @@ def _write_plan(out_dir: Path, index: ClipIndex, plan: dict, digest: str, config
 def _build_one(out_dir: Path, name: str, rows: list[dict], config: BuildConfig, digest: str,
                progress: Callable[[int], object] | None = None) -> dict:
     """Write shard ``name`` (temp file, fragment, rename) and return its fragment."""
-    from webdataset import TarWriter
-
     clips = [Clip.from_row(r) for r in rows]
     with atomic_path(out_dir / name) as tmp:  # a shard is complete or absent
         samples: list[dict] = []
@@ -348,6 +349,7 @@ class _ClipEncoder:
 
 def _cut_video(path: str, clips: list[Clip], config: BuildConfig) -> Iterator[tuple[Clip, tuple[bytes, dict] | str]]:
     """Decode ``path`` once (up to the last needed frame) and cut + encode ``clips`` (same video)."""
+    # deferred: the native decoder is loaded where frames are decoded, not by every importer
     import av
 
     pad = config.context_frames
@@ -435,9 +437,6 @@ def read_source_index(fmt: str, path: str | Path, protocol: str | None = None, v
                       dedupe: bool = False) -> ClipIndex:
     """Read a clip index for the builder via :func:`mgfm.sources.readers.read_index`; ``classes`` is a text
     file of class names, one per line (csv / smg)."""
-    from mgfm.sources.readers import read_index
-    from mgfm.files import read_text
-
     kwargs: dict = {}
     if fmt == "imigue":
         kwargs = {"protocol": protocol, "video_dir": video_dir}

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from webdataset.gopen import gopen
+
 from mgfm.errors import InputError
 from mgfm.files import write_atomic
 from mgfm.sources.clip_index import natural_key
@@ -148,8 +150,6 @@ def load_manifest(source: str | Path) -> dict:
     :func:`webdataset.gopen.gopen` can open (``http(s)://``, ``pipe:...``)."""
     text = str(source)
     if "://" in text or text.startswith("pipe:"):
-        from webdataset.gopen import gopen
-
         url = text if text.endswith(".json") or text.startswith("pipe:") else text.rstrip("/") + "/" + MANIFEST
         with gopen(url, "rb") as handle:
             data = handle.read()

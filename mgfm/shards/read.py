@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlparse
 
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
+
 from mgfm.errors import InputError
+from mgfm.shards.manifest import load_manifest, MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +81,6 @@ def resolve_shards(source: str | Path | Sequence[str], split: str,
     """The shards of ``split`` in ``source`` (see the module docstring), non-empty ones only. Local shards
     the manifest lists but the disk does not hold (missing, or too short to be a tar) are left out unless
     ``keep_missing``; :func:`missing_local_shards` names them."""
-    from webdataset.shardlists import expand_urls
-
-    from mgfm.shards.manifest import MANIFEST, load_manifest
-
     remote_commands = remote_commands or {}
     if isinstance(source, (list, tuple)):
         refs = [ShardRef(_remote(u, remote_commands)) for s in source for u in expand_urls(str(s))]
@@ -231,8 +231,6 @@ def _pax_path(data: bytes) -> str | None:
 
 def read_samples(url: str) -> Iterator[dict]:
     """The samples of one shard in order: ``{"__key__": key, ext: bytes, ...}`` (members grouped by key)."""
-    from webdataset.gopen import gopen
-
     with gopen(url, "rb") as stream:
         yield from group_samples(tar_members(stream))
 

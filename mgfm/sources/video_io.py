@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from torch.utils.dlpack import from_dlpack
 
 from mgfm.files import write_atomic
 
@@ -30,6 +31,7 @@ class VideoWriter:
 
     def __init__(self, path: str | Path | None, fps: float, height: int, width: int, crf: int = 23,
                  preset: str = "veryfast"):
+        # deferred: only the backend in use loads its native library
         import av
 
         if height % 2 or width % 2:
@@ -50,6 +52,7 @@ class VideoWriter:
         self.data = b""
 
     def write(self, frame: np.ndarray) -> None:
+        # deferred: only the backend in use loads its native library
         import av
 
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
@@ -90,6 +93,7 @@ def encode_video(frames: Iterable[np.ndarray] | np.ndarray, fps: float, path: st
 
 def probe(data: bytes | str | Path) -> dict:
     """Frame count, fps, height and width of a video (PyAV; reads the whole stream for an exact count)."""
+    # deferred: only the backend in use loads its native library
     import av
 
     try:
@@ -132,6 +136,7 @@ def _as_file(data: bytes | str | Path):
 
 
 def _decode_decord(data, indices):
+    # deferred: only the backend in use loads its native library
     import decord
 
     try:
@@ -151,12 +156,11 @@ def _decode_decord(data, indices):
 def from_decord(batch) -> np.ndarray:
     """A decord NDArray as a numpy array over the same memory (DLPack), not ``asnumpy()``'s copy: the copy
     of a 16-frame 256-px batch is ~5% of its decode time (BENCHMARKS "Loader")."""
-    from torch.utils.dlpack import from_dlpack
-
     return from_dlpack(batch.to_dlpack()).numpy()
 
 
 def _decode_pyav(data, indices):
+    # deferred: only the backend in use loads its native library
     import av
 
     wanted = None if indices is None else sorted(set(int(i) for i in indices))

@@ -39,6 +39,10 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DeepSpeedPlugin
+from tqdm.auto import tqdm
 
 from mgfm.config import RecipeError
 from mgfm.runtime import native_bf16
@@ -99,10 +103,6 @@ def configure_matmul(precision: str) -> bool:
 def make_accelerator(recipe: TrainRecipe):
     """An Accelerator in the recipe's precision and accumulation, with DeepSpeed when the launcher asked for
     it (its config file's ``auto`` values filled from the recipe) or the recipe sets ``zero_stage``."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DeepSpeedPlugin
-
     precision = resolve_precision(recipe.mixed_precision)
     configure_matmul(precision)
     grad_accum = recipe.optim.grad_accum
@@ -272,6 +272,7 @@ class Engine:
         module = self.accelerator.unwrap_model(self.model)
         if not self.deepspeed:
             return {k: _fp32_cpu(v) for k, v in module.state_dict().items()}
+        # deferred: deepspeed is heavy to import and only DeepSpeed runs need it
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -353,8 +354,6 @@ def train(engine: Engine, batches: Iterator, loss_fn: Callable[[Any, int], Micro
     writer = _tensorboard(run_dir) if main else None
     progress = None
     if main:
-        from tqdm.auto import tqdm
-
         progress = tqdm(total=schedule.total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
     engine.model.train()
     start, clips = time.time(), 0

@@ -1,4 +1,5 @@
-"""Masked video pretraining: ``accelerate launch pretrain.py [--recipe FILE] [key=value ...]``.
+"""Masked video pretraining (``accelerate launch pretrain.py [--recipe FILE] [key=value ...]`` runs it through
+:mod:`mgfm.pipeline`, which also renders the default data when it is missing).
 
 Setup only: the recipe, the model (optionally from ``init_from`` or a motion-PCA tubelet embedding), the
 train stream epoch after epoch and the masked-reconstruction loss of a micro-batch; the training itself
@@ -20,7 +21,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -32,36 +33,14 @@ from mgfm.files import FolderLock, write_atomic
 from mgfm.shards.read import Mixture, size_mismatches
 from mgfm.model.contrastive import group_ids
 from mgfm.model.hf import config_from_hf, init_encoder_from_hf, read_hf_config, save_encoder_hf
-from mgfm.model.videomae import at_geometry, build_encoder, build_pretraining_model, param_groups
-from mgfm.train.engine import Engine, MicroResult, Schedule, find_checkpoint, train
+from mgfm.model.motion_init import frame_differences, init_patch_embed_from_motion
+from mgfm.model.videomae import at_geometry, build_encoder, build_pretraining_model, param_groups, patchify
+from mgfm.report import save_figure
 from mgfm.runtime import barrier, is_main_process, setup_logging
+from mgfm.train.engine import Engine, MicroResult, Schedule, find_checkpoint, train
 from mgfm.train.recipe import PretrainRecipe
 
 log = logging.getLogger("mgfm.pretrain")
-DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "pretrain" / "tiny_cpu.yaml"
-
-
-def ensure_default_data(recipe: PretrainRecipe) -> None:
-    """Render the synthetic benchmark and shard it when the recipe's shards are missing (rank 0 only) and
-    are the default data path: any other missing shard set (a typo) is a one-line error, never a reason to
-    render the synthetic benchmark into it."""
-    default = next(f.default for f in dataclasses.fields(PretrainRecipe) if f.name == "shards")
-    for source in shard_sources(recipe):
-        shards = Path(source)
-        if "://" in source or "{" in source or (shards / "manifest.json").exists():
-            continue
-        if recipe.synthetic_data is None or shards.resolve() != Path(default).resolve():
-            near = [str(p.parent) for p in shards.parent.glob("*/manifest.json")] if shards.parent.is_dir() else []
-            hint = f" (shard sets there: {', '.join(sorted(near)[:4])})" if near else ""
-            raise FileNotFoundError(f"shards {source}: no manifest.json there{hint}; build them with "
-                                    f"`python -m mgfm.shards build ...`")
-        if is_main_process():
-            from mgfm.pipeline import build_default_shards
-
-            log.info("shards %s are missing: building the synthetic benchmark at %s and its shards", source,
-                     recipe.synthetic_data)
-            build_default_shards(recipe.synthetic_data, source)
-    barrier()
 
 
 def shard_sources(recipe: PretrainRecipe) -> list[str]:
@@ -81,9 +60,6 @@ def stream_source(recipe: PretrainRecipe) -> str | Mixture:
 def init_patch_embed(encoder, recipe: PretrainRecipe, memory: MemoryClips | None = None,
                      patches_per_clip: int = 128) -> None:
     """Start ``encoder``'s tubelet embedding from motion PCA of unlabelled train clips (rank 0's, broadcast)."""
-    from mgfm.model.motion_init import frame_differences, init_patch_embed_from_motion
-    from mgfm.model.videomae import patchify
-
     cfg = encoder.cfg
     stream = dataclasses.replace(recipe.clip_stream, masks=False, repeats=1)
     loader, _ = make_loader(stream_source(recipe), recipe.split, stream, mode="train", epoch=999_999,  # not an epoch
@@ -110,13 +86,15 @@ def init_patch_embed(encoder, recipe: PretrainRecipe, memory: MemoryClips | None
     log.info("tubelet embedding: %d of %d rows from motion PCA of %d clips", rows_set, cfg.dim, clips)
 
 
-def run(recipe: PretrainRecipe) -> Path:
+def run(recipe: PretrainRecipe, prepare_data: Callable[[PretrainRecipe], None] | None = None) -> Path:
     """Pretrain as the recipe says; returns the run directory (held by rank 0's :class:`FolderLock` while
-    the run writes to it)."""
+    the run writes to it). ``prepare_data(recipe)`` runs once the process group is up and before anything
+    is read (the pipeline renders the default data there)."""
     engine = Engine(recipe)
     setup_logging()
     torch.manual_seed(recipe.seed + engine.rank)
-    ensure_default_data(recipe)
+    if prepare_data is not None:
+        prepare_data(recipe)
     run_dir = Path(recipe.out_dir) / recipe.name
     with FolderLock(run_dir) if is_main_process() else contextlib.nullcontext():
         return _pretrain(recipe, engine, run_dir)
@@ -279,13 +257,11 @@ def _audit_file(run_dir: Path, rank: int):
 def _plot_loss(history: list[dict], path: Path) -> None:
     if not history:
         return
-    try:
+    try:  # optional: a bare GPU box may lack it (metrics.jsonl has the losses anyway)
         from matplotlib.figure import Figure
     except ImportError:
         log.warning("matplotlib is not installed: no %s (metrics.jsonl has the losses)", path.name)
         return
-
-    from mgfm.report import save_figure
 
     fig = Figure(figsize=(6, 3.5), dpi=120)
     ax = fig.add_subplot()
@@ -296,14 +272,3 @@ def _plot_loss(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     save_figure(fig, path)
 
-
-def main(argv: list[str] | None = None) -> Path:
-    """CLI entry: ``[--recipe FILE] [key=value ...]``; user errors end in one line and exit code 2."""
-    from mgfm.cli import run_cli
-
-    return run_cli(PretrainRecipe, run, argv, "pretrain.py", "Masked video pretraining (VideoMAE-style).",
-                   DEFAULT_RECIPE)
-
-
-if __name__ == "__main__":
-    main()

@@ -15,6 +15,9 @@ from mgfm.sources.synthetic.generate import (GenerationStats, generate, generate
                                           protocol, render_frames, render_video)
 from mgfm.sources.synthetic.plan import DatasetPlan, SyntheticConfig, make_plan
 
+from pathlib import Path
+from mgfm.sources.imigue import read_imigue
+
 __all__ = [
     "DatasetPlan", "GenerationStats", "SyntheticConfig", "generate", "generate_with_stats", "is_complete",
     "labels_csv", "make_plan", "protocol", "read_synthetic", "render_frames", "render_video",
@@ -23,9 +26,5 @@ __all__ = [
 
 def read_synthetic(out_dir, name: str = "synthetic"):
     """Read a generated folder into a :class:`~mgfm.sources.clip_index.ClipIndex` (iMiGUE reader, same format)."""
-    from pathlib import Path
-
-    from mgfm.sources.imigue import read_imigue
-
     out = Path(out_dir)
     return read_imigue(out / "labels.csv", protocol=out / "protocol.json", video_dir=out / "videos", name=name)

@@ -26,6 +26,7 @@ from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
+import cv2
 
 from mgfm.sources.imigue import CLASS_NAMES, ILLUSTRATIVE_CLASS
 from mgfm.sources.synthetic.body import Pose, SubjectLook
@@ -33,6 +34,7 @@ from mgfm.sources.synthetic.gestures import GESTURES, apply_idle, idle_motion, m
 from mgfm.sources.synthetic.plan import DatasetPlan, SyntheticConfig, VideoPlan, make_plan
 from mgfm.sources.synthetic.render import FigureRenderer
 from mgfm.files import write_atomic
+from mgfm.sources.video_io import VideoWriter
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +99,6 @@ def render_video(video: VideoPlan, look: SubjectLook, config: SyntheticConfig, p
 
     CPU time of this process, so the per-core speed it gives is not skewed by other load on the machine.
     """
-    import cv2
-
-    from mgfm.sources.video_io import VideoWriter
-
     cv2.setNumThreads(1)
     render_s = encode_s = 0.0
     writer = VideoWriter(path, config.fps, config.height, config.frame_width, crf=config.crf)
