@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 
 from mgfm.report import format_table
-from mgfm.evaluate.retrieval import CHUNK_ROWS, RetrievalIndex
+from mgfm.evaluate.retrieval import CHUNK_ROWS, RetrievalIndex, exact_search
 
 log = logging.getLogger("bench_retrieval")
 
@@ -70,23 +70,6 @@ def make_data(n: int, n_queries: int, dim: int, classes: int, modes: int, latent
         x.flush()
     q, yq = draw(n_queries)
     return x, y, q, yq
-
-
-def numpy_search(db: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Exact cosine top-k: ``db`` (N, D) (normalised here, chunk by chunk), ``queries`` (Q, D) -> indices (Q, k),
-    best first; a running top k over database chunks, so a memory-mapped database is read once."""
-    q = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-    best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
-    best_i = np.full((len(q), k), -1, dtype=np.int64)
-    for lo in range(0, len(db), CHUNK_ROWS):
-        chunk = np.asarray(db[lo:lo + CHUNK_ROWS], dtype=np.float32)
-        chunk = chunk / np.maximum(np.linalg.norm(chunk, axis=1, keepdims=True), 1e-12)
-        s = np.concatenate([best_s, q @ chunk.T], axis=1)
-        i = np.concatenate([best_i, np.broadcast_to(np.arange(lo, lo + len(chunk)), (len(q), len(chunk)))], axis=1)
-        top = np.argpartition(-s, k - 1, axis=1)[:, :k]
-        best_s, best_i = np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1)
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    return np.take_along_axis(best_i, order, 1)
 
 
 def class_recall(ids: np.ndarray, db_labels: np.ndarray, q_labels: np.ndarray) -> float:
@@ -146,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [{"label": int(label)} for label in y]
     budget = None if args.memory_gb is None else int(args.memory_gb * 2**30)
 
-    sides: dict[str, Callable[[], np.ndarray]] = {"numpy": lambda: numpy_search(x, q, args.k)}
+    sides: dict[str, Callable[[], np.ndarray]] = {"numpy": lambda: exact_search(x, q, args.k)}
     info: dict[str, dict] = {"numpy": {}}
     frontiers: dict[str, list] = {}
     for kind in args.kinds.split(","):

@@ -54,6 +54,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
+from wheels import OPTIONAL, install_wheels, require
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # mgfm from this checkout, installed or not
     sys.path.insert(0, str(REPO))
@@ -63,9 +65,6 @@ STAGES = ("environment", "pretrain_random", "pretrain_shards", "features", "sear
 # Dense bf16 tensor-core peak in TFLOP/s by device-name substring, first match wins (variants before families).
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100 80GB HBM3", 989.4), ("H100 SXM", 989.4),
                     ("H200 NVL", 835.0), ("H200", 989.4), ("A100", 312.0), ("L40S", 362.05), ("A10G", 70.0))
-# import name -> the wheel that provides it
-OPTIONAL = {"deepspeed": "deepspeed", "webdataset": "webdataset", "braceexpand": "braceexpand", "decord": "decord",
-            "av": "av", "faiss": "faiss-cpu", "tensorboard": "tensorboard", "matplotlib": "matplotlib"}
 TINY_MODEL = dict(size="custom", img_size=32, frames=4, dim=32, depth=1, heads=2, decoder_dim=16, decoder_depth=1,
                   decoder_heads=1)
 PEAK_LR = 5e-4  # the loss falls visibly within a few dozen steps, and ViT-B stays finite after 5 warmup steps
@@ -110,66 +109,6 @@ class Context:
     shards: Path | None = None
     test_clips: int | None = None
     encoder: Path | None = None
-
-
-# ------------------------------------------------------------------------------------------ packages
-
-
-def install_wheels(folder: Path) -> dict:
-    """pip-install every ``*.whl`` in ``folder`` from that folder only; when the set misses a dependency, each
-    wheel alone without its dependencies (an import then names what is missing). Never raises."""
-    wheels = sorted(str(p) for p in folder.glob("*.whl"))
-    if not wheels:
-        return {"ok": False, "error": f"no *.whl in {folder}", "installed": []}
-    base = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(folder),
-            "--disable-pip-version-check", "--no-input"]
-    result = _pip(base + wheels)
-    if result.returncode and "externally-managed" in result.stdout + result.stderr:
-        base.append("--break-system-packages")  # a distribution's system Python (PEP 668)
-        result = _pip(base + wheels)
-    report = {"wheels": [Path(w).name for w in wheels], "installed": _installed(result.stdout),
-              "ok": result.returncode == 0}
-    if result.returncode:
-        log.warning("installing the wheels together failed; installing each without its dependencies")
-        report["together_error"] = (result.stdout + result.stderr)[-1500:]
-        report["one_by_one"] = {}
-        for wheel in wheels:
-            single = _pip(base + ["--no-deps", wheel])
-            report["one_by_one"][Path(wheel).name] = "ok" if single.returncode == 0 else single.stderr[-300:]
-            report["installed"] += _installed(single.stdout)
-        report["ok"] = all(v == "ok" for v in report["one_by_one"].values())
-        report["pip_check"] = _pip([sys.executable, "-m", "pip", "check"]).stdout[-1500:]  # what is still missing
-    import site
-
-    user_site = site.getusersitepackages()  # pip falls back to --user when site-packages is read-only
-    if os.path.isdir(user_site) and user_site not in sys.path:
-        site.addsitedir(user_site)
-    importlib.invalidate_caches()
-    return report
-
-
-def _pip(cmd: list[str]) -> subprocess.CompletedProcess:
-    log.info("%s", " ".join(cmd[:8]) + (" ..." if len(cmd) > 8 else ""))
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return subprocess.CompletedProcess(cmd, 1, "", str(err))
-
-
-def _installed(pip_stdout: str) -> list[str]:
-    lines = [line for line in pip_stdout.splitlines() if line.startswith("Successfully installed")]
-    return [name for line in lines for name in line.split()[2:]]
-
-
-def require(*modules: str) -> None:
-    """Import ``modules`` or raise one line naming the wheel to pass with ``--wheels``."""
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            wheel = OPTIONAL.get(module, module)
-            raise RuntimeError(f"{module} is not installed or does not import ({err}): pass --wheels with a {wheel} "
-                               f"wheel (and wheels of its missing dependencies)") from None
 
 
 def peak_bf16_tflops(device_name: str | None) -> float | None:
@@ -376,11 +315,13 @@ def stage_search(ctx: Context) -> dict:
     import numpy as np
     import torch
 
+    from mgfm.evaluate.retrieval import exact_search
+
     n, dim, nq = ctx.sizes.search
     k = 10
     rng = np.random.default_rng(0)
     base, queries = (unit(rng.standard_normal((m, dim), dtype=np.float32)) for m in (n, nq))
-    ref, ref_s = timed(lambda: numpy_search(base, queries, k))
+    ref, ref_s = timed(lambda: exact_search(base, queries, k))
     methods = {"numpy": {"ok": True, "queries_per_s": nq / ref_s, "vs_numpy": 1.0, "recall_at_10": 1.0}}
 
     def measure(name: str, search: Callable[[], np.ndarray]) -> None:
@@ -530,19 +471,6 @@ def unit(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def numpy_search(base, queries, k: int, chunk: int = 256):
-    """Exact top-``k`` ids ``(Q, k)`` by inner product, best first (query chunks bound the score matrix)."""
-    import numpy as np
-
-    out = []
-    for start in range(0, len(queries), chunk):
-        scores = queries[start:start + chunk] @ base.T
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
-        out.append(np.take_along_axis(top, order, axis=1))
-    return np.concatenate(out)
-
-
 def torch_search(base, queries, k: int, chunk: int = 1024):
     """Exact top-``k`` ids on ``base``'s device in full fp32 (no TF32), as a numpy ``(Q, k)`` array."""
     import torch
@@ -580,22 +508,12 @@ def timed(fn: Callable, repeats: int = 3):
     return result, statistics.median(times)
 
 
-def clean(value):
-    """JSON-safe: NaN/inf -> None, paths and other objects -> str."""
-    if isinstance(value, dict):
-        return {str(k): clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    return value if value is None or isinstance(value, (bool, int, str)) else str(value)
-
-
 def write_report(report: dict, path: Path) -> None:
-    """Write the JSON atomically: a reader never sees half a file."""
+    """Write the JSON atomically, as every mgfm report: a reader never sees half a file."""
     from mgfm.files import write_atomic  # mgfm is importable only once main() has set up the path and wheels
+    from mgfm.report import jsonable
 
-    write_atomic(path, json.dumps(clean(report), indent=1))
+    write_atomic(path, json.dumps(jsonable(report), indent=1))
 
 
 def summary_line(name: str, r: dict) -> str:

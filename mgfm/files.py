@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 from typing import Iterator
 import datetime
@@ -130,6 +131,29 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
+            raise
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | Path) -> Iterator[Path]:
+    """:func:`atomic_path` for a folder: yields an empty temporary folder beside ``folder`` to fill, then swaps
+    it in (an existing ``folder`` is replaced whole), so a reader never sees half a folder; when the block
+    fails the temporary folder goes and ``folder`` is untouched."""
+    folder = Path(folder)
+    with writing(folder):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        try:
+            yield tmp
+            old = None
+            if folder.exists():
+                old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+                os.replace(folder, old)
+            os.replace(tmp, folder)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
 
 

@@ -14,7 +14,8 @@ from mgfm.files import atomic_path, write_atomic
 
 
 def jsonable(value: Any) -> Any:
-    """``value`` with numpy scalars/arrays, paths and tuples turned into JSON types; NaN/inf -> None."""
+    """``value`` with numpy scalars/arrays, paths and tuples turned into JSON types; NaN/inf -> None; any other
+    object (a dtype, a device) -> its text."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -25,9 +26,9 @@ def jsonable(value: Any) -> Any:
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def write_report(out_dir: str | Path, report: dict, markdown: str, title: str) -> tuple[Path, Path]:

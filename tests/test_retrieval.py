@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mgfm.evaluate.featureset import FeatureError
-from mgfm.evaluate.retrieval import RetrievalIndex, retrieval_metrics
+from mgfm.evaluate.retrieval import RetrievalIndex
+from mgfm.evaluate.retrieval_metrics import retrieval_metrics
 
 faiss = pytest.importorskip("faiss")
 HAS_GPU = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0

@@ -4,7 +4,7 @@ Evaluation (``evaluate``): features (cached, shared with the linear probe) of th
 (default ``train``) go into a cosine FAISS index (``flat`` by default, ``ivf``/``hnsw`` by option, on a
 GPU when faiss has one); the labelled clips of the query split (default ``test``) are scored with
 Recall@k (a clip of the query's class among the top k) and mAP over the full exact ranking
-(:func:`mgfm.evaluate.retrieval.retrieval_metrics`). The run's index is saved to ``<out>/index/``
+(:func:`mgfm.evaluate.retrieval_metrics.retrieval_metrics`). The run's index is saved to ``<out>/index/``
 (with ``key.json``: the encoder checksum, shard manifest checksum, stream and index settings it was
 built with), reloaded, and the reloaded index must return the same neighbours as the built one on a
 few queries before anything is reported. Random-init and raw-pixel encoders give reference rows.
@@ -41,7 +41,8 @@ from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.report import format_table, markdown_table, save_figure
 from mgfm.files import write_atomic
 from mgfm.shards.read import read_samples, resolve_shards
-from mgfm.evaluate.retrieval import CHOICES, RetrievalIndex, retrieval_metrics
+from mgfm.evaluate.retrieval import CHOICES, RetrievalIndex
+from mgfm.evaluate.retrieval_metrics import retrieval_metrics
 from mgfm.model.hf import encoder_checksum, load_encoder_hf
 from mgfm.shards.manifest import load_manifest
 

@@ -17,17 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mgfm.files import writing
+from mgfm.files import atomic_folder
 from mgfm.errors import MgfmError
 from mgfm.model.videomae import CUSTOM, SIZES, ModelConfig, VideoEncoder
 
@@ -278,26 +275,11 @@ def preprocessor_dict(cfg: ModelConfig) -> dict:
 def write_hf_folder(folder: str | Path, state: dict[str, torch.Tensor], config: dict, cfg: ModelConfig) -> Path:
     """Write a Hugging Face folder (``model.safetensors``, ``config.json``, ``preprocessor_config.json``)
     atomically: built beside the target and swapped in, so a reader never sees half a folder."""
-    folder = Path(folder)
-    with writing(folder):
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        with writing(folder):
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            (tmp / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor_dict(cfg), indent=2) + "\n")
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    with atomic_folder(folder) as tmp:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor_dict(cfg), indent=2) + "\n")
+    return Path(folder)
 
 
 def save_encoder_hf(model_or_encoder: nn.Module, folder: str | Path) -> Path:

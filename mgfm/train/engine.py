@@ -5,11 +5,15 @@ Pretraining (:mod:`mgfm.train.pretrain`) and fine-tuning (:mod:`mgfm.evaluate.fi
 an iterator of micro-batches and a loss, then call :func:`train` (the split of mae's ``engine_pretrain.py``
 and ``main_pretrain.py``)::
 
-    engine = Engine(recipe)                           # Accelerator, DeepSpeed when launched with it
-    engine.prepare(model, param_groups, schedule)     # AdamW + warmup/cosine LambdaLR
-    start = engine.resume(checkpoints, recipe.resume)
-    history = train(engine, batches, loss_fn, start, schedule, checkpoints, run_dir)
-    state = engine.full_state_dict()                  # fp32 master weights; collective
+    engine = Engine(recipe)                                    # Accelerator, DeepSpeed when launched with it
+    schedule = Schedule.for_run(recipe.optim, steps_per_epoch, global_batch)
+    engine.prepare(model, param_groups, schedule)              # AdamW + warmup/cosine LambdaLR
+    start = engine.resume(find_checkpoint(checkpoints, recipe.resume))   # 0 without a checkpoint
+    history = train(engine, batches, loss_fn, start, checkpoints, run_dir, every, "pretrain", after_step)
+    state = engine.full_state_dict()                           # fp32 master weights; collective
+
+``loss_fn(batch, step)`` returns a :class:`MicroResult`; ``after_step(step, row)`` runs after each optimiser
+step (pretraining updates its EMA teacher and exports snapshots there).
 
 Where Accelerate's defaults would train wrongly on GPUs, the engine decides itself:
 
