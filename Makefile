@@ -45,9 +45,11 @@ retrieval: setup
 emotion: setup
 	$(PY) eval/emotion.py $(if $(RUN),run=$(RUN)) shards=$(SHARDS) $(ARGS)
 
-# mixture pretraining (synthetic + ../shared/data real-motion sets), 3 seeds, both probes: runs/real-motion/table.md
+# pretraining on the ../shared/data real-motion sets (RECIPE, default recipes/pretrain/real_motion_cpu.yaml),
+# 3 seeds, both probes on every snapshot: runs/real-motion/table.md
+RECIPE ?=
 real-motion: setup
-	$(PY) -m mgfm.real_motion $(ARGS)
+	$(PY) -m mgfm.real_motion $(if $(RECIPE),--recipe $(RECIPE)) $(ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_loader.py

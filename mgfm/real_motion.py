@@ -1,15 +1,18 @@
-"""``make real-motion``: does the default recipe learn features that serve recorded human motion?
+"""``make real-motion``: do the features a recipe learns without labels serve recorded human motion?
 
-One foundation model per seed is pretrained on the mixture of the synthetic benchmark and the real-motion
-sets of ``../shared/data`` (UTKinect, Florence3D: stick-figure renders of recorded Kinect skeletons, see
-each set's SOURCE.md), train splits only and no labels, with the default recipe
-(``recipes/pretrain/tiny_cpu.yaml``) and equal set weights. Each run's frozen encoder is then probed on every
-set's cross-subject test split with the linear and the attentive probe (``eval/linear_probe.py``), against a
-random encoder of the same size (seeded like the run) and raw pixels. The table gives the mean and spread
-over seeds and the gaps the issue asks for (pretrained - raw pixels, pretrained - random init).
+One encoder per seed is pretrained on the real-motion sets of ``../shared/data`` (UTKinect, Florence3D:
+stick-figure renders of recorded Kinect skeletons, see each set's SOURCE.md; ``--synthetic`` mixes the
+synthetic benchmark in), train splits only and no labels, with equal set weights and the recipe
+``recipes/pretrain/real_motion_cpu.yaml`` (``--recipe`` another). Every encoder snapshot the run exports
+(``export_epochs``) and its final encoder are probed on every set's cross-subject test split with the linear
+and the attentive probe (:mod:`mgfm.evaluate.curve`), against a random encoder of the same size (seeded like
+the run) and raw pixels. The table gives the final encoder's mean and spread over seeds with the gaps the
+issue asks for (pretrained - raw pixels, pretrained - random init, final - its own epoch 0), and the mean
+learning curve over seeds.
 
-Stages resume: built shards, finished runs and cached features are reused. Writes ``<out>/table.md`` and
-``<out>/table.json``; each probe's own report stays under ``<out>/seed<S>/eval*/<set>/``.
+Stages resume: built shards, finished runs, probed snapshots and cached features are reused. Writes
+``<out>/table.md``, ``<out>/table.json`` and ``<out>/curves.png``; each seed's curve and probe reports stay
+under ``<out>/seed<S>/curve/``.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import numpy as np
 
 from mgfm.cli import one_line_errors
 from mgfm.config import load_recipe
-from mgfm.evaluate.probe_eval import PROBES, ProbeRecipe
-from mgfm.evaluate.probe_eval import run as run_probe
+from mgfm.evaluate.curve import REFERENCES, curve, curve_markdown, plot_curve
+from mgfm.evaluate.probe_eval import PROBES
+from mgfm.files import write_atomic
 from mgfm.pipeline import build_default_shards, default_workers, pretrain
 from mgfm.report import markdown_table
 from mgfm.shards import BuildConfig, build_shards
@@ -37,7 +41,7 @@ from mgfm.runtime import setup_logging
 log = logging.getLogger("mgfm.real_motion")
 REPO = Path(__file__).resolve().parents[1]
 REAL_SETS = ("utkinect", "florence3d")
-ROWS = ("pretrained", "random init", "raw pixels")
+ROWS = ("pretrained", "epoch 0", "random init", "raw pixels")
 
 
 def real_shards(shared: Path, shards_dir: Path, names: tuple[str, ...] = REAL_SETS) -> list[Path]:
@@ -65,27 +69,37 @@ def pretrain_seed(seed: int, sets: list[Path], out: Path, recipe_path: Path, syn
     return pretrain(recipe)
 
 
-def probe_run(run_dir: Path, shards: Path, probe: str, seed: int, features_dir: Path) -> dict[str, float]:
-    """``{row: test top-1}`` of one probe of ``run_dir``'s encoder on ``shards``, with the reference rows."""
-    report = run_probe(ProbeRecipe(run=str(run_dir), shards=str(shards), probe=probe, seed=seed, kmeans=False,
-                                   features_dir=str(features_dir)))
-    return {row: report["results"][row]["probe"]["top1"] for row in ROWS}
-
-
 def summarise(scores: dict[str, dict[str, dict[str, list[float]]]]) -> tuple[list[str], list[list], dict]:
-    """``scores[set][probe][row]`` = top-1 per seed -> (headers, table rows, json summary)."""
-    headers = ["set", "probe", "seeds", *ROWS, "pretrained - pixels", "pretrained - random"]
+    """``scores[set][probe][row]`` = top-1 per seed (rows: the final encoder, its epoch 0, the references) ->
+    (headers, table rows, json summary)."""
+    headers = ["set", "probe", "seeds", *ROWS, "pretrained - pixels", "pretrained - random", "final - epoch 0"]
     rows, summary = [], {}
     for name, by_probe in scores.items():
         for probe, by_row in by_probe.items():
             mean = {row: float(np.mean(v)) for row, v in by_row.items()}
             spread = {row: float(np.std(v)) for row, v in by_row.items()}
-            gaps = {"pixels": mean["pretrained"] - mean["raw pixels"], "random": mean["pretrained"] - mean["random init"]}
+            gaps = {"pixels": mean["pretrained"] - mean["raw pixels"], "random": mean["pretrained"] - mean["random init"],
+                    "epoch0": mean["pretrained"] - mean["epoch 0"]}
             summary.setdefault(name, {})[probe] = {"per_seed": by_row, "mean": mean, "std": spread, "gap": gaps}
             rows.append([name, probe, len(by_row["pretrained"]),
                          *[f"{100 * mean[r]:.1f} ± {100 * spread[r]:.1f}" for r in ROWS],
-                         f"{100 * gaps['pixels']:+.1f}", f"{100 * gaps['random']:+.1f}"])
+                         f"{100 * gaps['pixels']:+.1f}", f"{100 * gaps['random']:+.1f}", f"{100 * gaps['epoch0']:+.1f}"])
     return headers, rows, summary
+
+
+def mean_curve(curves: list[dict]) -> dict:
+    """The seeds' learning curves (:func:`mgfm.evaluate.curve.curve` results) averaged at the epochs all share."""
+    epochs = sorted(set.intersection(*(set(c["epochs"]) for c in curves)))
+    scores: dict = {}
+    for name, by_probe in curves[0]["scores"].items():
+        for probe in by_probe:
+            def at(c, e):
+                return c["scores"][name][probe]["pretrained"][c["epochs"].index(e)]
+            entry = {"pretrained": [float(np.mean([at(c, e) for c in curves])) for e in epochs]}
+            for ref in REFERENCES:
+                entry[ref] = float(np.mean([c["scores"][name][probe][ref] for c in curves]))
+            scores.setdefault(name, {})[probe] = entry
+    return {"run": f"mean of {len(curves)} seeds", "epochs": epochs, "seed": "all", "scores": scores}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,14 +107,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data",
                         help="folder holding utkinect/ and florence3d/ (default: ../shared/data)")
     parser.add_argument("--real", default=",".join(REAL_SETS), help="the real sets (folders of --shared)")
-    parser.add_argument("--synthetic", action=argparse.BooleanOptionalAction, default=True,
-                        help="include the synthetic benchmark in the mixture and the table")
+    parser.add_argument("--synthetic", action=argparse.BooleanOptionalAction, default=False,
+                        help="mix the synthetic benchmark in (and probe on it)")
     parser.add_argument("--shards-dir", type=Path, default=Path("shards"), help="where the shard sets live")
     parser.add_argument("--synthetic-data", default="data/synthetic", help="synthetic benchmark folder")
     parser.add_argument("--out", type=Path, default=Path("runs/real-motion"), help="runs, features and the table")
     parser.add_argument("--seeds", default="0,1,2", help="pretraining seeds (comma-separated)")
     parser.add_argument("--probes", default="linear,attentive", help="linear and/or attentive")
-    parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "pretrain" / "tiny_cpu.yaml")
+    parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "pretrain" / "real_motion_cpu.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the pretraining recipe")
     args = parser.parse_args(argv)
     setup_logging()
@@ -123,27 +137,35 @@ def run(args: argparse.Namespace) -> str:
         sets = [args.shards_dir / "synthetic", *sets]
     timings = {"shards": time.time() - start}
     scores: dict = {s.name: {p: {row: [] for row in ROWS} for p in probes} for s in sets}
+    curves = []
     for seed in seeds:
         start = time.time()
         run_dir = pretrain_seed(seed, sets, args.out, args.recipe, args.synthetic_data if args.synthetic else None,
                                 args.overrides)
         timings[f"pretrain seed {seed}"] = time.time() - start
         start = time.time()
-        for shards in sets:
-            for probe in probes:
-                for row, top1 in probe_run(run_dir, shards, probe, seed, args.out / "features").items():
-                    scores[shards.name][probe][row].append(top1)
+        curves.append(curve(run_dir, [str(s) for s in sets], probes))
+        for name, by_probe in curves[-1]["scores"].items():
+            for probe, entry in by_probe.items():
+                rows = scores[name][probe]
+                rows["pretrained"].append(entry["pretrained"][-1])
+                rows["epoch 0"].append(entry["pretrained"][0])
+                for ref in REFERENCES:
+                    rows[ref].append(entry[ref])
         timings[f"probes seed {seed}"] = time.time() - start
     headers, rows, summary = summarise(scores)
     table = markdown_table(headers, rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.json").write_text(json.dumps({"seeds": seeds, "probes": probes, "overrides": args.overrides,
-                                                     "sets": summary, "seconds": timings}, indent=1))
-    (args.out / "table.md").write_text(
-        f"# Real motion: frozen probes of the mixture-pretrained encoder\n\nSeeds {seeds}; pretraining recipe "
+    mean = mean_curve(curves)
+    plot_curve(mean, args.out / "curves.png")
+    write_atomic(args.out / "table.json", json.dumps({"seeds": seeds, "probes": probes, "overrides": args.overrides,
+                                                      "recipe": str(args.recipe), "sets": summary, "curve": mean,
+                                                      "seconds": timings}, indent=1))
+    write_atomic(args.out / "table.md", (
+        f"# Real motion: frozen probes of encoders pretrained without labels\n\nSeeds {seeds}; pretraining recipe "
         f"`{args.recipe.name}` {' '.join(args.overrides)} on {', '.join(s.name for s in sets)} (equal weights); "
-        f"test top-1 in %, mean ± std over seeds.\n\n{table}\n\n"
-        + markdown_table(["stage", "seconds"], [[k, round(v)] for k, v in timings.items()]) + "\n")
+        f"test top-1 in %, mean ± std over seeds; `epoch 0` is each run's own initialisation.\n\n{table}\n\n"
+        f"## Learning curve, mean over seeds\n\n{curve_markdown(mean, 'curves.png')}\n"
+        + markdown_table(["stage", "seconds"], [[k, round(v)] for k, v in timings.items()]) + "\n"))
     return table + f"\n\ntable: {args.out / 'table.md'}"
 
 

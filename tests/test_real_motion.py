@@ -33,21 +33,28 @@ def test_real_motion_table_over_seeds_and_probes(tmp_path, tiny_videos, capsys):
     out = tmp_path / "out"
     main(["--shared", str(shared), "--real", "mini", "--no-synthetic", "--shards-dir", str(tmp_path / "shards"),
           "--out", str(out), "--seeds", "0,1", *TINY_MODEL, "stream.batch_size=2", "stream.num_workers=0",
-          "stream.shuffle_buffer=4", "stream.mask_ratio=0.5", "stream.decoder_keep_ratio=1.0", "patch_init_clips=4", "optim.epochs=1", "checkpoint_every=0"])
+          "stream.shuffle_buffer=4", "stream.mask_ratio=0.5", "stream.decoder_keep_ratio=1.0", "patch_init_clips=4", "optim.epochs=2", "optim.warmup_epochs=0", "checkpoint_every=0",
+          "export_epochs=[0,1]"])
     manifest = json.loads((tmp_path / "shards" / "mini" / "manifest.json").read_text())
     assert {k: v["samples"] for k, v in manifest["splits"].items()} == {"train": 6, "test": 6}
     table = json.loads((out / "table.json").read_text())
     for probe in ("linear", "attentive"):
         per_seed = table["sets"]["mini"][probe]["per_seed"]
-        assert set(per_seed) == {"pretrained", "random init", "raw pixels"}
+        assert set(per_seed) == {"pretrained", "epoch 0", "random init", "raw pixels"}
         assert all(len(v) == 2 for v in per_seed.values())
         assert per_seed["raw pixels"][0] == per_seed["raw pixels"][1]  # no seed in the pixel reference
-        report = out / "seed1" / ("eval" if probe == "linear" else "eval-attentive") / "mini" / "report.json"
-        assert json.loads(report.read_text())["results"]["pretrained"]["probe"]["top1"] == per_seed["pretrained"][1]
+        # the final row is the final encoder's probe, epoch 0 the seed's own initialisation (= its random init)
+        final = out / "seed1" / "curve" / "epoch_00002" / probe / "mini" / "report.json"
+        assert json.loads(final.read_text())["results"]["pretrained"]["probe"]["top1"] == per_seed["pretrained"][1]
+        assert per_seed["epoch 0"] == per_seed["random init"]
         mean = table["sets"]["mini"][probe]["mean"]
         assert table["sets"]["mini"][probe]["gap"]["pixels"] == pytest.approx(mean["pretrained"] - mean["raw pixels"])
-    assert (out / "seed0" / "encoder" / "config.json").exists() and (out / "seed1" / "encoder").is_dir()
-    assert "pretrained - pixels" in (out / "table.md").read_text() and "table:" in capsys.readouterr().out
+        assert table["curve"]["epochs"] == [0, 1, 2]
+        assert table["curve"]["scores"]["mini"][probe]["pretrained"][-1] == pytest.approx(mean["pretrained"])
+    assert (out / "seed0" / "encoder" / "config.json").exists() and (out / "seed1" / "encoders" / "epoch_00001").is_dir()
+    text = (out / "table.md").read_text()
+    assert "pretrained - pixels" in text and "final - epoch 0" in text and "Learning curve" in text
+    assert (out / "curves.png").stat().st_size > 1000 and "table:" in capsys.readouterr().out
 
 
 def test_missing_real_set_is_one_line_error(tmp_path, capsys):

@@ -91,8 +91,8 @@ def curve(run_dir: Path, sets: list[str], probes: list[str]) -> dict:
     return result
 
 
-def curve_markdown(result: dict) -> str:
-    """One table per probe: a row per set, a column per epoch, then the references."""
+def curve_markdown(result: dict, image: str = "curve.png") -> str:
+    """One table per probe: a row per set, a column per epoch, then the references; ``image`` the plot."""
     epochs = result["epochs"]
     parts = []
     for probe in next(iter(result["scores"].values())):
@@ -104,7 +104,7 @@ def curve_markdown(result: dict) -> str:
             rows.append([name, *[f"{100 * v:.1f}" for v in curve_], *[f"{100 * entry[r]:.1f}" for r in REFERENCES],
                          f"{100 * (curve_[-1] - curve_[0]):+.1f}"])
         parts.append(f"### {PROBES[probe]} (test top-1 %)\n\n" + markdown_table(headers, rows))
-    return f"Run `{result['run']}`, seed {result['seed']}.\n\n" + "\n\n".join(parts) + "\n\n![curve](curve.png)\n"
+    return f"Run `{result['run']}`, seed {result['seed']}.\n\n" + "\n\n".join(parts) + f"\n\n![curve]({image})\n"
 
 
 def plot_curve(result: dict, path: Path) -> None:
