@@ -56,34 +56,37 @@ def snapshots(run_dir: Path) -> list[tuple[int, Path]]:
     return found
 
 
-def probe_snapshot(run_dir: Path, epoch: int, encoder: Path, shards: str, probe: str, seed: int) -> dict[str, float]:
-    """``{row: test top-1}`` of one probe of one snapshot on one shard set (the report is reused when there)."""
+def probe_snapshot(run_dir: Path, epoch: int, encoder: Path, shards: str, probe: str, seed: int,
+                   references: bool) -> dict[str, float]:
+    """``{row: test top-1}`` of one probe of one snapshot on one shard set, with the reference rows when
+    ``references`` (the report is reused when it is there and has what is asked)."""
     out = run_dir / "curve" / f"epoch_{epoch:05d}" / probe / set_name(shards)
     report_file = out / "report.json"
     if report_file.exists():
         report = json.loads(report_file.read_text())
-        if report.get("encoder") == str(encoder):
+        if report.get("encoder") == str(encoder) and (not references or set(REFERENCES) <= set(report["results"])):
             return {row: report["results"][row]["probe"]["top1"] for row in report["results"]}
     report = run_probe(ProbeRecipe(run=str(encoder), shards=shards, probe=probe, seed=seed, kmeans=False,
-                                   out=str(out), features_dir=str(run_dir / "features")))
+                                   references=references, out=str(out), features_dir=str(run_dir / "features")))
     return {row: report["results"][row]["probe"]["top1"] for row in report["results"]}
 
 
 def curve(run_dir: Path, sets: list[str], probes: list[str]) -> dict:
     """Probe every snapshot of ``run_dir`` on every set with every probe; returns (and writes) the curve:
-    ``{"epochs": [...], "scores": {set: {probe: {"pretrained": [...], "random init": x, "raw pixels": x}}}}``."""
+    ``{"epochs": [...], "scores": {set: {probe: {"pretrained": [...], "random init": x, "raw pixels": x}}}}``.
+    The references (the same for every snapshot of a run) are fitted once, with the first snapshot."""
     recipe_file = run_dir / "recipe.yaml"
     seed = int(yaml.safe_load(recipe_file.read_text()).get("seed", 0)) if recipe_file.exists() else 0
     found = snapshots(run_dir)
     scores: dict = {set_name(s): {p: {"pretrained": []} for p in probes} for s in sets}
-    for epoch, encoder in found:
+    for i, (epoch, encoder) in enumerate(found):
         for shards in sets:
             for probe in probes:
-                rows = probe_snapshot(run_dir, epoch, encoder, shards, probe, seed)
+                rows = probe_snapshot(run_dir, epoch, encoder, shards, probe, seed, references=i == 0)
                 entry = scores[set_name(shards)][probe]
                 entry["pretrained"].append(rows["pretrained"])
                 for ref in REFERENCES:
-                    entry.setdefault(ref, rows[ref])
+                    entry.setdefault(ref, rows.get(ref))
         log.info("%s epoch %d probed", run_dir.name, epoch)
     result = {"run": str(run_dir), "epochs": [e for e, _ in found], "seed": seed, "scores": scores}
     plot_curve(result, run_dir / "curve" / "curve.png")
