@@ -4,6 +4,7 @@ streaming gives for the same seed, for one set, a mixture, several ranks and dam
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,17 @@ def test_memory_cache_over_its_budget_is_one_error_saying_how_big_the_set_is(tin
     cfg = small_cfg(cache_max_gb=1e-6)
     with pytest.raises(InputError, match=r"needs 0\.\d GB for 6 clips, over stream.cache_max_gb=1e-06"):
         MemoryClips.load(tiny_shards, "train", cfg, progress=False)
+
+
+def test_the_memory_cache_benchmark_runs(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "benchmarks/bench_memory_cache.py", "--clips", "8", "--batch", "2",
+                           "--batches", "2", "--rounds", "2", "--img-size", "64", "--frames", "4"], cwd=repo,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "memory / streamed:" in done.stdout and "8 clips decoded once" in done.stdout
