@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_CLIPS, TINY_VIDEOS
 
+from mgfm.evaluate.curve import main as curve_main
 from mgfm.real_motion import main
 
 TINY_MODEL = ["model.size=custom", "model.img_size=32", "model.frames=4", "model.dim=32", "model.depth=1",
@@ -55,6 +56,20 @@ def test_real_motion_table_over_seeds_and_probes(tmp_path, tiny_videos, capsys):
     text = (out / "table.md").read_text()
     assert "pretrained - pixels" in text and "final - epoch 0" in text and "Learning curve" in text
     assert (out / "curves.png").stat().st_size > 1000 and "table:" in capsys.readouterr().out
+
+    # the runs' curves side by side (their probe reports reused), with one curve kept as a file
+    kept = tmp_path / "kept.json"
+    kept.write_text(json.dumps([{**table["curve"], "run": "earlier/mean", "scores": {
+        "mini": {"linear": table["curve"]["scores"]["mini"]["linear"]}}}]))
+    compare = tmp_path / "compare.png"
+    curve_main([str(out / "seed0"), str(out / "seed1"), "--shards", str(tmp_path / "shards" / "mini"),
+                "--compare", str(compare), "--add", str(kept)])
+    assert compare.stat().st_size > 1000 and f"comparison: {compare}" in capsys.readouterr().out
+    kept.write_text(json.dumps({"epochs": [0]}))
+    with pytest.raises(SystemExit) as exit_info:
+        curve_main(["--compare", str(compare), "--add", str(kept)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and "not a curve" in err
 
 
 def test_missing_real_set_is_one_line_error(tmp_path, capsys):

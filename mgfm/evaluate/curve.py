@@ -8,7 +8,8 @@ report stays under ``<run>/curve/<epoch>/<probe>/<set>/`` and is reused; feature
 ``<run>/features``). Writes ``<run>/curve/report.json``, ``report.md`` and ``curve.png``.
 
 CLI: ``python -m mgfm.evaluate.curve runs/NAME [runs/OTHER ...] [--shards shards/utkinect,shards/florence3d]
-[--probes linear,attentive]``
+[--probes linear,attentive]``; ``--compare OUT.png`` also draws the runs' curves side by side, with
+``--add FILE.json`` for curves kept as files (a curve ``report.json``, or a JSON list of curves).
 """
 
 from __future__ import annotations
@@ -136,20 +137,76 @@ def plot_curve(result: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def load_curves(path: Path) -> list[dict]:
+    """The curves in ``path``: a curve ``report.json`` (one curve) or a JSON list of curves (the same keys)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read a curve: {exc}") from None
+    curves = data if isinstance(data, list) else [data]
+    for c in curves:
+        if not isinstance(c, dict) or not {"run", "epochs", "scores"} <= set(c):
+            raise InputError(f"{path}: not a curve (expected the keys run, epochs, scores)")
+    return curves
+
+
+def plot_comparison(results: list[dict], path: Path) -> None:
+    """A panel per (probe, set): one line per run, the first run's references as grey lines."""
+    # deferred on purpose: matplotlib is slow to import and only plots need it
+    from matplotlib.figure import Figure
+
+    sets = list(dict.fromkeys(name for r in results for name in r["scores"]))
+    probes = [p for p in PROBES if any(p in r["scores"].get(name, {}) for r in results for name in sets)]
+    fig = Figure(figsize=(4.4 * len(sets), 3.4 * len(probes)), dpi=110)
+    for row, probe in enumerate(probes):
+        for col, name in enumerate(sets):
+            ax = fig.add_subplot(len(probes), len(sets), row * len(sets) + col + 1)
+            drawn_refs = False
+            for k, result in enumerate(results):
+                entry = result["scores"].get(name, {}).get(probe)
+                if entry is None:
+                    continue
+                ax.plot(result["epochs"][:len(entry["pretrained"])], [100 * v for v in entry["pretrained"]], "o-",
+                        color=f"C{k}", ms=3, label=Path(result["run"]).name)
+                if not drawn_refs:
+                    for ref, style in zip(REFERENCES, (":", "--")):
+                        ax.axhline(100 * entry[ref], color="grey", ls=style, lw=1, label=f"{ref} (first run)")
+                    drawn_refs = True
+            ax.set_xscale("symlog", linthresh=50)
+            ax.set_title(f"{name}, {probe} probe", fontsize=9)
+            ax.set_xlabel("pretraining epoch")
+            ax.set_ylabel("test top-1 %")
+            ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mgfm.evaluate.curve", description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<name>)")
+    parser.add_argument("runs", nargs="*", type=Path, help="run folders (runs/<name>)")
     parser.add_argument("--shards", default=",".join(DEFAULT_SETS), help="comma-separated shard sets to probe on")
     parser.add_argument("--probes", default="linear,attentive", help="linear and/or attentive")
+    parser.add_argument("--compare", type=Path, help="also draw all the curves side by side into this PNG")
+    parser.add_argument("--add", type=Path, action="append", default=[],
+                        help="with --compare: curves kept as files (a curve report.json or a JSON list of curves)")
     args = parser.parse_args(argv)
     setup_logging()
     probes = [p.strip() for p in args.probes.split(",") if p.strip()]
     if not probes or any(p not in PROBES for p in probes):
         raise SystemExit(f"mgfm.evaluate.curve: error: --probes: expected linear and/or attentive, got {args.probes!r}")
+    if not args.runs and not args.add:
+        parser.error("name at least one run folder (or --add FILE with --compare)")
+    if args.add and not args.compare:
+        parser.error("--add is drawn only with --compare OUT.png")
     sets = [s.strip() for s in args.shards.split(",") if s.strip()]
     with one_line_errors("mgfm.evaluate.curve"):
-        for run_dir in args.runs:
-            print(curve_markdown(curve(run_dir, sets, probes)))
+        results = [curve(run_dir, sets, probes) for run_dir in args.runs]
+        for result in results:
+            print(curve_markdown(result))
+        if args.compare:
+            plot_comparison([*results, *(c for f in args.add for c in load_curves(f))], args.compare)
+            print(f"comparison: {args.compare}")
 
 
 if __name__ == "__main__":
