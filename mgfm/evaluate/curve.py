@@ -111,6 +111,15 @@ def curve_markdown(result: dict, image: str = "curve.png") -> str:
     return f"Run `{result['run']}`, seed {result['seed']}.\n\n" + "\n\n".join(parts) + f"\n\n![curve]({image})\n"
 
 
+def _epoch_axes(ax, title: str, **title_style) -> None:
+    """The learning-curve axes: epochs on a symlog axis (0 and 25 stay apart from 800), top-1 % up."""
+    ax.set_xscale("symlog", linthresh=50)
+    ax.set_title(title, **title_style)
+    ax.set_xlabel("pretraining epoch")
+    ax.set_ylabel("test top-1 %")
+    ax.grid(alpha=0.3)
+
+
 def plot_curve(result: dict, path: Path) -> None:
     """One panel per set: each probe's curve over epochs, its references as dashed lines."""
     # deferred on purpose: matplotlib is slow to import and only plots need it
@@ -126,11 +135,7 @@ def plot_curve(result: dict, path: Path) -> None:
             ax.plot(epochs, [100 * v for v in entry["pretrained"]], "o-", color=colour, label=f"{probe}")
             for ref, style in zip(REFERENCES, (":", "--")):
                 ax.axhline(100 * entry[ref], color=colour, ls=style, lw=1, label=f"{probe}: {ref}")
-        ax.set_xscale("symlog", linthresh=50)
-        ax.set_title(name)
-        ax.set_xlabel("pretraining epoch")
-        ax.set_ylabel("test top-1 %")
-        ax.grid(alpha=0.3)
+        _epoch_axes(ax, name)
     fig.axes[0].legend(fontsize=6)
     fig.suptitle(Path(result["run"]).name, fontsize=9)
     fig.tight_layout()
@@ -172,11 +177,7 @@ def plot_comparison(results: list[dict], path: Path) -> None:
                     for ref, style in zip(REFERENCES, (":", "--")):
                         ax.axhline(100 * entry[ref], color="grey", ls=style, lw=1, label=f"{ref} (first run)")
                     drawn_refs = True
-            ax.set_xscale("symlog", linthresh=50)
-            ax.set_title(f"{name}, {probe} probe", fontsize=9)
-            ax.set_xlabel("pretraining epoch")
-            ax.set_ylabel("test top-1 %")
-            ax.grid(alpha=0.3)
+            _epoch_axes(ax, f"{name}, {probe} probe", fontsize=9)
     fig.axes[0].legend(fontsize=6)
     fig.tight_layout()
     save_figure(fig, path)
