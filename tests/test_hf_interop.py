@@ -90,6 +90,23 @@ def test_saved_encoder_loads_in_transformers_with_same_features(tmp_path, final_
         assert attn.key.bias is None
 
 
+def test_a_block_readout_is_the_transformers_hidden_state_after_that_layer(tmp_path):
+    cfg = tiny(depth=3)
+    enc = build_encoder(cfg).eval()
+    randomise(enc)
+    model = VideoMAEModel.from_pretrained(save_encoder_hf(enc, tmp_path / "encoder")).eval()
+    v = clip(cfg)
+    with torch.no_grad():
+        hidden = model(pixel_values=v, output_hidden_states=True).hidden_states  # embeddings, then each layer
+        for block in range(1, cfg.depth + 1):
+            assert (enc.features(v, block=block) - hidden[block].mean(1)).abs().max() < 1e-4
+        assert not torch.allclose(enc.features(v, block=1), enc.features(v), atol=1e-3)
+        tokens = enc.pooled_tokens(v, grid=(1, 2, 2), block=2)
+        assert tokens.shape == (2, 4, cfg.dim) and torch.allclose(tokens.mean(1), hidden[2].mean(1), atol=1e-4)
+    with pytest.raises(ValueError, match="block=4: the encoder has blocks 1 to 3"):
+        enc.features(v, block=4)
+
+
 def test_our_folder_round_trips_and_checksums(tmp_path):
     cfg = tiny(pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.25, 0.25, 0.25), drop_path=0.1)
     model = build_pretraining_model(cfg).eval()

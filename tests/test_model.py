@@ -241,7 +241,7 @@ def test_features_ignore_masks_and_are_deterministic():
     cfg = tiny(drop_path=0.3)
     model = build_pretraining_model(cfg)
     assert list(inspect.signature(model.features).parameters) == ["video"]
-    assert list(inspect.signature(model.encoder.features).parameters) == ["video"]
+    assert list(inspect.signature(model.encoder.features).parameters) == ["video", "block"]  # no mask
     v = video(cfg)
     enc, _ = masks(cfg)
     model.eval()

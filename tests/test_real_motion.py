@@ -65,6 +65,18 @@ def test_real_motion_table_over_seeds_and_probes(tmp_path, tiny_videos, capsys):
     curve_main([str(out / "seed0"), str(out / "seed1"), "--shards", str(tmp_path / "shards" / "mini"),
                 "--compare", str(compare), "--add", str(kept)])
     assert compare.stat().st_size > 1000 and f"comparison: {compare}" in capsys.readouterr().out
+    # an earlier block's tokens: a curve of its own, beside the last block's
+    curve_main([str(out / "seed0"), "--shards", str(tmp_path / "shards" / "mini"), "--probes", "linear",
+                "--block", "1"])
+    by_block = json.loads((out / "seed0" / "curve-block1" / "report.json").read_text())
+    assert by_block["block"] == 1 and by_block["epochs"] == [0, 1, 2] and "block 1" in capsys.readouterr().out
+    probed = json.loads((out / "seed0" / "curve-block1" / "epoch_00002" / "linear" / "mini" / "report.json").read_text())
+    assert probed["block"] == 1 and "tokens read after encoder block 1" in (
+        out / "seed0" / "curve-block1" / "epoch_00002" / "linear" / "mini" / "report.md").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        curve_main([str(out / "seed0"), "--shards", str(tmp_path / "shards" / "mini"), "--block", "2"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and "block=2: the encoder" in err and "blocks 1 to 1" in err
     kept.write_text(json.dumps({"epochs": [0]}))
     with pytest.raises(SystemExit) as exit_info:
         curve_main(["--compare", str(compare), "--add", str(kept)])

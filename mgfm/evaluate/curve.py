@@ -8,7 +8,8 @@ report stays under ``<run>/curve/<epoch>/<probe>/<set>/`` and is reused; feature
 ``<run>/features``). Writes ``<run>/curve/report.json``, ``report.md`` and ``curve.png``.
 
 CLI: ``python -m mgfm.evaluate.curve runs/NAME [runs/OTHER ...] [--shards shards/utkinect,shards/florence3d]
-[--probes linear,attentive]``; ``--compare OUT.png`` also draws the runs' curves side by side, with
+[--probes linear,attentive] [--block N]``  (``--block``: probe the tokens after encoder block N instead of
+the last one; kept apart under ``<run>/curve-blockN/``); ``--compare OUT.png`` also draws the runs' curves side by side, with
 ``--add FILE.json`` for curves kept as files (a curve ``report.json``, or a JSON list of curves).
 """
 
@@ -57,23 +58,30 @@ def snapshots(run_dir: Path) -> list[tuple[int, Path]]:
     return found
 
 
+def curve_folder(run_dir: Path, block: int | None = None) -> Path:
+    """Where a run's curve is kept: ``<run>/curve``, or ``<run>/curve-blockN`` for block ``N``'s tokens."""
+    return run_dir / ("curve" if block is None else f"curve-block{block}")
+
+
 def probe_snapshot(run_dir: Path, epoch: int, encoder: Path, shards: str, probe: str, seed: int,
-                   references: bool) -> dict[str, float]:
+                   references: bool, block: int | None = None) -> dict[str, float]:
     """``{row: test top-1}`` of one probe of one snapshot on one shard set, with the reference rows when
     ``references`` (the report is reused when it is there and has what is asked)."""
-    out = run_dir / "curve" / f"epoch_{epoch:05d}" / probe / set_name(shards)
+    out = curve_folder(run_dir, block) / f"epoch_{epoch:05d}" / probe / set_name(shards)
     report_file = out / "report.json"
     if report_file.exists():
         report = json.loads(report_file.read_text())
         if report.get("encoder") == str(encoder) and (not references or set(REFERENCES) <= set(report["results"])):
             return {row: report["results"][row]["probe"]["top1"] for row in report["results"]}
     report = run_probe(ProbeRecipe(run=str(encoder), shards=shards, probe=probe, seed=seed, kmeans=False,
-                                   references=references, out=str(out), features_dir=str(run_dir / "features")))
+                                   references=references, out=str(out), features_dir=str(run_dir / "features"),
+                                   block=block))
     return {row: report["results"][row]["probe"]["top1"] for row in report["results"]}
 
 
-def curve(run_dir: Path, sets: list[str], probes: list[str]) -> dict:
-    """Probe every snapshot of ``run_dir`` on every set with every probe; returns (and writes) the curve:
+def curve(run_dir: Path, sets: list[str], probes: list[str], block: int | None = None) -> dict:
+    """Probe every snapshot of ``run_dir`` on every set with every probe (reading the tokens after encoder
+    block ``block``; None = the last); returns (and writes) the curve:
     ``{"epochs": [...], "scores": {set: {probe: {"pretrained": [...], "random init": x, "raw pixels": x}}}}``.
     The references (the same for every snapshot of a run) are fitted once, with the first snapshot."""
     recipe_file = run_dir / "recipe.yaml"
@@ -83,15 +91,16 @@ def curve(run_dir: Path, sets: list[str], probes: list[str]) -> dict:
     for i, (epoch, encoder) in enumerate(found):
         for shards in sets:
             for probe in probes:
-                rows = probe_snapshot(run_dir, epoch, encoder, shards, probe, seed, references=i == 0)
+                rows = probe_snapshot(run_dir, epoch, encoder, shards, probe, seed, references=i == 0, block=block)
                 entry = scores[set_name(shards)][probe]
                 entry["pretrained"].append(rows["pretrained"])
                 for ref in REFERENCES:
                     entry.setdefault(ref, rows.get(ref))
         log.info("%s epoch %d probed", run_dir.name, epoch)
-    result = {"run": str(run_dir), "epochs": [e for e, _ in found], "seed": seed, "scores": scores}
-    plot_curve(result, run_dir / "curve" / "curve.png")
-    write_report(run_dir / "curve", result, curve_markdown(result), f"Learning curve of {run_dir.name}")
+    result = {"run": str(run_dir), "epochs": [e for e, _ in found], "seed": seed, "block": block, "scores": scores}
+    out = curve_folder(run_dir, block)
+    plot_curve(result, out / "curve.png")
+    write_report(out, result, curve_markdown(result), f"Learning curve of {curve_label(result)}")
     return result
 
 
@@ -108,7 +117,14 @@ def curve_markdown(result: dict, image: str = "curve.png") -> str:
             rows.append([name, *[f"{100 * v:.1f}" for v in curve_], *[f"{100 * entry[r]:.1f}" for r in REFERENCES],
                          f"{100 * (curve_[-1] - curve_[0]):+.1f}"])
         parts.append(f"### {PROBES[probe]} (test top-1 %)\n\n" + markdown_table(headers, rows))
-    return f"Run `{result['run']}`, seed {result['seed']}.\n\n" + "\n\n".join(parts) + f"\n\n![curve]({image})\n"
+    block = f", tokens read after encoder block {result['block']}" if result.get("block") else ""
+    return (f"Run `{result['run']}`, seed {result['seed']}{block}.\n\n" + "\n\n".join(parts)
+            + f"\n\n![curve]({image})\n")
+
+
+def curve_label(result: dict) -> str:
+    """A curve's name in titles and legends: the run's folder name, and the block when not the last."""
+    return Path(result["run"]).name + (f" (block {result['block']})" if result.get("block") else "")
 
 
 def _epoch_axes(ax, title: str, **title_style) -> None:
@@ -137,7 +153,7 @@ def plot_curve(result: dict, path: Path) -> None:
                 ax.axhline(100 * entry[ref], color=colour, ls=style, lw=1, label=f"{probe}: {ref}")
         _epoch_axes(ax, name)
     fig.axes[0].legend(fontsize=6)
-    fig.suptitle(Path(result["run"]).name, fontsize=9)
+    fig.suptitle(curve_label(result), fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -172,7 +188,7 @@ def plot_comparison(results: list[dict], path: Path) -> None:
                 if entry is None:
                     continue
                 ax.plot(result["epochs"][:len(entry["pretrained"])], [100 * v for v in entry["pretrained"]], "o-",
-                        color=f"C{k}", ms=3, label=Path(result["run"]).name)
+                        color=f"C{k}", ms=3, label=curve_label(result))
                 if not drawn_refs:
                     for ref, style in zip(REFERENCES, (":", "--")):
                         ax.axhline(100 * entry[ref], color="grey", ls=style, lw=1, label=f"{ref} (first run)")
@@ -188,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="*", type=Path, help="run folders (runs/<name>)")
     parser.add_argument("--shards", default=",".join(DEFAULT_SETS), help="comma-separated shard sets to probe on")
     parser.add_argument("--probes", default="linear,attentive", help="linear and/or attentive")
+    parser.add_argument("--block", type=int, help="probe the tokens after this encoder block (default: the last)")
     parser.add_argument("--compare", type=Path, help="also draw all the curves side by side into this PNG")
     parser.add_argument("--add", type=Path, action="append", default=[],
                         help="with --compare: curves kept as files (a curve report.json or a JSON list of curves)")
@@ -201,8 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.add and not args.compare:
         parser.error("--add is drawn only with --compare OUT.png")
     sets = [s.strip() for s in args.shards.split(",") if s.strip()]
+    if args.block is not None and args.block < 1:
+        parser.error(f"--block: expected >= 1 (1 = the first encoder block), got {args.block}")
     with one_line_errors("mgfm.evaluate.curve"):
-        results = [curve(run_dir, sets, probes) for run_dir in args.runs]
+        results = [curve(run_dir, sets, probes, args.block) for run_dir in args.runs]
         for result in results:
             print(curve_markdown(result))
         if args.compare:

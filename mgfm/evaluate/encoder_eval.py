@@ -144,12 +144,13 @@ class EvalSetup:
     stream: StreamConfig
 
     def features(self, encoder, encoder_id: str, split: str, scored: bool,
-                 tokens: tuple[int, int, int] | None = None) -> FeatureSet:
+                 tokens: tuple[int, int, int] | None = None, block: int | None = None) -> FeatureSet:
         """The (cached) features of ``split`` for one of :attr:`encoders` (with ``tokens``: its tokens pooled
-        to that grid). A ``scored`` split that lost clips is an error unless ``allow_missing`` (then a
+        to that grid; with ``block``: read after that encoder block, which raw pixels do not have). A ``scored`` split that lost clips is an error unless ``allow_missing`` (then a
         warning); another split's losses are logged."""
         feats = split_features(None, self.recipe.shards, split, self.stream, self.cache, self.recipe.views,
-                               encoder=encoder, encoder_id=encoder_id, device=self.device, tokens=tokens)
+                               encoder=encoder, encoder_id=encoder_id, device=self.device, tokens=tokens,
+                               block=None if isinstance(encoder, PixelEncoder) else block)
         if scored:
             require_complete(feats, f"{self.recipe.shards} ({split})", self.recipe.allow_missing)
         elif feats.read.get("missing"):

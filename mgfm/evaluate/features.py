@@ -103,7 +103,8 @@ def shard_files(shards: str | Path, split: str) -> list:
 
 
 def cache_key(encoder_id: str, shards: str | Path, split: str, cfg: StreamConfig, views: int,
-              precision: str = "fp32", tokens: tuple[int, int, int] | None = None) -> dict:
+              precision: str = "fp32", tokens: tuple[int, int, int] | None = None,
+              block: int | None = None) -> dict:
     key = {
         "encoder": encoder_id,
         "manifest": manifest_checksum(shards),
@@ -116,6 +117,8 @@ def cache_key(encoder_id: str, shards: str | Path, split: str, cfg: StreamConfig
     }
     if tokens is not None:  # token features pooled to this (t, h, w) grid, not pooled clip features
         key["tokens"] = list(tokens)
+    if block is not None:  # read after this encoder block, not after the last one
+        key["block"] = block
     return key
 
 
@@ -208,10 +211,11 @@ def _view_config(cfg: StreamConfig, view: int, views: int) -> StreamConfig:
 def split_features(encoder_folder: str | Path | None, shards: str | Path, split: str, cfg: StreamConfig,
                    cache_dir: str | Path | None = None, views: int = 1, encoder: nn.Module | None = None,
                    encoder_id: str | None = None, device: str | torch.device = "cpu",
-                   tokens: tuple[int, int, int] | None = None) -> FeatureSet:
+                   tokens: tuple[int, int, int] | None = None, block: int | None = None) -> FeatureSet:
     """Cached features of ``split`` from the encoder in ``encoder_folder`` (or ``encoder`` + ``encoder_id``):
     clip features ``(N, D)``, or with ``tokens`` a ``(t, h, w)`` grid the encoder's ``pooled_tokens`` (for
-    the attentive probe; stored flat, see :class:`FeatureSet`).
+    the attentive probe; stored flat, see :class:`FeatureSet`); ``block``: read after that encoder block
+    (None: after the last one and the final norm).
 
     Every rank must call it (extraction is collective); the cache is written by rank 0.
     """
@@ -220,7 +224,7 @@ def split_features(encoder_folder: str | Path | None, shards: str | Path, split:
     if encoder_id is None:
         raise ValueError("split_features: pass encoder_id with an in-memory encoder")
     device = torch.device(device)
-    key = cache_key(encoder_id, shards, split, cfg, views, feature_precision(device), tokens)
+    key = cache_key(encoder_id, shards, split, cfg, views, feature_precision(device), tokens, block)
     stem = cache_stem(cache_dir, shards, split, key) if cache_dir is not None else None
     if stem is not None:
         cached = FeatureSet.load_if_key(stem, key)
@@ -230,7 +234,9 @@ def split_features(encoder_folder: str | Path | None, shards: str | Path, split:
     if encoder is None:
         encoder, _ = load_encoder_hf(encoder_folder)
     encoder = encoder.to(device).eval()
-    features_fn = encoder.features if tokens is None else partial(encoder.pooled_tokens, grid=tuple(tokens))
+    readout = {} if block is None else {"block": block}
+    features_fn = (partial(encoder.features, **readout) if tokens is None
+                   else partial(encoder.pooled_tokens, grid=tuple(tokens), **readout))
     result = encode_split(features_fn, shards, split, cfg, views, device)
     result.key = key
     if stem is not None and rank_world()[0] == 0:

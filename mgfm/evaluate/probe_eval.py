@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mgfm.config import bounded
 from mgfm.runtime import is_main_process
 from mgfm.data.subset import missing_train_classes
 from mgfm.evaluate.cluster import kmeans_scores
@@ -44,6 +45,9 @@ class ProbeRecipe(EncoderEvalRecipe):
     probe: str = "linear"  # linear (clip features) | attentive (tokens, a cross-attention head)
     linear: ProbeConfig = field(default_factory=ProbeConfig)
     attentive: AttentiveProbeConfig = field(default_factory=AttentiveProbeConfig)
+    # Read the encoders' tokens after this block (1 = the first; None = the last, after the final norm):
+    # with a shallow decoder the last blocks do pixel work, and an earlier block can probe better.
+    block: int | None = bounded(None, ge=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,13 +99,15 @@ def probe_scores(train: FeatureSet, test: FeatureSet, class_names: list[str], ex
 def run(recipe: ProbeRecipe) -> dict:
     """Run the whole evaluation; returns the report dict (also written to disk)."""
     setup = prepare(recipe, "eval" if recipe.probe == "linear" else f"eval-{recipe.probe}")
+    if recipe.block is not None and recipe.block > setup.cfg.depth:
+        raise InputError(f"block={recipe.block}: the encoder {setup.encoder_folder} has blocks 1 to {setup.cfg.depth}")
     class_names = list(load_manifest(recipe.shards)["class_names"])
     exclude = [class_names.index(c) for c in recipe.exclude_classes if c in class_names]
     results: dict[str, dict] = {}
     for name, encoder, encoder_id in setup.encoders:
         log.info("features for %s", name)
         feats = {split: setup.features(encoder, encoder_id, split, scored=split == recipe.test_split,
-                                       tokens=recipe.tokens)
+                                       tokens=recipe.tokens, block=recipe.block)
                  for split in (recipe.train_split, recipe.test_split)}
         metrics, _ = probe_scores(feats[recipe.train_split], feats[recipe.test_split], class_names, exclude,
                                   recipe.probe_config, recipe.allow_missing)
@@ -117,11 +123,13 @@ def run(recipe: ProbeRecipe) -> dict:
     report = {
         "run": str(setup.run_dir), "encoder": str(setup.encoder_folder), "shards": recipe.shards,
         "splits": {"train": recipe.train_split, "test": recipe.test_split}, "views": recipe.views,
-        "probe": recipe.probe, "probe_config": dataclasses.asdict(recipe.probe_config), "results": results,
+        "probe": recipe.probe, "probe_config": dataclasses.asdict(recipe.probe_config), "block": recipe.block,
+        "results": results,
     }
     headers, rows = summary_rows(results, bool(exclude))
     markdown = (f"Run `{setup.run_dir}`, shards `{recipe.shards}` (train on `{recipe.train_split}`, test on "
-                f"`{recipe.test_split}`), {recipe.views} temporal view(s) per clip.\n\n## {PROBES[recipe.probe]} and k-means\n\n"
+                f"`{recipe.test_split}`), {recipe.views} temporal view(s) per clip"
+                f"{'' if recipe.block is None else f', tokens read after encoder block {recipe.block}'}.\n\n## {PROBES[recipe.probe]} and k-means\n\n"
                 + markdown_table(headers, rows)
                 + "\n\n![confusion matrix](confusion_pretrained.png)\n\n## Per-class accuracy (pretrained)\n\n"
                 + per_class_table(results["pretrained"]["probe"]))

@@ -530,36 +530,48 @@ class VideoEncoder(nn.Module):
         self.check_video(video)
         return patchify(video, self.cfg.tubelet, self.cfg.patch)
 
-    def forward_patches(self, patches: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_patches(self, patches: torch.Tensor, index: torch.Tensor | None = None,
+                        block: int | None = None) -> torch.Tensor:
         """Encode patch vectors ``(B, n, P)`` sitting at token positions ``index`` ``(B, n)`` (None = all
-        ``N`` tokens in order) -> tokens ``(B, n, D)`` after the final norm."""
+        ``N`` tokens in order) -> tokens ``(B, n, D)`` after the final norm, or with ``block`` the tokens
+        as encoder block ``block`` (1 = the first) leaves them, before any later block and the final norm."""
         x = self.patch_embed(patches)
         pos = self.pos_embed if index is None else _gather_tokens(self.pos_embed, index)
         x = x + pos.to(x.dtype)
+        if block is not None:
+            if not 1 <= block <= len(self.blocks):
+                raise ValueError(f"block={block}: the encoder has blocks 1 to {len(self.blocks)}")
+            return _run_blocks(self.blocks[:block], x, self.cfg.grad_checkpointing)
         x = _run_blocks(self.blocks, x, self.cfg.grad_checkpointing)
         return self.norm(x)
 
-    def forward(self, video: torch.Tensor, encoder_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, video: torch.Tensor, encoder_mask: torch.Tensor | None = None,
+                block: int | None = None) -> torch.Tensor:
         """Video ``(B, T, C, H, W)`` and optional bool ``encoder_mask`` ``(B, N)`` (True = hidden) ->
-        visible tokens ``(B, Nv, D)`` in token order (``Nv = N`` without a mask)."""
+        visible tokens ``(B, Nv, D)`` in token order (``Nv = N`` without a mask); ``block``: read after that
+        block (:meth:`forward_patches`)."""
         patches = self.patchify(video)
         if encoder_mask is None:
-            return self.forward_patches(patches)
+            return self.forward_patches(patches, block=block)
         vis, _ = mask_indices(encoder_mask.to(patches.device))
-        return self.forward_patches(_gather_tokens(patches, vis), vis)
+        return self.forward_patches(_gather_tokens(patches, vis), vis, block)
 
-    def features(self, video: torch.Tensor) -> torch.Tensor:
-        """Clip features ``(B, D)``: mean over all ``N`` tokens of the unmasked clip (after the final norm).
+    def features(self, video: torch.Tensor, block: int | None = None) -> torch.Tensor:
+        """Clip features ``(B, D)``: mean over all ``N`` tokens of the unmasked clip (after the final norm, or
+        after encoder block ``block``: intermediate blocks can probe better than the last one, whose work
+        the pixel decoder shares).
 
         Equals ``transformers.VideoMAEModel(...).last_hidden_state.mean(1)`` for the encoder saved by
         :func:`mgfm.model.hf.save_encoder_hf`. There is deliberately no mask argument.
         """
-        return self.forward(video).mean(dim=1)
+        return self.forward(video, block=block).mean(dim=1)
 
-    def pooled_tokens(self, video: torch.Tensor, grid: tuple[int, int, int] | None = None) -> torch.Tensor:
+    def pooled_tokens(self, video: torch.Tensor, grid: tuple[int, int, int] | None = None,
+                      block: int | None = None) -> torch.Tensor:
         """Tokens of the unmasked clip for an attentive probe: ``(B, T, C, H, W)`` -> ``(B, t * h * w, D)``,
-        average-pooled from the token grid ``cfg.grid_shape`` to ``grid`` ``(t, h, w)`` (None = every token)."""
-        tokens = self.forward(video)
+        average-pooled from the token grid ``cfg.grid_shape`` to ``grid`` ``(t, h, w)`` (None = every token);
+        ``block`` as in :meth:`features`."""
+        tokens = self.forward(video, block=block)
         if grid is None or tuple(grid) == self.cfg.grid_shape:
             return tokens
         b, _, d = tokens.shape
