@@ -481,3 +481,33 @@ def test_a_bf16_teacher_keeps_its_average_in_fp32():
     for got, want in zip(model.teacher.parameters(), expected):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), want, atol=0.02, rtol=0.01)
+
+
+def test_the_content_floor_scores_only_the_tokens_that_show_something():
+    cfg = tiny()
+    v = video(cfg)
+    v[..., :, : cfg.img_size // 2] = 0.3  # the left half is flat background: its tokens show nothing
+    v[0, ..., : cfg.img_size // 2] += 1e-4 * torch.randn_like(v[0, ..., : cfg.img_size // 2])  # codec noise
+    enc, _ = masks(cfg)
+    torch.manual_seed(0)
+    plain = build_pretraining_model(cfg, LossConfig())
+    figure = build_pretraining_model(cfg, LossConfig(content_floor=0.01))
+    figure.load_state_dict(plain.state_dict())
+    loss_all, out_all = plain(v, enc)
+    loss, out = figure(v, enc)
+    torch.testing.assert_close(out.pred, out_all.pred)
+    # which target tokens sit in the flat left half: column < half the grid's width
+    shows = (out.target_index % cfg.grid.w) >= cfg.grid.w // 2
+    per_token = (out.pred.float() - out.target).pow(2).mean(-1)
+    torch.testing.assert_close(loss, per_token[shows].mean())
+    torch.testing.assert_close(loss_all, per_token.mean())
+    assert out.stats["content_share"] == pytest.approx(shows.float().mean().item())
+    out.pred.retain_grad()
+    loss, out = figure(v, enc)
+    out.pred.retain_grad()
+    loss.backward()
+    assert out.pred.grad[~shows].abs().max() == 0 and out.pred.grad[shows].abs().max() > 0
+    # a clip with nothing in it: no loss and no NaN
+    empty, out = figure(torch.full_like(v, 0.3), enc)
+    assert empty.item() == 0 and out.stats["content_share"].item() == 0
+

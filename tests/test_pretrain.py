@@ -329,11 +329,12 @@ def _teacher_and_encoder(checkpoint: Path) -> tuple[dict, dict]:
             {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
 
 
-@pytest.mark.parametrize("target", ["motion", "pixels+motion", "features"])
-def test_each_objective_pretrains_from_memory_with_snapshots(tmp_path, tiny_shards, target):
+@pytest.mark.parametrize("target,extra", [("motion", []), ("pixels+motion", []), ("features", []),
+                                          ("pixels", ["loss.content_floor=0.05"])])
+def test_each_objective_pretrains_from_memory_with_snapshots(tmp_path, tiny_shards, target, extra):
     recipe = _recipe(tmp_path, tiny_shards, model={**TINY_MODEL, "norm_pix_loss": True})
     result = _pretrain(["--recipe", str(recipe), f"loss.target={target}", "stream.cache=memory",
-                        "export_epochs=[0,2]", "loss.ema_momentum=0.9", "loss.variance_weight=0.1"])
+                        "export_epochs=[0,2]", "loss.ema_momentum=0.9", "loss.variance_weight=0.1", *extra])
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "tiny"
     rows = _metrics(run)
@@ -343,6 +344,9 @@ def test_each_objective_pretrains_from_memory_with_snapshots(tmp_path, tiny_shar
 
     for epoch in (0, 2):  # snapshots load like the final encoder
         assert VideoMAEModel.from_pretrained(run / "encoders" / f"epoch_{epoch:05d}").config.hidden_size == 32
+    if extra:  # the figure-aware loss: the share of masked tokens that count is logged, and some do not
+        shares = [r["content_share"] for r in rows]
+        assert all(0 <= v <= 1 for v in shares) and 0 < sum(shares) < len(shares), shares
     if target != "features":
         assert "target_std" not in rows[0] and "ema_momentum" not in rows[0]
         return
