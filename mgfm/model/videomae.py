@@ -225,8 +225,9 @@ class LossConfig:
     motion_map_grid: int = bounded(8, ge=1)
     # Figure-aware reconstruction: masked tokens whose input tubelet has a pixel standard deviation (in the
     # clip's normalised units, mean over channels) at or below this floor count no loss; 0 = every token.
-    # Stick-figure clips are mostly flat background (47% of the real sets' tubelets exactly, ~18% more only
-    # compression noise, which per-patch normalisation blows up to unit-variance targets nothing can predict).
+    # Stick-figure clips are mostly flat background (45-53% of the real sets' train tubelets exactly, another
+    # 19% only codec noise at std <= 0.1, which per-patch normalisation blows up to unit-variance targets that
+    # nothing can predict; docs/experiments.md).
     content_floor: float = bounded(0.0, ge=0)
 
     def __post_init__(self) -> None:
