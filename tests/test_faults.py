@@ -277,7 +277,7 @@ def test_repeated_rows_are_an_error_naming_both_lines_or_dropped_with_dedupe(tmp
 
 
 def test_shard_builder_takes_a_class_list_and_dedupe(tmp_path):
-    from mgfm.shards.build import read_source_index
+    from mgfm.sources.readers import read_source_index
 
     csv = _csv(tmp_path, ["a.mp4,touch hat,s1,train", "a.mp4,touch hat,s1,train", "b.mp4,touch hair,s2,test"])
     (tmp_path / "classes.txt").write_text("touch hat\ntouch hair\n")

@@ -2,6 +2,7 @@
 
     python -m mgfm.shards build --format imigue --index labels.csv --video-dir videos/ --out shards/imigue
     python -m mgfm.shards build --format csv --index my_clips.csv --out shards/mine --part 0/4
+    python -m mgfm.shards build --format pose --index poses.csv --layout kinect-v1 --out shards/poses
     python -m mgfm.shards verify shards/imigue
     python -m mgfm.shards merge shards/imigue      # after copying the parts' shards into one folder
 """
@@ -16,10 +17,11 @@ from pathlib import Path
 from mgfm.errors import InputError, MgfmError
 from mgfm.files import storage_cause
 from mgfm.shards import manifest as mf
-from mgfm.shards.build import BuildConfig, build_shards, parse_part, read_source_index
+from mgfm.shards.build import BuildConfig, build_shards, parse_part
+from mgfm.sources.pose import LAYOUTS
+from mgfm.sources.readers import FORMATS, read_source_index
 from mgfm.shards.verify import verify_shards
 
-FORMATS = ("imigue", "smg", "csv", "json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--classes", default=None, help="csv/smg: text file of class names, one per line (ids follow it)")
     b.add_argument("--dedupe", action="store_true", help="csv: drop repeated rows of one clip (counted) "
                                                          "instead of stopping at the first")
+    b.add_argument("--layout", default=None, help=f"pose: the joint layout of the files ({', '.join(LAYOUTS)})")
+    b.add_argument("--pose-fps", type=float, default=BuildConfig.pose_fps, help="pose: frame rate of the drawn clips")
+    b.add_argument("--pose-view", default=None, help="pose: image axes of the drawing, e.g. x,-z (default: the "
+                                                     "layout's)")
 
     v = sub.add_parser("verify", help="decode every sample and check it against the manifest")
     v.add_argument("shards", help="shard folder")
@@ -84,13 +90,16 @@ def _build(args: argparse.Namespace) -> int:
     if fmt is None:
         raise InputError(f"--format is required for {args.index} (one of {', '.join(FORMATS)})")
     index = read_source_index(fmt, args.index, args.protocol, args.video_dir, args.video_pattern, args.classes,
-                              args.dedupe)
+                              args.dedupe, args.layout)
     config = BuildConfig(
         short_side=args.short_side, context_frames=args.context, shard_mb=args.shard_mb,
         shard_samples=args.shard_samples, crf=args.crf, workers=args.workers, source_threads=args.source_threads, part=parse_part(args.part),
         splits=tuple(s.strip() for s in args.splits.split(",")) if args.splits else None,
+        pose_layout=args.layout if fmt == "pose" else None, pose_fps=args.pose_fps, pose_view=args.pose_view,
     )
     source = {"format": fmt, "index": str(Path(args.index).resolve())}
+    if fmt == "pose":
+        source["layout"] = args.layout
     if args.protocol:
         source["protocol"] = str(Path(args.protocol).resolve())
     if args.video_dir:

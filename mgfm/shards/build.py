@@ -14,7 +14,9 @@ decoding sequentially with PyAV up to the last frame any clip in the shard needs
 to one encoder per open clip. Finished shards are skipped on a rerun (see :mod:`mgfm.shards.manifest`).
 
 A missing or undecodable source video skips its clips with a warning; they are listed under
-``skipped`` in the manifest.
+``skipped`` in the manifest. Pose sources (``pose_layout`` set) are not decoded but drawn: each pose file is
+read once and its clips rendered as stick figures (:mod:`mgfm.sources.pose`) at ``short_side`` square and
+``pose_fps``; an unreadable pose file is skipped and listed the same way.
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from mgfm.sources.clip_index import Clip, ClipIndex
+from mgfm.sources.pose import FigureStyle, get_layout, pose_clips
 from mgfm.sources.video_io import VideoWriter
 from mgfm.errors import InputError
-from mgfm.files import atomic_path, read_text
+from mgfm.files import atomic_path
 from mgfm.shards import manifest as mf
-from mgfm.sources.readers import read_index
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,9 @@ class BuildConfig:
     workers: int = 1  # processes; each builds one shard at a time
     part: tuple[int, int] = (0, 1)  # (i, N): build only shards whose number is i modulo N
     splits: tuple[str, ...] | None = None  # only these splits (default: every split in the index)
+    pose_layout: str | None = None  # pose files, drawn in this joint layout (mgfm.sources.pose.layouts)
+    pose_fps: float = 15.0  # frame rate of the drawn clips
+    pose_view: str | None = None  # image axes of the drawing, e.g. "x,-z" (None: the layout's)
 
     def __post_init__(self) -> None:
         if self.short_side < 0 or self.short_side % 2:
@@ -81,11 +86,21 @@ class BuildConfig:
             raise InputError(f"part must be i/N with 0 <= i < N, got {i}/{n}")
         if self.workers < 1:
             raise InputError(f"workers must be >= 1, got {self.workers}")
+        if self.pose_layout is not None:
+            get_layout(self.pose_layout)
+            try:
+                self.figure_style()
+            except ValueError as err:
+                raise InputError(f"pose rendering: {err}") from None
+
+    def figure_style(self) -> FigureStyle:
+        """How pose clips are drawn: ``short_side`` square (112 when 0) at ``pose_fps``."""
+        return FigureStyle(size=self.short_side or 112, fps=self.pose_fps, view=self.pose_view)
 
     def output_fields(self) -> dict:
         """The fields that decide the shards' content (hashed into the plan)."""
         keep = ("short_side", "context_frames", "shard_samples", "shard_mb", "est_bytes_per_pixel", "est_aspect",
-                "est_unknown_frames", "crf", "preset", "splits")
+                "est_unknown_frames", "crf", "preset", "splits", "pose_layout", "pose_fps", "pose_view")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -217,7 +232,7 @@ def build_shards(index: ClipIndex, out_dir: str | Path, config: BuildConfig | No
                     raise
     manifest = mf.rebuild_manifest(out_dir)
     if manifest["skipped"]:
-        log.warning("%d clips skipped (missing or undecodable source video); see %s", len(manifest["skipped"]),
+        log.warning("%d clips skipped (missing or unreadable source); see %s", len(manifest["skipped"]),
                     out_dir / mf.MANIFEST)
     return manifest
 
@@ -303,8 +318,25 @@ def _cut_clips(clips: list[Clip], config: BuildConfig) -> Iterator[tuple[Clip, t
         stop = start
         while stop < len(clips) and clips[stop].path == clips[start].path:
             stop += 1
-        yield from _cut_video(clips[start].path, clips[start:stop], config)
+        cut = _cut_pose if config.pose_layout else _cut_video
+        yield from cut(clips[start].path, clips[start:stop], config)
         start = stop
+
+
+def _cut_pose(path: str, clips: list[Clip], config: BuildConfig) -> Iterator[tuple[Clip, tuple[bytes, dict] | str]]:
+    """Draw ``clips`` of one pose file and encode each."""
+    style = config.figure_style()
+    for clip, drawn, frames in pose_clips(path, clips, config.pose_layout, style):
+        if isinstance(frames, str):
+            yield clip, frames
+            continue
+        writer = VideoWriter(None, style.fps, style.size, style.size, crf=config.crf, preset=config.preset)
+        for frame in frames:
+            writer.write(frame)
+        row = drawn.to_row()
+        row.update(n_frames=len(frames), fps=style.fps, height=style.size, width=style.size, context_before=0,
+                   context_after=0, source_frames=[drawn.start_frame, drawn.end_frame])
+        yield clip, (writer.close(), row)
 
 
 class _ClipEncoder:
@@ -430,32 +462,3 @@ def _output_size(height: int, width: int, short_side: int) -> tuple[int, int]:
         return max(2, int(round(x / 2)) * 2)
 
     return (short_side, even(width * scale)) if height <= width else (even(height * scale), short_side)
-
-
-def read_source_index(fmt: str, path: str | Path, protocol: str | None = None, video_dir: str | None = None,
-                      video_pattern: str | None = None, classes: str | Path | None = None,
-                      dedupe: bool = False) -> ClipIndex:
-    """Read a clip index for the builder via :func:`mgfm.sources.readers.read_index`; ``classes`` is a text
-    file of class names, one per line (csv / smg)."""
-    kwargs: dict = {}
-    if fmt == "imigue":
-        kwargs = {"protocol": protocol, "video_dir": video_dir}
-        if video_pattern:
-            kwargs["video_pattern"] = video_pattern
-    elif protocol or video_dir:
-        raise InputError(f"--protocol/--video-dir only apply to --format imigue, not {fmt}")
-    if classes is not None:
-        if fmt not in ("csv", "smg"):
-            raise InputError(f"--classes only applies to --format csv or smg, not {fmt}")
-        kwargs["class_names"] = [line.strip() for line in read_text(classes).splitlines() if line.strip()]
-    if dedupe:
-        if fmt != "csv":
-            raise InputError(f"--dedupe only applies to --format csv, not {fmt}")
-        kwargs["dedupe"] = True
-    return read_index(fmt, path, **kwargs)
-
-
-def config_from_dict(values: dict) -> BuildConfig:
-    names = {f.name for f in dataclasses.fields(BuildConfig)}
-    return BuildConfig(**{k: v for k, v in values.items() if k in names})
-

@@ -24,8 +24,11 @@ DEFAULT_FPS = 25.0
 
 
 def read_csv_index(csv_path: str | Path, class_names: list[str] | None = None, name: str | None = None,
-                   dedupe: bool = False) -> ClipIndex:
+                   dedupe: bool = False, require_label: bool = True, default_fps: float = DEFAULT_FPS) -> ClipIndex:
     """Read a generic clip CSV into a :class:`ClipIndex`.
+
+    ``require_label=False`` lets the ``label`` column be absent (every clip unlabelled: a pretraining
+    corpus); ``default_fps`` is the frame rate of rows without an ``fps`` value (0: unknown, the source says).
 
     Class names come from ``class_names`` if given, else from the ``label_name`` column, else from
     the class names used in ``label`` (sorted), else ``class_0..class_{K-1}``. In a CSV that names its
@@ -42,16 +45,18 @@ def read_csv_index(csv_path: str | Path, class_names: list[str] | None = None, n
     reader = csv.DictReader(text.splitlines())
     header = [h.strip() for h in (reader.fieldnames or [])]
     reader.fieldnames = header
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header and (require_label or c != "label")]
     if missing:
         raise AnnotationError(csv_path, 1, missing[0], f"missing column; required columns are {','.join(REQUIRED_COLUMNS)}")
-    rows = [(line, {k: (v or "").strip() for k, v in row.items() if k is not None}) for line, row in enumerate(reader, 2)]
+    rows = [(line, {"label": "", **{k: (v or "").strip() for k, v in row.items() if k is not None}})
+            for line, row in enumerate(reader, 2)]
     if not rows:
         raise AnnotationError(csv_path, None, None, "no clips (the CSV has a header but no rows)")
 
     names = list(class_names) if class_names else _class_names(rows, csv_path)
     lookup = {n: i for i, n in enumerate(names)}
-    clips = _unique([(line, _parse_row(row, line, csv_path, names, lookup)) for line, row in rows], csv_path, dedupe)
+    clips = _unique([(line, _parse_row(row, line, csv_path, names, lookup, default_fps)) for line, row in rows],
+                    csv_path, dedupe)
     return ClipIndex(clips, names, name or csv_path.stem)
 
 
@@ -139,7 +144,8 @@ def _refuse_near_duplicates(first_lines: dict[str, int], counts: dict[str, int],
                                       f"both are meant)")
 
 
-def _parse_row(row: dict, line: int, csv_path: Path, names: list[str], lookup: dict[str, int]) -> Clip:
+def _parse_row(row: dict, line: int, csv_path: Path, names: list[str], lookup: dict[str, int],
+               default_fps: float) -> Clip:
     def integer(field_name: str, default: int) -> int:
         value = row.get(field_name, "")
         if value == "":
@@ -185,7 +191,7 @@ def _parse_row(row: dict, line: int, csv_path: Path, names: list[str], lookup: d
     if emotion_text not in EMOTIONS:
         raise AnnotationError(csv_path, line, "emotion", f"expected positive/negative or 1/0, got {row['emotion']!r}")
     try:
-        fps = float(row.get("fps") or DEFAULT_FPS)
+        fps = float(row.get("fps") or default_fps)
     except ValueError:
         raise AnnotationError(csv_path, line, "fps", f"expected a number, got {row['fps']!r}") from None
     return Clip(
