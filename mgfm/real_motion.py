@@ -28,12 +28,14 @@ import numpy as np
 from mgfm.cli import one_line_errors
 from mgfm.config import load_recipe
 from mgfm.evaluate.curve import REFERENCES, curve, curve_markdown, plot_curve
+from mgfm.evaluate.metrics import mean_ci
 from mgfm.evaluate.probe_eval import PROBES
 from mgfm.files import write_atomic
 from mgfm.pipeline import build_default_shards, default_workers, pretrain
-from mgfm.report import markdown_table
+from mgfm.report import markdown_table, plus_minus
 from mgfm.shards import BuildConfig, build_shards
-from mgfm.shards.build import read_source_index
+from mgfm.shards.read import set_name
+from mgfm.sources.readers import read_source_index
 from mgfm.train.recipe import PretrainRecipe
 from mgfm.errors import InputError
 from mgfm.runtime import setup_logging
@@ -45,14 +47,19 @@ ROWS = ("pretrained", "epoch 0", "random init", "raw pixels")
 
 
 def real_shards(shared: Path, shards_dir: Path, names: tuple[str, ...] = REAL_SETS) -> list[Path]:
-    """Build (or resume) each real set's shards from ``<shared>/<name>/index.csv`` as the issue measured them
-    (generic clip CSV, short side 112); a missing set is a one-line error naming where it was looked for."""
+    """The probed sets' shards: a name is built (or resumed) from ``<shared>/<name>/index.csv`` as the issue
+    measured them (generic clip CSV, short side 112); a path to a built shard folder (one with a
+    ``manifest.json``, e.g. a pose set built by ``tools/``) is taken as it is. A missing set is a one-line
+    error naming where it was looked for."""
     out = []
     for name in names:
+        if Path(name, "manifest.json").exists():
+            out.append(Path(name))
+            continue
         index = (shared / name / "index.csv").resolve()
         if not index.exists():
-            raise InputError(f"{index}: no such file; real-motion needs ../shared/data/{name} (see its SOURCE.md) "
-                             f"or --shared DIR")
+            raise InputError(f"{index}: no such file; real-motion needs ../shared/data/{name} (see its SOURCE.md), "
+                             f"--shared DIR, or a built shard folder")
         target = shards_dir / name
         build_shards(read_source_index("csv", index), target, BuildConfig(short_side=112, workers=default_workers()),
                      source={"format": "csv", "index": str(index)})
@@ -60,44 +67,58 @@ def real_shards(shared: Path, shards_dir: Path, names: tuple[str, ...] = REAL_SE
     return out
 
 
-def pretrain_seed(seed: int, sets: list[Path], out: Path, recipe_path: Path, synthetic_data: str | None,
+def pretrain_seed(seed: int, sets: list[Path] | None, out: Path, recipe_path: Path, synthetic_data: str | None,
                   overrides: list[str]) -> Path:
-    """Pretrain (or resume, or find finished) the mixture run of ``seed``; returns its run folder."""
+    """Pretrain (or resume, or find finished) the run of ``seed`` on the train splits of ``sets`` in equal
+    weights (None: on the recipe's own shards, a corpus); returns its run folder."""
+    data = [] if sets is None else [f"shards=[{','.join(str(s) for s in sets)}]",
+                                    f"shard_weights=[{','.join('1' for _ in sets)}]"]
     recipe = load_recipe(PretrainRecipe, recipe_path, [
-        f"shards=[{','.join(str(s) for s in sets)}]", f"shard_weights=[{','.join('1' for _ in sets)}]",
-        f"synthetic_data={synthetic_data or 'null'}", f"seed={seed}", f"name=seed{seed}", f"out_dir={out}", *overrides])
+        *data, f"synthetic_data={synthetic_data or 'null'}", f"seed={seed}", f"name=seed{seed}", f"out_dir={out}",
+        *overrides])
     return pretrain(recipe)
 
 
-def summarise(scores: dict[str, dict[str, dict[str, list[float]]]]) -> tuple[list[str], list[list], dict]:
-    """``scores[set][probe][row]`` = top-1 per seed (rows: the final encoder, its epoch 0, the references) ->
-    (headers, table rows, json summary)."""
+def summarise(scores: dict[str, dict[str, dict[str, list[float]]]],
+              outcomes: dict[str, dict[str, dict[str, list[list[int]]]]]) -> tuple[list[str], list[list], dict]:
+    """``scores[set][probe][row]`` = top-1 per seed and ``outcomes[set][probe][row]`` = each seed's per-clip 0/1
+    outcomes (rows: the final encoder, its epoch 0, the references) -> (headers, table rows, json summary).
+    A row's interval is that of its mean over seeds (:func:`~mgfm.evaluate.metrics.mean_ci`); a gain over a
+    reference holds only where the two intervals do not overlap."""
     headers = ["set", "probe", "seeds", *ROWS, "pretrained - pixels", "pretrained - random", "final - epoch 0"]
     rows, summary = [], {}
     for name, by_probe in scores.items():
         for probe, by_row in by_probe.items():
             mean = {row: float(np.mean(v)) for row, v in by_row.items()}
             spread = {row: float(np.std(v)) for row, v in by_row.items()}
-            gaps = {"pixels": mean["pretrained"] - mean["raw pixels"], "random": mean["pretrained"] - mean["random init"],
-                    "epoch0": mean["pretrained"] - mean["epoch 0"]}
-            summary.setdefault(name, {})[probe] = {"per_seed": by_row, "mean": mean, "std": spread, "gap": gaps}
+            ci = {row: list(mean_ci(outcomes[name][probe][row])) for row in by_row}
+            gaps, holds = {}, {}
+            for gap, ref in (("pixels", "raw pixels"), ("random", "random init"), ("epoch0", "epoch 0")):
+                gaps[gap] = mean["pretrained"] - mean[ref]
+                holds[gap] = ci["pretrained"][0] > ci[ref][1] or ci["pretrained"][1] < ci[ref][0]
+            summary.setdefault(name, {})[probe] = {"per_seed": by_row, "mean": mean, "std": spread, "ci95": ci,
+                                                   "gap": gaps, "intervals_apart": holds}
             rows.append([name, probe, len(by_row["pretrained"]),
-                         *[f"{100 * mean[r]:.1f} ± {100 * spread[r]:.1f}" for r in ROWS],
-                         f"{100 * gaps['pixels']:+.1f}", f"{100 * gaps['random']:+.1f}", f"{100 * gaps['epoch0']:+.1f}"])
+                         *[f"{plus_minus(mean[r], ci[r], 100, 1)} (sd {100 * spread[r]:.1f})" for r in ROWS],
+                         *[f"{100 * gaps[g]:+.1f}{'' if holds[g] else ' (overlap)'}" for g in gaps]])
     return headers, rows, summary
 
 
 def mean_curve(curves: list[dict]) -> dict:
-    """The seeds' learning curves (:func:`mgfm.evaluate.curve.curve` results) averaged at the epochs all share."""
+    """The seeds' learning curves (:func:`mgfm.evaluate.curve.curve` results, with their per-clip outcomes)
+    averaged at the epochs all share, each point with the 95% interval of its mean over seeds."""
     epochs = sorted(set.intersection(*(set(c["epochs"]) for c in curves)))
     scores: dict = {}
     for name, by_probe in curves[0]["scores"].items():
         for probe in by_probe:
-            def at(c, e):
-                return c["scores"][name][probe]["pretrained"][c["epochs"].index(e)]
-            entry = {"pretrained": [float(np.mean([at(c, e) for c in curves])) for e in epochs]}
+            def at(c, e, key="scores"):
+                block = c[key][name][probe]["pretrained"]
+                return block[c["epochs"].index(e)]
+            entry = {"pretrained": [float(np.mean([at(c, e) for c in curves])) for e in epochs],
+                     "pretrained ci95": [list(mean_ci([at(c, e, "correct") for c in curves])) for e in epochs]}
             for ref in REFERENCES:
                 entry[ref] = float(np.mean([c["scores"][name][probe][ref] for c in curves]))
+                entry[f"{ref} ci95"] = list(mean_ci([c["correct"][name][probe][ref] for c in curves]))
             scores.setdefault(name, {})[probe] = entry
     return {"run": f"mean of {len(curves)} seeds", "epochs": epochs, "seed": "all", "scores": scores}
 
@@ -106,7 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mgfm.real_motion", description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data",
                         help="folder holding utkinect/ and florence3d/ (default: ../shared/data)")
-    parser.add_argument("--real", default=",".join(REAL_SETS), help="the real sets (folders of --shared)")
+    parser.add_argument("--real", default=",".join(REAL_SETS),
+                        help="the probed sets: folders of --shared, or built shard folders")
+    parser.add_argument("--corpus", action="store_true",
+                        help="pretrain on the recipe's own shards (a corpus) instead of the probed sets' train splits")
     parser.add_argument("--synthetic", action=argparse.BooleanOptionalAction, default=False,
                         help="mix the synthetic benchmark in (and probe on it)")
     parser.add_argument("--shards-dir", type=Path, default=Path("shards"), help="where the shard sets live")
@@ -136,24 +160,29 @@ def run(args: argparse.Namespace) -> str:
         build_default_shards(args.synthetic_data, args.shards_dir / "synthetic")
         sets = [args.shards_dir / "synthetic", *sets]
     timings = {"shards": time.time() - start}
-    scores: dict = {s.name: {p: {row: [] for row in ROWS} for p in probes} for s in sets}
+    scores: dict = {set_name(s): {p: {row: [] for row in ROWS} for p in probes} for s in sets}
+    outcomes: dict = {set_name(s): {p: {row: [] for row in ROWS} for p in probes} for s in sets}
     curves = []
     for seed in seeds:
         start = time.time()
-        run_dir = pretrain_seed(seed, sets, args.out, args.recipe, args.synthetic_data if args.synthetic else None,
-                                args.overrides)
+        run_dir = pretrain_seed(seed, None if args.corpus else sets, args.out, args.recipe,
+                                args.synthetic_data if args.synthetic else None, args.overrides)
         timings[f"pretrain seed {seed}"] = time.time() - start
         start = time.time()
         curves.append(curve(run_dir, [str(s) for s in sets], probes))
         for name, by_probe in curves[-1]["scores"].items():
             for probe, entry in by_probe.items():
-                rows = scores[name][probe]
+                rows, clips = scores[name][probe], outcomes[name][probe]
+                seen = curves[-1]["correct"][name][probe]
                 rows["pretrained"].append(entry["pretrained"][-1])
+                clips["pretrained"].append(seen["pretrained"][-1])
                 rows["epoch 0"].append(entry["pretrained"][0])
+                clips["epoch 0"].append(seen["pretrained"][0])
                 for ref in REFERENCES:
                     rows[ref].append(entry[ref])
+                    clips[ref].append(seen[ref])
         timings[f"probes seed {seed}"] = time.time() - start
-    headers, rows, summary = summarise(scores)
+    headers, rows, summary = summarise(scores, outcomes)
     table = markdown_table(headers, rows)
     mean = mean_curve(curves)
     plot_curve(mean, args.out / "curves.png")
@@ -162,8 +191,11 @@ def run(args: argparse.Namespace) -> str:
                                                       "seconds": timings}, indent=1))
     write_atomic(args.out / "table.md", (
         f"# Real motion: frozen probes of encoders pretrained without labels\n\nSeeds {seeds}; pretraining recipe "
-        f"`{args.recipe.name}` {' '.join(args.overrides)} on {', '.join(s.name for s in sets)} (equal weights); "
-        f"test top-1 in %, mean ± std over seeds; `epoch 0` is each run's own initialisation.\n\n{table}\n\n"
+        f"`{args.recipe.name}` {' '.join(args.overrides)} on "
+        f"{'its own shards (a corpus)' if args.corpus else ', '.join(set_name(s) for s in sets) + ' (equal weights)'}; "
+        f"test top-1 in %: the mean over seeds ± half its 95% interval (bootstrap over the test clips, all seeds "
+        f"resampled together), and the seeds' standard deviation; `epoch 0` is each run's own initialisation. A "
+        f"gap marked (overlap) is within the intervals.\n\n{table}\n\n"
         f"## Learning curve, mean over seeds\n\n{curve_markdown(mean, 'curves.png')}\n"
         + markdown_table(["stage", "seconds"], [[k, round(v)] for k, v in timings.items()]) + "\n"))
     return table + f"\n\ntable: {args.out / 'table.md'}"

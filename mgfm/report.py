@@ -43,6 +43,14 @@ def write_report(out_dir: str | Path, report: dict, markdown: str, title: str) -
     return json_path, md_path
 
 
+def plus_minus(value: float, interval: Sequence[float] | None, scale: float = 1.0, digits: int = 3) -> str:
+    """``value ± b`` with ``b`` the half-width of ``interval`` ([low, high]), both times ``scale`` (100 for
+    per cent); just the value when there is no interval."""
+    if interval is None:
+        return f"{scale * value:.{digits}f}"
+    return f"{scale * value:.{digits}f} ± {scale * (interval[1] - interval[0]) / 2:.{digits}f}"
+
+
 def _cell(value: Any, floatfmt: str) -> str:
     if value is None:
         return "-"

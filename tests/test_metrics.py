@@ -132,3 +132,27 @@ def test_tables():
     assert lines[3] == "train|all     -  2000"
     with pytest.raises(ValueError, match="3 cells"):
         markdown_table(headers, [["x"]])
+
+
+def test_top1_has_a_bootstrap_interval_and_per_sample_outcomes():
+    from mgfm.evaluate.metrics import bootstrap_ci, mean_ci
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 400)
+    scores = rng.normal(size=(400, 4))
+    scores[np.arange(300), labels[:300]] += 5  # the first 300 right, the rest by chance
+    m = classification_metrics(scores, labels, ["a", "b", "c", "d"])
+    assert m["correct"] == (scores.argmax(1) == labels).astype(int).tolist()
+    low, high = m["top1_ci95"]
+    assert low < m["top1"] < high
+    # binomial standard error at n=400, p~0.8: the 95% half-width is about 1.96 * 0.02 = 0.039
+    assert 0.025 < (high - low) / 2 < 0.055
+    small = bootstrap_ci(np.array(m["correct"][-40:]))  # the chance part: not all right
+    assert small[1] - small[0] > high - low  # fewer clips, wider interval
+    assert bootstrap_ci([1, 1, 1]) == (1.0, 1.0)
+    # the mean of runs scored on the same clips: resampled together, inside the runs' range
+    runs = [m["correct"], np.roll(m["correct"], 7).tolist()]
+    lo2, hi2 = mean_ci(runs)
+    assert lo2 < np.mean(runs) < hi2
+    with pytest.raises(FeatureError):
+        mean_ci(m["correct"])

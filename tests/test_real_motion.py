@@ -50,11 +50,20 @@ def test_real_motion_table_over_seeds_and_probes(tmp_path, tiny_videos, capsys):
         assert per_seed["epoch 0"] == per_seed["random init"]
         mean = table["sets"]["mini"][probe]["mean"]
         assert table["sets"]["mini"][probe]["gap"]["pixels"] == pytest.approx(mean["pretrained"] - mean["raw pixels"])
+        # every row's seed mean has its 95% interval over the test clips, and the gaps say whether they overlap
+        for row, (low, high) in table["sets"]["mini"][probe]["ci95"].items():
+            assert low <= mean[row] <= high and 0 <= low <= high <= 1
+        apart = table["sets"]["mini"][probe]["intervals_apart"]
+        ci = table["sets"]["mini"][probe]["ci95"]
+        assert apart["pixels"] == (ci["pretrained"][0] > ci["raw pixels"][1] or ci["pretrained"][1] < ci["raw pixels"][0])
+        point = table["curve"]["scores"]["mini"][probe]
+        assert len(point["pretrained ci95"]) == 3 and point["random init ci95"][0] <= point["random init"]
         assert table["curve"]["epochs"] == [0, 1, 2]
         assert table["curve"]["scores"]["mini"][probe]["pretrained"][-1] == pytest.approx(mean["pretrained"])
     assert (out / "seed0" / "encoder" / "config.json").exists() and (out / "seed1" / "encoders" / "epoch_00001").is_dir()
     text = (out / "table.md").read_text()
     assert "pretrained - pixels" in text and "final - epoch 0" in text and "Learning curve" in text
+    assert " ± " in text and "(sd " in text
     assert (out / "curves.png").stat().st_size > 1000 and "table:" in capsys.readouterr().out
 
     # the runs' curves side by side (their probe reports reused), with one curve kept as a file
@@ -82,6 +91,21 @@ def test_real_motion_table_over_seeds_and_probes(tmp_path, tiny_videos, capsys):
         curve_main(["--compare", str(compare), "--add", str(kept)])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "\n" not in err and "not a curve" in err
+
+
+def test_a_corpus_run_is_probed_on_built_shard_folders(tmp_path, tiny_shards, capsys):
+    """--corpus: the recipe's own shards are pretrained on; --real names a built shard folder to probe."""
+    out = tmp_path / "out"
+    main(["--corpus", "--real", str(tiny_shards), "--no-synthetic", "--out", str(out), "--seeds", "3", "--probes",
+          "linear", f"shards=[{tiny_shards}]", *TINY_MODEL, "stream.batch_size=2", "stream.num_workers=0",
+          "stream.shuffle_buffer=4", "stream.mask_ratio=0.5", "stream.decoder_keep_ratio=1.0", "patch_init_clips=4",
+          "optim.epochs=1", "optim.warmup_epochs=0", "checkpoint_every=0", "export_epochs=[0]", "stream.cache=none"])
+    recipe = (out / "seed3" / "recipe.yaml").read_text()
+    assert str(tiny_shards) in recipe and "seed: 3" in recipe
+    table = json.loads((out / "table.json").read_text())
+    name = tiny_shards.name
+    assert set(table["sets"]) == {name} and table["sets"][name]["linear"]["per_seed"]["pretrained"]
+    assert "its own shards (a corpus)" in (out / "table.md").read_text()
 
 
 def test_missing_real_set_is_one_line_error(tmp_path, capsys):

@@ -27,7 +27,7 @@ from mgfm.cli import one_line_errors
 from mgfm.errors import InputError
 from mgfm.evaluate.probe_eval import PROBES, ProbeRecipe
 from mgfm.evaluate.probe_eval import run as run_probe
-from mgfm.report import markdown_table, save_figure, write_report
+from mgfm.report import markdown_table, plus_minus, save_figure, write_report
 from mgfm.shards.read import set_name
 from mgfm.runtime import setup_logging
 
@@ -64,48 +64,69 @@ def curve_folder(run_dir: Path, block: int | None = None) -> Path:
 
 
 def probe_snapshot(run_dir: Path, epoch: int, encoder: Path, shards: str, probe: str, seed: int,
-                   references: bool, block: int | None = None) -> dict[str, float]:
-    """``{row: test top-1}`` of one probe of one snapshot on one shard set, with the reference rows when
+                   references: bool, block: int | None = None) -> dict[str, dict]:
+    """``{row: {"top1", "ci95", "correct"}}`` of one probe of one snapshot on one shard set (test top-1, its
+    95% bootstrap interval over the test clips, each clip's 0/1 outcome), with the reference rows when
     ``references`` (the report is reused when it is there and has what is asked)."""
     out = curve_folder(run_dir, block) / f"epoch_{epoch:05d}" / probe / set_name(shards)
     report_file = out / "report.json"
-    if report_file.exists():
-        report = json.loads(report_file.read_text())
-        if report.get("encoder") == str(encoder) and (not references or set(REFERENCES) <= set(report["results"])):
-            return {row: report["results"][row]["probe"]["top1"] for row in report["results"]}
-    report = run_probe(ProbeRecipe(run=str(encoder), shards=shards, probe=probe, seed=seed, kmeans=False,
-                                   references=references, out=str(out), features_dir=str(run_dir / "features"),
-                                   block=block))
-    return {row: report["results"][row]["probe"]["top1"] for row in report["results"]}
+    report = json.loads(report_file.read_text()) if report_file.exists() else None
+    if not (report and report.get("encoder") == str(encoder) and "correct" in report["results"]["pretrained"]["probe"]
+            and (not references or set(REFERENCES) <= set(report["results"]))):
+        report = run_probe(ProbeRecipe(run=str(encoder), shards=shards, probe=probe, seed=seed, kmeans=False,
+                                       references=references, out=str(out), features_dir=str(run_dir / "features"),
+                                       block=block))
+    return {row: {"top1": r["probe"]["top1"], "ci95": r["probe"]["top1_ci95"], "correct": r["probe"]["correct"]}
+            for row, r in report["results"].items()}
 
 
 def curve(run_dir: Path, sets: list[str], probes: list[str], block: int | None = None) -> dict:
     """Probe every snapshot of ``run_dir`` on every set with every probe (reading the tokens after encoder
     block ``block``; None = the last); returns (and writes) the curve:
-    ``{"epochs": [...], "scores": {set: {probe: {"pretrained": [...], "random init": x, "raw pixels": x}}}}``.
-    The references (the same for every snapshot of a run) are fitted once, with the first snapshot."""
+    ``{"epochs": [...], "scores": {set: {probe: {"pretrained": [...], "pretrained ci95": [[lo, hi], ...],
+    "random init": x, "random init ci95": [lo, hi], "raw pixels": x, "raw pixels ci95": [lo, hi]}}}}``
+    (test top-1 and its 95% bootstrap interval over the test clips). The references (the same for every
+    snapshot of a run) are fitted once, with the first snapshot. The returned curve also holds ``"correct"``:
+    each test clip's 0/1 outcome per row (``{set: {probe: {"pretrained": [per epoch], ref: [...]}}}``), for
+    intervals over seeds; the written report leaves them to the probe reports."""
     recipe_file = run_dir / "recipe.yaml"
     seed = int(yaml.safe_load(recipe_file.read_text()).get("seed", 0)) if recipe_file.exists() else 0
     found = snapshots(run_dir)
-    scores: dict = {set_name(s): {p: {"pretrained": []} for p in probes} for s in sets}
+    scores: dict = {set_name(s): {p: {"pretrained": [], "pretrained ci95": []} for p in probes} for s in sets}
+    correct: dict = {set_name(s): {p: {"pretrained": []} for p in probes} for s in sets}
     for i, (epoch, encoder) in enumerate(found):
         for shards in sets:
             for probe in probes:
                 rows = probe_snapshot(run_dir, epoch, encoder, shards, probe, seed, references=i == 0, block=block)
                 entry = scores[set_name(shards)][probe]
-                entry["pretrained"].append(rows["pretrained"])
+                entry["pretrained"].append(rows["pretrained"]["top1"])
+                entry["pretrained ci95"].append(rows["pretrained"]["ci95"])
+                outcomes = correct[set_name(shards)][probe]
+                outcomes["pretrained"].append(rows["pretrained"]["correct"])
                 for ref in REFERENCES:
-                    entry.setdefault(ref, rows.get(ref))
+                    if ref in rows and ref not in entry:
+                        entry[ref], entry[f"{ref} ci95"] = rows[ref]["top1"], rows[ref]["ci95"]
+                        outcomes[ref] = rows[ref]["correct"]
         log.info("%s epoch %d probed", run_dir.name, epoch)
     result = {"run": str(run_dir), "epochs": [e for e, _ in found], "seed": seed, "block": block, "scores": scores}
     out = curve_folder(run_dir, block)
     plot_curve(result, out / "curve.png")
     write_report(out, result, curve_markdown(result), f"Learning curve of {curve_label(result)}")
-    return result
+    return {**result, "correct": correct}
+
+
+def pct(entry: dict, key: str, index: int | None = None) -> str:
+    """``entry[key]`` (or its ``index``-th value) in per cent as ``a ± b`` (b: half the 95% interval kept
+    beside it as ``"<key> ci95"``; just ``a`` for curves kept without intervals)."""
+    value, interval = entry[key], entry.get(f"{key} ci95")
+    if index is not None:
+        value, interval = value[index], interval[index] if interval else None
+    return plus_minus(value, interval, scale=100, digits=1)
 
 
 def curve_markdown(result: dict, image: str = "curve.png") -> str:
-    """One table per probe: a row per set, a column per epoch, then the references; ``image`` the plot."""
+    """One table per probe: a row per set, a column per epoch, then the references (test top-1 % ± half the
+    95% bootstrap interval over the test clips); ``image`` the plot."""
     epochs = result["epochs"]
     parts = []
     for probe in next(iter(result["scores"].values())):
@@ -114,9 +135,9 @@ def curve_markdown(result: dict, image: str = "curve.png") -> str:
         for name, by_probe in result["scores"].items():
             entry = by_probe[probe]
             curve_ = entry["pretrained"]
-            rows.append([name, *[f"{100 * v:.1f}" for v in curve_], *[f"{100 * entry[r]:.1f}" for r in REFERENCES],
-                         f"{100 * (curve_[-1] - curve_[0]):+.1f}"])
-        parts.append(f"### {PROBES[probe]} (test top-1 %)\n\n" + markdown_table(headers, rows))
+            rows.append([name, *[pct(entry, "pretrained", i) for i in range(len(curve_))],
+                         *[pct(entry, r) for r in REFERENCES], f"{100 * (curve_[-1] - curve_[0]):+.1f}"])
+        parts.append(f"### {PROBES[probe]} (test top-1 % ± 95% interval)\n\n" + markdown_table(headers, rows))
     block = f", tokens read after encoder block {result['block']}" if result.get("block") else ""
     return (f"Run `{result['run']}`, seed {result['seed']}{block}.\n\n" + "\n\n".join(parts)
             + f"\n\n![curve]({image})\n")
@@ -136,6 +157,25 @@ def _epoch_axes(ax, title: str, **title_style) -> None:
     ax.grid(alpha=0.3)
 
 
+def _line(ax, epochs: list[int], entry: dict, key: str, colour: str, label: str, ms: float = 5) -> None:
+    """A curve of top-1 %, its 95% intervals as error bars where it has them."""
+    values = [100 * v for v in entry[key]]
+    intervals = entry.get(f"{key} ci95")
+    if intervals:
+        err = [[v - 100 * lo for v, (lo, _) in zip(values, intervals)], [100 * hi - v for v, (_, hi) in zip(values, intervals)]]
+        ax.errorbar(epochs, values, yerr=err, fmt="o-", color=colour, ms=ms, capsize=2, lw=1.2, label=label)
+    else:
+        ax.plot(epochs, values, "o-", color=colour, ms=ms, label=label)
+
+
+def _reference(ax, entry: dict, ref: str, colour: str, style: str, label: str) -> None:
+    """A reference row as a horizontal line, its 95% interval as a faint band where it has one."""
+    ax.axhline(100 * entry[ref], color=colour, ls=style, lw=1, label=label)
+    interval = entry.get(f"{ref} ci95")
+    if interval:
+        ax.axhspan(100 * interval[0], 100 * interval[1], color=colour, alpha=0.07)
+
+
 def plot_curve(result: dict, path: Path) -> None:
     """One panel per set: each probe's curve over epochs, its references as dashed lines."""
     # deferred on purpose: matplotlib is slow to import and only plots need it
@@ -148,9 +188,9 @@ def plot_curve(result: dict, path: Path) -> None:
         ax = fig.add_subplot(1, len(sets), i + 1)
         for j, (probe, entry) in enumerate(result["scores"][name].items()):
             colour = f"C{j}"
-            ax.plot(epochs, [100 * v for v in entry["pretrained"]], "o-", color=colour, label=f"{probe}")
+            _line(ax, epochs, entry, "pretrained", colour, probe)
             for ref, style in zip(REFERENCES, (":", "--")):
-                ax.axhline(100 * entry[ref], color=colour, ls=style, lw=1, label=f"{probe}: {ref}")
+                _reference(ax, entry, ref, colour, style, f"{probe}: {ref}")
         _epoch_axes(ax, name)
     fig.axes[0].legend(fontsize=6)
     fig.suptitle(curve_label(result), fontsize=9)
@@ -187,11 +227,11 @@ def plot_comparison(results: list[dict], path: Path) -> None:
                 entry = result["scores"].get(name, {}).get(probe)
                 if entry is None:
                     continue
-                ax.plot(result["epochs"][:len(entry["pretrained"])], [100 * v for v in entry["pretrained"]], "o-",
-                        color=f"C{k}", ms=3, label=curve_label(result))
+                _line(ax, result["epochs"][:len(entry["pretrained"])], entry, "pretrained", f"C{k}",
+                      curve_label(result), ms=3)
                 if not drawn_refs:
                     for ref, style in zip(REFERENCES, (":", "--")):
-                        ax.axhline(100 * entry[ref], color="grey", ls=style, lw=1, label=f"{ref} (first run)")
+                        _reference(ax, entry, ref, "grey", style, f"{ref} (first run)")
                     drawn_refs = True
             _epoch_axes(ax, f"{name}, {probe} probe", fontsize=9)
     fig.axes[0].legend(fontsize=6)

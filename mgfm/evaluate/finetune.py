@@ -58,7 +58,7 @@ from mgfm.errors import InputError
 from mgfm.files import FolderLock
 from mgfm.model.classifier import (VideoClassifier, build_classifier, layer_decay_groups, save_classifier_hf,
                                    unwrap_classifier)
-from mgfm.report import format_table, markdown_table, write_report
+from mgfm.report import format_table, markdown_table, plus_minus, write_report
 from mgfm.runtime import barrier, gather_objects, is_main_process, rank_world, setup_logging
 from mgfm.train.engine import Engine, MicroResult, Schedule, find_checkpoint, make_accelerator, to_model, train
 
@@ -306,14 +306,15 @@ def train_variant(recipe: FinetuneRecipe, data: FinetuneData, encoder_folder: Pa
 
 
 def run_table(reports: list[dict]) -> tuple[list[str], list[list]]:
-    headers = ["label fraction", "labelled clips", "init", "method", "top1", "top5", "mean class acc",
+    headers = ["label fraction", "labelled clips", "init", "method", "top1 ± ci95", "top5", "mean class acc",
                "top1 w/o excl.", "mean class acc w/o excl.", "train s"]
     rows = []
     for r in reports:
         m = r["metrics"]
         w = m.get("without") or {}
         rows.append([f"{r['label_fraction']:g}", r["labelled_clips"], r["init"],
-                     "semi (FixMatch)" if r["method"] == "fixmatch" else "supervised", m["top1"], m["top5"],
+                     "semi (FixMatch)" if r["method"] == "fixmatch" else "supervised",
+                     plus_minus(m["top1"], m.get("top1_ci95")), m["top5"],
                      m["mean_class_accuracy"], w.get("top1"), w.get("mean_class_accuracy"), round(r["train_seconds"])])
     return headers, rows
 
@@ -366,7 +367,7 @@ def _run(recipe: FinetuneRecipe, encoder_folder: Path, cfg, out: Path) -> dict:
     headers, rows = run_table(reports)
     summary = {"recipe": recipe_to_dict(recipe), "encoder": str(encoder_folder), "runs": [
         {k: r[k] for k in ("variant", "label_fraction", "labelled_clips", "train_seconds", "steps")}
-        | {k: r["metrics"][k] for k in ("top1", "top5", "mean_class_accuracy")} for r in reports]}
+        | {k: r["metrics"][k] for k in ("top1", "top1_ci95", "top5", "mean_class_accuracy")} for r in reports]}
     if is_main_process():
         markdown = (f"Encoder `{encoder_folder}`, shards `{recipe.shards}`; {{random, pretrained}} init x "
                     f"{{supervised only, semi-supervised (FixMatch)}} on the same seeded labelled subsets "

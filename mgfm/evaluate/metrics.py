@@ -6,6 +6,11 @@ top-k the classes are ranked by descending score, ties by ascending class index,
 top-k ranking always equals the argmax prediction. (sklearn's ``top_k_accuracy_score`` breaks ties the
 other way round, which is why top-k is computed here; it agrees with sklearn whenever there are no ties.)
 
+Error bars: ``top1_ci95`` is the 95% percentile-bootstrap interval of top-1 over the test samples
+(:func:`bootstrap_ci`, resampled with replacement, a fixed seed so a report is reproducible); ``correct``
+keeps each sample's 0/1 outcome in input order, so intervals over several runs (the mean of seeds) can be
+formed from the same samples later (:func:`mean_ci`).
+
 "Without" scores (iMiGUE reports accuracy without class 31 "illustrative"): the samples whose TRUE label
 is excluded are dropped, and the remaining samples are predicted by argmax over the non-excluded classes
 only (an excluded class can never be predicted). Top-k there is clipped to the number of kept classes.
@@ -17,12 +22,35 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from scipy.stats import bootstrap
 from sklearn.metrics import confusion_matrix
 
 from mgfm.evaluate.featureset import FeatureError
 from mgfm.report import save_figure
 
 TOP_K = 5
+CI_RESAMPLES = 2000
+
+
+def bootstrap_ci(values: np.ndarray | Sequence[float], confidence: float = 0.95, resamples: int = CI_RESAMPLES,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``values`` (N,) over resampled samples (N >= 2)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2 or np.all(values == values[0]):
+        return float(values.mean()), float(values.mean())  # nothing to resample (scipy warns on a constant)
+    result = bootstrap((values,), np.mean, confidence_level=confidence, n_resamples=resamples, method="percentile",
+                       vectorized=True, random_state=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def mean_ci(correct: Sequence[Sequence[float]], confidence: float = 0.95) -> tuple[float, float]:
+    """Interval of the mean over runs (seeds) of a score scored on the same samples: ``correct`` (R, N) holds
+    each run's per-sample outcomes; the samples are resampled jointly for all runs (the runs' shared test
+    set is what varies), i.e. the bootstrap of each sample's mean outcome over the runs."""
+    table = np.asarray(correct, dtype=np.float64)
+    if table.ndim != 2:
+        raise FeatureError(f"mean_ci: expected (runs, samples) outcomes, got shape {table.shape}")
+    return bootstrap_ci(table.mean(axis=0), confidence)
 
 
 def _check(scores: np.ndarray, labels: np.ndarray, class_names: Sequence[str], exclude: Sequence[int]) -> None:
@@ -63,6 +91,7 @@ def rank_of_true(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def _scores(scores: np.ndarray, labels: np.ndarray, n_classes: int) -> dict:
     """top1, top-k (k clipped to n_classes), mean class accuracy and the confusion matrix."""
     ranks = rank_of_true(scores, labels)
+    correct = (ranks < 1).astype(np.int64)
     pred = scores.argmax(axis=1)
     k = min(TOP_K, n_classes)
     conf = confusion_matrix(labels, pred, labels=np.arange(scores.shape[1]))
@@ -71,13 +100,15 @@ def _scores(scores: np.ndarray, labels: np.ndarray, n_classes: int) -> dict:
     per_class_acc = np.divide(np.diag(conf), support, out=np.zeros(len(conf)), where=present)
     return {
         "n": int(len(labels)),
-        "top1": float((ranks < 1).mean()),
+        "top1": float(correct.mean()),
+        "top1_ci95": list(bootstrap_ci(correct)),
         "top5": float((ranks < k).mean()),
         "top5_k": k,
         # = sklearn's balanced_accuracy_score: mean recall over the classes that occur in `labels`
         "mean_class_accuracy": float(per_class_acc[present].mean()),
         "_conf": conf,
         "_acc": per_class_acc,
+        "_correct": correct,
     }
 
 
@@ -92,7 +123,8 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, class_names: 
         exclude: class ids for the "without" scores (see the module docstring); empty = no "without".
 
     Returns:
-        ``{"n", "top1", "top5", "top5_k" (the k actually used: min(5, C)), "mean_class_accuracy",
+        ``{"n", "top1", "top1_ci95" ([low, high], the 95% bootstrap interval), "correct" (N 0/1 outcomes,
+        input order), "top5", "top5_k" (the k actually used: min(5, C)), "mean_class_accuracy",
         "per_class": {name: {"accuracy", "support"}} (accuracy None where support is 0),
         "confusion": C x C list of lists (row = true class, column = predicted),
         "class_names", and, when ``exclude`` is given, "without": {"excluded": [names], "n", "top1",
@@ -104,9 +136,10 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, class_names: 
     _check(scores, labels, class_names, exclude)
     c = scores.shape[1]
     full = _scores(scores, labels, c)
-    conf, acc = full.pop("_conf"), full.pop("_acc")
+    conf, acc, correct = full.pop("_conf"), full.pop("_acc"), full.pop("_correct")
     support = conf.sum(axis=1)
     out = dict(full)
+    out["correct"] = correct.tolist()
     out["per_class"] = {str(name): {"accuracy": float(acc[i]) if support[i] else None, "support": int(support[i])}
                         for i, name in enumerate(class_names)}
     out["confusion"] = conf.tolist()
@@ -118,7 +151,7 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, class_names: 
             masked = scores[keep].copy()
             masked[:, exclude] = -np.inf
             part = _scores(masked, labels[keep], c - len(exclude))
-            part.pop("_conf"), part.pop("_acc")
+            part.pop("_conf"), part.pop("_acc"), part.pop("_correct")
             without.update(part)
         else:
             without.update({"n": 0, "top1": None, "top5": None, "top5_k": None, "mean_class_accuracy": None})

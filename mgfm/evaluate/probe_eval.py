@@ -27,7 +27,7 @@ from mgfm.evaluate.encoder_eval import EncoderEvalRecipe, finish, prepare
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.evaluate.metrics import classification_metrics, plot_confusion
 from mgfm.evaluate.probe import ProbeConfig, train_probe
-from mgfm.report import format_table, markdown_table
+from mgfm.report import format_table, markdown_table, plus_minus
 from mgfm.shards.manifest import load_manifest
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,8 @@ def run(recipe: ProbeRecipe) -> dict:
     }
     headers, rows = summary_rows(results, bool(exclude))
     markdown = (f"Run `{setup.run_dir}`, shards `{recipe.shards}` (train on `{recipe.train_split}`, test on "
-                f"`{recipe.test_split}`), {recipe.views} temporal view(s) per clip"
+                f"`{recipe.test_split}`, {results['pretrained']['probe']['n']} clips; top-1 ± the half-width of its 95% "
+                f"bootstrap interval over them), {recipe.views} temporal view(s) per clip"
                 f"{'' if recipe.block is None else f', tokens read after encoder block {recipe.block}'}.\n\n## {PROBES[recipe.probe]} and k-means\n\n"
                 + markdown_table(headers, rows)
                 + "\n\n![confusion matrix](confusion_pretrained.png)\n\n## Per-class accuracy (pretrained)\n\n"
@@ -137,14 +138,14 @@ def run(recipe: ProbeRecipe) -> dict:
 
 
 def summary_rows(results: dict[str, dict], has_without: bool) -> tuple[list[str], list[list]]:
-    headers = ["encoder", "top1", "top5", "mean class acc"]
+    headers = ["encoder", "top1 ± ci95", "top5", "mean class acc"]
     if has_without:
         headers += ["top1 w/o excl.", "mean class acc w/o excl."]
     headers += ["k-means acc", "NMI", "ARI"]
     rows = []
     for name, entry in results.items():
         probe = entry["probe"]
-        row = [name, probe["top1"], probe["top5"], probe["mean_class_accuracy"]]
+        row = [name, plus_minus(probe["top1"], probe.get("top1_ci95")), probe["top5"], probe["mean_class_accuracy"]]
         if has_without:
             row += [probe["without"]["top1"], probe["without"]["mean_class_accuracy"]]
         km = entry.get("kmeans") or {}
