@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from mgfm.cli import one_line_errors
-from mgfm.config import load_recipe
-from mgfm.evaluate.curve import REFERENCES, curve, curve_markdown, plot_curve
+from mgfm.config import load_recipe, recipe_to_dict
+from mgfm.evaluate.curve import REFERENCES, curve, curve_markdown, plot_curve, probe_snapshot, snapshots
 from mgfm.evaluate.metrics import mean_ci
 from mgfm.evaluate.probe_eval import PROBES
 from mgfm.files import write_atomic
@@ -76,6 +77,12 @@ def pretrain_seed(seed: int, sets: list[Path] | None, out: Path, recipe_path: Pa
     recipe = load_recipe(PretrainRecipe, recipe_path, [
         *data, f"synthetic_data={synthetic_data or 'null'}", f"seed={seed}", f"name=seed{seed}", f"out_dir={out}",
         *overrides])
+    run_dir = Path(recipe.out_dir) / recipe.name
+    saved = run_dir / "recipe.yaml"
+    if ((run_dir / "summary.json").exists() and (run_dir / "encoder" / "config.json").exists()
+            and yaml.safe_load(saved.read_text()) == recipe_to_dict(recipe)):
+        log.info("%s: finished with this recipe; reused", run_dir)  # without decoding its data again
+        return run_dir
     return pretrain(recipe)
 
 
@@ -102,6 +109,14 @@ def summarise(scores: dict[str, dict[str, dict[str, list[float]]]],
                          *[f"{plus_minus(mean[r], ci[r], 100, 1)} (sd {100 * spread[r]:.1f})" for r in ROWS],
                          *[f"{100 * gaps[g]:+.1f}{'' if holds[g] else ' (overlap)'}" for g in gaps]])
     return headers, rows, summary
+
+
+def _add(scores: dict[str, list[float]], outcomes: dict[str, list[list[int]]],
+         rows: dict[str, tuple[float, list[int]]]) -> None:
+    """Append one seed's top-1 and per-clip outcomes to each row."""
+    for row, (top1, correct) in rows.items():
+        scores[row].append(top1)
+        outcomes[row].append(correct)
 
 
 def mean_curve(curves: list[dict]) -> dict:
@@ -138,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/real-motion"), help="runs, features and the table")
     parser.add_argument("--seeds", default="0,1,2", help="pretraining seeds (comma-separated)")
     parser.add_argument("--probes", default="linear,attentive", help="linear and/or attentive")
+    parser.add_argument("--curve-probes", default=None,
+                        help="the probes measured at every snapshot (default: all of --probes); the others are "
+                             "measured at epoch 0 and the final encoder only")
     parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "pretrain" / "real_motion_cpu.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the pretraining recipe")
     args = parser.parse_args(argv)
@@ -151,6 +169,9 @@ def run(args: argparse.Namespace) -> str:
     probes = [p.strip() for p in args.probes.split(",") if p.strip()]
     if not probes or any(p not in PROBES for p in probes):
         raise InputError(f"--probes: expected linear and/or attentive, got {args.probes!r}")
+    on_curve = probes if args.curve_probes is None else [p.strip() for p in args.curve_probes.split(",") if p.strip()]
+    if not on_curve or not set(on_curve) <= set(probes):
+        raise InputError(f"--curve-probes: expected some of --probes ({','.join(probes)}), got {args.curve_probes!r}")
     if not seeds or not all(s.isdigit() for s in seeds):
         raise InputError(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     seeds = [int(s) for s in seeds]
@@ -169,24 +190,30 @@ def run(args: argparse.Namespace) -> str:
                                 args.synthetic_data if args.synthetic else None, args.overrides)
         timings[f"pretrain seed {seed}"] = time.time() - start
         start = time.time()
-        curves.append(curve(run_dir, [str(s) for s in sets], probes))
+        curves.append(curve(run_dir, [str(s) for s in sets], on_curve))
         for name, by_probe in curves[-1]["scores"].items():
             for probe, entry in by_probe.items():
-                rows, clips = scores[name][probe], outcomes[name][probe]
                 seen = curves[-1]["correct"][name][probe]
-                rows["pretrained"].append(entry["pretrained"][-1])
-                clips["pretrained"].append(seen["pretrained"][-1])
-                rows["epoch 0"].append(entry["pretrained"][0])
-                clips["epoch 0"].append(seen["pretrained"][0])
-                for ref in REFERENCES:
-                    rows[ref].append(entry[ref])
-                    clips[ref].append(seen[ref])
+                _add(scores[name][probe], outcomes[name][probe], {
+                    "pretrained": (entry["pretrained"][-1], seen["pretrained"][-1]),
+                    "epoch 0": (entry["pretrained"][0], seen["pretrained"][0]),
+                    **{ref: (entry[ref], seen[ref]) for ref in REFERENCES}})
+        found = snapshots(run_dir)
+        for probe in (p for p in probes if p not in on_curve):  # the ends of the run only: its own start and end
+            for shards in sets:
+                first = probe_snapshot(run_dir, *found[0], str(shards), probe, seed, references=True)
+                last = probe_snapshot(run_dir, *found[-1], str(shards), probe, seed, references=False)
+                _add(scores[set_name(shards)][probe], outcomes[set_name(shards)][probe], {
+                    "pretrained": (last["pretrained"]["top1"], last["pretrained"]["correct"]),
+                    "epoch 0": (first["pretrained"]["top1"], first["pretrained"]["correct"]),
+                    **{ref: (first[ref]["top1"], first[ref]["correct"]) for ref in REFERENCES}})
         timings[f"probes seed {seed}"] = time.time() - start
     headers, rows, summary = summarise(scores, outcomes)
     table = markdown_table(headers, rows)
     mean = mean_curve(curves)
     plot_curve(mean, args.out / "curves.png")
-    write_atomic(args.out / "table.json", json.dumps({"seeds": seeds, "probes": probes, "overrides": args.overrides,
+    write_atomic(args.out / "table.json", json.dumps({"seeds": seeds, "probes": probes, "curve_probes": on_curve,
+                                                      "overrides": args.overrides,
                                                       "recipe": str(args.recipe), "sets": summary, "curve": mean,
                                                       "seconds": timings}, indent=1))
     write_atomic(args.out / "table.md", (

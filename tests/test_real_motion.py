@@ -94,18 +94,33 @@ def test_real_motion_table_over_seeds_and_probes(tmp_path, tiny_videos, capsys):
 
 
 def test_a_corpus_run_is_probed_on_built_shard_folders(tmp_path, tiny_shards, capsys):
-    """--corpus: the recipe's own shards are pretrained on; --real names a built shard folder to probe."""
+    """--corpus: the recipe's own shards are pretrained on; --real names a built shard folder to probe;
+    --curve-probes keeps the attentive probe to the run's two ends; a finished run is reused as it is."""
     out = tmp_path / "out"
-    main(["--corpus", "--real", str(tiny_shards), "--no-synthetic", "--out", str(out), "--seeds", "3", "--probes",
-          "linear", f"shards=[{tiny_shards}]", *TINY_MODEL, "stream.batch_size=2", "stream.num_workers=0",
-          "stream.shuffle_buffer=4", "stream.mask_ratio=0.5", "stream.decoder_keep_ratio=1.0", "patch_init_clips=4",
-          "optim.epochs=1", "optim.warmup_epochs=0", "checkpoint_every=0", "export_epochs=[0]", "stream.cache=none"])
+    argv = ["--corpus", "--real", str(tiny_shards), "--no-synthetic", "--out", str(out), "--seeds", "3", "--probes",
+            "linear,attentive", "--curve-probes", "linear", f"shards=[{tiny_shards}]", *TINY_MODEL,
+            "stream.batch_size=2", "stream.num_workers=0", "stream.shuffle_buffer=4", "stream.mask_ratio=0.5",
+            "stream.decoder_keep_ratio=1.0", "patch_init_clips=4", "optim.epochs=2", "optim.warmup_epochs=0",
+            "checkpoint_every=0", "export_epochs=[0,1]", "stream.cache=none"]
+    main(argv)
     recipe = (out / "seed3" / "recipe.yaml").read_text()
     assert str(tiny_shards) in recipe and "seed: 3" in recipe
     table = json.loads((out / "table.json").read_text())
     name = tiny_shards.name
     assert set(table["sets"]) == {name} and table["sets"][name]["linear"]["per_seed"]["pretrained"]
     assert "its own shards (a corpus)" in (out / "table.md").read_text()
+    curve_dir = out / "seed3" / "curve"
+    assert [(curve_dir / f"epoch_0000{e}" / "attentive").is_dir() for e in (0, 1, 2)] == [True, False, True]
+    assert [(curve_dir / f"epoch_0000{e}" / "linear").is_dir() for e in (0, 1, 2)] == [True, True, True]
+    attentive = table["sets"][name]["attentive"]["per_seed"]
+    final = json.loads((curve_dir / "epoch_00002" / "attentive" / name / "report.json").read_text())
+    assert attentive["pretrained"] == [final["results"]["pretrained"]["probe"]["top1"]]
+    assert attentive["epoch 0"] == attentive["random init"] and set(table["curve"]["scores"][name]) == {"linear"}
+    trained = (out / "seed3" / "encoder" / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    main(argv)  # (setup_logging's basicConfig(force=True) writes to the captured stderr, not to caplog)
+    assert "finished with this recipe; reused" in capsys.readouterr().err
+    assert (out / "seed3" / "encoder" / "model.safetensors").stat().st_mtime_ns == trained
 
 
 def test_missing_real_set_is_one_line_error(tmp_path, capsys):
