@@ -19,48 +19,30 @@ the shards (``python -m mgfm.shards build --format pose --layout bvh``, short si
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
-import subprocess
+import re
 import sys
 import zlib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from clone_data import build_pose_shards, files_at_head, git, write_index
 
-from mgfm.cli import one_line_errors  # noqa: E402
-from mgfm.errors import InputError  # noqa: E402
-from mgfm.files import write_atomic  # noqa: E402
-from mgfm.runtime import setup_logging  # noqa: E402
+from mgfm.cli import one_line_errors
+from mgfm.errors import InputError
+from mgfm.files import write_atomic
+from mgfm.runtime import setup_logging
 
 log = logging.getLogger("mgfm.tools.motion_corpus")
 URL = "https://github.com/BandaiNamcoResearchInc/Bandai-Namco-Research-Motiondataset"
 LICENCE = "CC BY-NC 4.0 (Bandai Namco Research Inc.; non-commercial research use, attribution)"
 FPS = 30.0
-
-
-def _git(repo: Path, *args: str, data: bytes | None = None) -> bytes:
-    try:
-        return subprocess.run(["git", "-C", str(repo), *args], input=data, capture_output=True, check=True).stdout
-    except subprocess.CalledProcessError as err:
-        raise InputError(f"{repo}: git {' '.join(args[:2])} failed: {err.stderr.decode().strip()}") from None
+BVH_FILE = re.compile(r"\.bvh$", re.IGNORECASE)
 
 
 def bvh_objects(repo: Path) -> tuple[str, list[tuple[str, str]]]:
     """(commit, [(path in the repository, blob id)]) of every ``.bvh`` file at the clone's HEAD."""
-    if not repo.exists():
-        raise InputError(f"{repo}: no such clone; git clone {URL} first")
-    commit = _git(repo, "rev-parse", "HEAD").decode().strip()
-    files = []
-    for line in _git(repo, "ls-tree", "-r", "HEAD").decode().splitlines():
-        meta, path = line.split("\t", 1)
-        if path.lower().endswith(".bvh"):
-            files.append((path, meta.split()[2]))
-    if not files:
-        raise InputError(f"{repo}: no .bvh files at HEAD ({commit[:7]}); is this the Bandai Namco motion clone?")
-    return commit, sorted(files)
+    return files_at_head(repo, BVH_FILE, URL)
 
 
 def subset(files: list[tuple[str, str]], limit: int | None) -> list[tuple[str, str]]:
@@ -73,7 +55,7 @@ def subset(files: list[tuple[str, str]], limit: int | None) -> list[tuple[str, s
 
 def object_sizes(repo: Path, files: list[tuple[str, str]]) -> dict[str, int]:
     """Blob id -> size of each of ``files`` whose object the clone holds."""
-    batch = _git(repo, "cat-file", "--batch-check", data="".join(f"{b}\n" for _, b in files).encode())
+    batch = git(repo, "cat-file", "--batch-check", data="".join(f"{b}\n" for _, b in files).encode())
     parts = (line.split() for line in batch.decode().splitlines())
     return {p[0]: int(p[2]) for p in parts if p[-1] != "missing"}
 
@@ -87,7 +69,7 @@ def extract(repo: Path, files: list[tuple[str, str]], sizes: dict[str, int], out
         name = Path(path).name
         target = out / "bvh" / name
         if not (target.exists() and target.stat().st_size == sizes[blob]):
-            write_atomic(target, _git(repo, "cat-file", "blob", blob))
+            write_atomic(target, git(repo, "cat-file", "blob", blob))
         rows.append({"path": f"bvh/{name}", "subject": name.split("_", 1)[0].replace("dataset-", "bn"),
                      "split": "train", "video_id": Path(name).stem, "frames": _frame_count(target)})
     return rows
@@ -109,12 +91,7 @@ def write_corpus(repo: Path, out: Path, limit: int | None) -> Path:
     rows = extract(repo, subset([f for f in files if f[1] in sizes], limit), sizes, out)
     for path in missing:
         log.warning("skipped %s: the clone lacks its object", path)
-    index = out / "index.csv"
-    with open(index.with_suffix(".tmp"), "w", newline="") as fh:
-        writer = csv.DictWriter(fh, ["path", "subject", "split", "video_id"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    index.with_suffix(".tmp").replace(index)
+    index = write_index(out / "index.csv", rows, ["path", "subject", "split", "video_id"])
     frames = sum(r["frames"] for r in rows)
     source = {"url": URL, "commit": commit, "licence": LICENCE, "layout": "bvh", "fps": FPS,
               "files_at_commit": len(files), "limit": limit, "sequences": len(rows),
@@ -124,15 +101,6 @@ def write_corpus(repo: Path, out: Path, limit: int | None) -> Path:
     log.info("%d sequences (%d frames, %.1f min) in %s; %d skipped (object missing)", len(rows), frames,
              source["minutes"], out, len(missing))
     return index
-
-
-def build(index: Path, shards: Path, workers: int) -> None:
-    """Render the corpus into pose shards at short side 112 and 15 fps."""
-    from mgfm.shards import BuildConfig, build_shards
-    from mgfm.sources.pose import read_pose_index
-    build_shards(read_pose_index(index, "bvh"), shards, BuildConfig(short_side=112, workers=workers,
-                                                                     pose_layout="bvh"),
-                 source={"format": "pose", "index": str(index), "layout": "bvh"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--limit {args.limit}: must be at least 1")
         index = write_corpus(args.repo, args.out, args.limit)
         if args.shards is not None:
-            build(index, args.shards, args.workers)
+            build_pose_shards(index, args.shards, "bvh", args.workers)
     return 0
 
 

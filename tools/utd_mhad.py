@@ -16,26 +16,22 @@ is a counted skip.
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import logging
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import scipy.io
+from clone_data import build_pose_shards, files_at_head, git, write_index
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from mgfm.cli import one_line_errors  # noqa: E402
-from mgfm.errors import InputError  # noqa: E402
-from mgfm.files import write_atomic  # noqa: E402
-from mgfm.runtime import setup_logging  # noqa: E402
-from mgfm.sources.pose.layouts import get_layout  # noqa: E402
+from mgfm.cli import one_line_errors
+from mgfm.errors import InputError
+from mgfm.files import write_atomic
+from mgfm.runtime import setup_logging
+from mgfm.sources.pose.layouts import get_layout
 
 log = logging.getLogger("mgfm.tools.utd_mhad")
 URL = "https://github.com/woo-chia-wei/kinect-sequence-classification"
@@ -56,13 +52,6 @@ NAME = re.compile(r"a(\d+)_s(\d+)_t(\d+)_skeleton\.mat$")
 FPS = 30.0
 
 
-def _git(repo: Path, *args: str) -> bytes:
-    try:
-        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, check=True).stdout
-    except subprocess.CalledProcessError as err:
-        raise InputError(f"{repo}: git {' '.join(args[:2])} failed: {err.stderr.decode().strip()}") from None
-
-
 def to_kinect_v1(d_skel: np.ndarray) -> np.ndarray:
     """UTD's ``(20, 3, T)`` skeleton -> ``(T, 20, 3)`` in the kinect-v1 layout's joint order."""
     if d_skel.ndim != 3 or d_skel.shape[:2] != (20, 3):
@@ -73,20 +62,15 @@ def to_kinect_v1(d_skel: np.ndarray) -> np.ndarray:
 
 def convert(repo: Path, out: Path, train_subjects: set[int]) -> Path:
     """Write every readable skeleton as ``.npy`` and the index; returns the index path."""
-    if not repo.exists():
-        raise InputError(f"{repo}: no such clone; git clone {URL} first")
-    commit = _git(repo, "rev-parse", "HEAD").decode().strip()
-    files = [line.split("\t", 1) for line in _git(repo, "ls-tree", "-r", "HEAD").decode().splitlines()]
-    files = sorted((path, meta.split()[2]) for meta, path in files if NAME.search(path))
-    if not files:
-        raise InputError(f"{repo}: no aA_sS_tT_skeleton.mat files at HEAD ({commit[:7]})")
+    commit, files = files_at_head(repo, NAME, URL)
     (out / "npy").mkdir(parents=True, exist_ok=True)
     rows, skipped = [], []
     for path, blob in files:
         action, subject, trial = (int(g) for g in NAME.search(path).groups())
         try:
-            joints = to_kinect_v1(scipy.io.loadmat(io.BytesIO(_git(repo, "cat-file", "blob", blob)))["d_skel"])
-        except (InputError, ValueError, KeyError, OSError, scipy.io.matlab.MatReadError) as err:  # a missing object or a damaged .mat
+            joints = to_kinect_v1(scipy.io.loadmat(io.BytesIO(git(repo, "cat-file", "blob", blob)))["d_skel"])
+        except (InputError, ValueError, KeyError, OSError, scipy.io.matlab.MatReadError) as err:
+            # a missing object or a damaged .mat
             skipped.append(f"{path}: {err}")
             log.warning("skipped %s: %s", path, err)
             continue
@@ -98,13 +82,8 @@ def convert(repo: Path, out: Path, train_subjects: set[int]) -> Path:
         rows.append({"path": f"npy/{name}.npy", "label": action - 1, "subject": subject,
                      "split": "train" if subject in train_subjects else "test", "fps": FPS, "video_id": name,
                      "label_name": ACTIONS[action - 1], "frames": len(joints)})
-    index = out / "index.csv"
-    with open(index.with_suffix(".tmp"), "w", newline="") as fh:
-        writer = csv.DictWriter(fh, ["path", "label", "subject", "split", "fps", "video_id", "label_name"],
-                                extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    index.with_suffix(".tmp").replace(index)
+    index = write_index(out / "index.csv", rows, ["path", "label", "subject", "split", "fps", "video_id",
+                                                  "label_name"])
     counts = {split: sum(r["split"] == split for r in rows) for split in ("train", "test")}
     write_atomic(out / "SOURCE.json", json.dumps({
         "dataset": "UTD-MHAD (C. Chen, R. Jafari, N. Kehtarnavaz, ICIP 2015), skeleton modality", "home": HOME,
@@ -114,15 +93,6 @@ def convert(repo: Path, out: Path, train_subjects: set[int]) -> Path:
     log.info("%d sequences (train %d, test %d) in %s; %d skipped", len(rows), counts["train"], counts["test"],
              out, len(skipped))
     return index
-
-
-def build(index: Path, shards: Path, workers: int) -> None:
-    """Render the set into labelled pose shards at short side 112 and 15 fps."""
-    from mgfm.shards import BuildConfig, build_shards
-    from mgfm.sources.pose import read_pose_index
-    build_shards(read_pose_index(index, "kinect-v1", class_names=list(ACTIONS)), shards,
-                 BuildConfig(short_side=112, workers=workers, pose_layout="kinect-v1"),
-                 source={"format": "pose", "index": str(index), "layout": "kinect-v1"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--train-subjects {args.train_subjects!r}: expected some but not all of 1-8")
         index = convert(args.repo, args.out, subjects)
         if args.shards is not None:
-            build(index, args.shards, args.workers)
+            build_pose_shards(index, args.shards, "kinect-v1", args.workers, list(ACTIONS))
     return 0
 
 
