@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from mgfm.config import load_recipe
-from mgfm.errors import MgfmError
+from mgfm.errors import Interrupted, MgfmError
 from mgfm.files import storage_cause
+from mgfm.runtime import rank_world
 
 T = TypeVar("T")
 
@@ -30,12 +31,17 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def one_line_errors(prog: str) -> Iterator[None]:
     """Inside: a user error (:func:`user_errors`) or a full / read-only / forbidden disk ends the program with
     one ``<prog>: error: ...`` line and exit code 2, Ctrl-C with one line saying a rerun resumes (exit code
-    130); any other exception keeps its traceback."""
+    130), a run stopped on a signal after its checkpoint (:class:`mgfm.errors.Interrupted`) with one line and
+    its own exit code; any other exception keeps its traceback."""
     try:
         yield
     except KeyboardInterrupt:  # what was written is complete (atomic writes, checkpoints): a rerun resumes
         sys.stderr.write(f"\n{prog}: interrupted; rerun the same command to resume\n")
         raise SystemExit(130) from None
+    except Interrupted as stop:  # stopped on a signal after a checkpoint (mgfm.train.stop): every rank did
+        if rank_world()[0] == 0:
+            sys.stderr.write(f"\n{prog}: {stop}\n")
+        raise SystemExit(stop.exit_code) from None
     except user_errors() as err:
         sys.stderr.write(f"{prog}: error: {err}\n")
         raise SystemExit(2) from None

@@ -4,9 +4,13 @@
 fully typed recipe. Unknown keys are an error naming the key and its nearest valid spelling, so a typo
 never silently falls back to a default. Every numeric field declares its valid range where it is defined
 (:func:`bounded`); a value outside it is a one-line :class:`RecipeError` naming the dotted key, the value and
-what is allowed, raised while the recipe loads, before any data is read or any folder is made. A key that
-moved (a recipe class's ``MOVED = {old: new dotted key}``) is a one-line error naming its new address.
-``recipe_to_dict`` gives the resolved recipe to save with a run.
+what is allowed, raised while the recipe loads, before any data is read or any folder is made.
+
+One address per setting: a key that moved, or that is another setting's second address (a recipe class's
+``MOVED = {old dotted key: where to set it}``, e.g. ``stream.seed`` -> ``seed``), is a one-line error naming
+the one address; a key the running command does not use (``UNUSED = {dotted key: why}``, e.g. an eval crop
+in pretraining) is a one-line error naming the command (``COMMAND``). ``recipe_to_dict`` gives the resolved
+recipe to save with a run, without those keys; :func:`recipe_changes` lists how two resolved recipes differ.
 """
 
 from __future__ import annotations
@@ -94,11 +98,40 @@ def load_recipe(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not sep or not key:
             raise RecipeError(f"override {item!r}: expected key=value")
         _set_dotted(data, key.strip(), yaml.safe_load(value) if value.strip() else "")
-    return _build(cls, data, where=str(path) if path else "recipe", prefix="")
+    where = str(path) if path else "recipe"
+    _check_addresses(cls, data, where)
+    return _build(cls, data, where=where, prefix="")
+
+
+def _check_addresses(cls: type, data: dict, where: str) -> None:
+    """A one-line error for a given key that is another setting's second address or that the command the
+    recipe is for does not use (``cls.MOVED`` / ``cls.UNUSED``, dotted keys)."""
+    moved, unused = getattr(cls, "MOVED", {}), getattr(cls, "UNUSED", {})
+    for key in _flat(cls, data):
+        if "." in key and key in moved:
+            raise RecipeError(f"{where}: {key} has moved: set {moved[key]} instead")
+        if key in unused:
+            raise RecipeError(f"{where}: {key} is not used by {getattr(cls, 'COMMAND', cls.__name__)} ({unused[key]}); "
+                              f"remove it")
+
+
+def _flat(cls: type, data: dict, prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of recipe data for the recipe class ``cls``: sections (dataclass fields) are
+    walked into, any other value (a mapping-valued setting too) is one key."""
+    hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        section = hints.get(key)
+        if isinstance(value, dict) and section is not None and dataclasses.is_dataclass(section):
+            out.update(_flat(section, value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def recipe_to_dict(recipe: Any) -> dict:
-    """The resolved recipe as plain YAML-ready data (tuples become lists)."""
+    """The resolved recipe as plain YAML-ready data (tuples become lists), without the keys its command does
+    not take (``MOVED`` second addresses and ``UNUSED`` keys): loading it back gives the same recipe."""
     def plain(value):
         if isinstance(value, (list, tuple)):
             return [plain(v) for v in value]
@@ -106,7 +139,41 @@ def recipe_to_dict(recipe: Any) -> dict:
             return {k: plain(v) for k, v in value.items()}
         return value
 
-    return plain(dataclasses.asdict(recipe))
+    data = plain(dataclasses.asdict(recipe))
+    cls = type(recipe)
+    for key in [*getattr(cls, "MOVED", {}), *getattr(cls, "UNUSED", {})]:
+        *sections, last = key.split(".")
+        node = data
+        for part in sections:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return data
+
+
+def recipe_changes(saved: dict, recipe: Any, allowed: tuple[str, ...] = ()) -> list[str]:
+    """The dotted keys whose value in ``recipe`` differs from the ``saved`` resolved recipe (a run's
+    ``recipe.yaml``), leaving out ``allowed`` keys and sections (``"stream.num_workers"``, ``"optim"``). A key
+    ``saved`` lacks (a recipe written before the key existed) counts as its default."""
+    cls = type(recipe)
+    now = _flat(cls, recipe_to_dict(recipe))
+    before = _flat(cls, saved)
+    defaults = _flat(cls, recipe_to_dict(cls())) if _constructible(cls) else {}
+    changed = []
+    for key, value in now.items():
+        if any(key == a or key.startswith(a + ".") for a in allowed):
+            continue
+        if before.get(key, defaults.get(key, value)) != value:
+            changed.append(key)
+    return changed
+
+
+def _constructible(cls: type) -> bool:
+    try:
+        cls()
+    except Exception:  # noqa: BLE001 - a recipe class without defaults for every field
+        return False
+    return True
 
 
 def save_recipe(recipe: Any, path: str | Path) -> None:

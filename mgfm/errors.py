@@ -17,3 +17,10 @@ class MgfmError(Exception):
 
 class InputError(MgfmError, ValueError):
     """Input that does not fit: a shard set, a path, an option that contradicts the data or another option."""
+
+
+class Interrupted(MgfmError):
+    """Work that stopped on request (a signal, Ctrl-C) after saving what a rerun resumes from: reported as one
+    line without ``error:``, the process ending with ``exit_code``."""
+
+    exit_code: int = 130

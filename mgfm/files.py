@@ -138,11 +138,13 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
 def atomic_folder(folder: str | Path) -> Iterator[Path]:
     """:func:`atomic_path` for a folder: yields an empty temporary folder beside ``folder`` to fill, then swaps
     it in (an existing ``folder`` is replaced whole), so a reader never sees half a folder; when the block
-    fails the temporary folder goes and ``folder`` is untouched."""
+    fails the temporary folder goes and ``folder`` is untouched; what a killed writer left beside it (its
+    temporary or old folder, named with its pid) goes when the next writer of ``folder`` starts."""
     folder = Path(folder)
     with writing(folder):
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        _clear_dead_writers(folder)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent))
         try:
             yield tmp
             old = None
@@ -155,6 +157,22 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+_WRITER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:-.*)?$")
+
+
+def _clear_dead_writers(folder: Path) -> None:
+    """Remove the temporary and old folders beside ``folder`` that writers of it on this host left when they
+    were killed (their pid is gone)."""
+    for path in folder.parent.glob(f".{glob_escape(folder.name)}.*-*"):
+        match = _WRITER.match(path.name)
+        if match and match["name"] == folder.name and not psutil.pid_exists(int(match["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:

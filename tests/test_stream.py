@@ -247,6 +247,59 @@ def test_train_ranks_read_disjoint_shards(tiny_index, tmp_path, monkeypatch):
     assert len(seen[0] | seen[1]) == 6
 
 
+@pytest.fixture(scope="module")
+def one_clip_shards(tiny_index, tmp_path_factory) -> Path:
+    """The 6 train clips of the tiny index, one per shard (uneven splits over ranks and workers)."""
+    out = tmp_path_factory.mktemp("one_clip_shards")
+    build_shards(tiny_index, out, BuildConfig(short_side=32, shard_samples=1, crf=12, splits=("train",)))
+    return out
+
+
+def _epoch_clips(source, epoch: int, world: int, workers: int, batch_size: int, seed: int = 0) -> list[list[str]]:
+    """Each rank's clip ids of one train epoch, in the order its loader gives them."""
+    cfg = small_cfg(num_workers=workers, batch_size=batch_size, seed=seed)
+    return [[c for b in make_loader(source, "train", cfg, "train", epoch=epoch, rank=r, world=world)[0]
+             for c in b["clip_id"]] for r in range(world)]
+
+
+@pytest.mark.parametrize("world,workers,batch_size", [(1, 0, 2), (2, 0, 1), (2, 2, 1), (1, 2, 2)])
+def test_a_train_epoch_reads_every_clip_at_most_once_across_ranks_and_workers(one_clip_shards, world, workers,
+                                                                              batch_size):
+    for epoch in range(2):
+        per_rank = _epoch_clips(one_clip_shards, epoch, world, workers, batch_size)
+        seen = [c for clips in per_rank for c in clips]
+        assert len(seen) == len(set(seen)), f"epoch {epoch}: a clip was read twice"
+        # every rank the same number of batches; only clips past a rank's last whole batch wait
+        assert {len(clips) for clips in per_rank} == {6 // world // batch_size * batch_size}
+        assert set(seen) <= set(TRAIN_KEYS) and len(TRAIN_KEYS) - len(seen) < world * batch_size
+    assert _epoch_clips(one_clip_shards, 0, 1, 0, 2) != _epoch_clips(one_clip_shards, 1, 1, 0, 2)
+    assert _epoch_clips(one_clip_shards, 0, 1, 0, 2, seed=0) != _epoch_clips(one_clip_shards, 0, 1, 0, 2, seed=3)
+
+
+def _batches(loader, n: int | None = None) -> list[tuple]:
+    """(clip ids, frames bytes, masks) of the next ``n`` batches (all with None)."""
+    out = []
+    for batch in loader:
+        out.append((batch["clip_id"], batch["video"].numpy().tobytes(), batch["encoder_mask"].numpy().tobytes()))
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_train_loader_resumes_mid_epoch_with_the_batches_it_would_have_given(one_clip_shards, workers):
+    cfg = small_cfg(num_workers=workers, batch_size=1, repeats=2, flip=True, mask_ratio=0.5, video_dtype="uint8")
+    whole = _batches(make_loader(one_clip_shards, "train", cfg, "train", epoch=2, rank=0, world=1)[0])
+    assert len(whole) == 6
+    for taken in (1, 3, 4):
+        first, _ = make_loader(one_clip_shards, "train", cfg, "train", epoch=2, rank=0, world=1)
+        head = _batches(first, taken)
+        state = first.state_dict()
+        again, _ = make_loader(one_clip_shards, "train", cfg, "train", epoch=2, rank=0, world=1)
+        again.load_state_dict(state)
+        assert head + _batches(again) == whole, f"resumed after {taken} batches"
+
+
 # -------------------------------------------------------------------------------------- failures
 
 

@@ -16,6 +16,7 @@ import torch
 
 from mgfm.config import bounded
 from mgfm.data.stream import StreamConfig
+from mgfm.data.stream.config import TRAIN_ONLY
 from mgfm.errors import MgfmError
 from mgfm.evaluate.features import PixelEncoder, eval_stream_config, require_complete, split_features
 from mgfm.evaluate.featureset import FeatureSet
@@ -48,7 +49,14 @@ class EncoderEvalRecipe(RunRecipe):
     """What every frozen-encoder evaluation needs: which encoder, which shards, how to read them. The clip
     geometry is the encoder's; ``stream`` holds how clips are decoded and batched."""
 
-    MOVED: ClassVar[dict[str, str]] = {"batch_size": "stream.batch_size", "num_workers": "stream.num_workers"}
+    COMMAND: ClassVar[str] = "frozen-encoder evaluations"
+    MOVED: ClassVar[dict[str, str]] = {"batch_size": "stream.batch_size", "num_workers": "stream.num_workers",
+                                       "stream.seed": "seed"}
+    UNUSED: ClassVar[dict[str, str]] = {
+        **{f"stream.{k}": "the clip geometry is the encoder's" for k in ("frames", "img_size", "tubelet", "patch")},
+        "stream.mean": "clips are normalised as the encoder was trained", "stream.std": "clips are normalised as "
+        "the encoder was trained", "stream.flip": "evaluations do not flip", "stream.masks": "features see the "
+        "whole clip", **{f"stream.{k}": "a training setting" for k in TRAIN_ONLY}}
 
     views: int = bounded(1, ge=1)  # temporal views averaged per clip
     stream: StreamConfig = field(default_factory=lambda: StreamConfig(masks=False, batch_size=32))
@@ -59,17 +67,6 @@ class EncoderEvalRecipe(RunRecipe):
     # first); by default a missing clip of a scored split is an error.
     allow_missing: bool = False
     seed: int = bounded(0, ge=0)
-
-    def __post_init__(self) -> None:
-        require_encoder_geometry(self.stream)
-
-
-def require_encoder_geometry(stream: StreamConfig) -> None:
-    """The clip geometry of a use of a trained encoder is the encoder's: a ``stream.`` copy is refused."""
-    for key in ("frames", "img_size", "tubelet", "patch"):
-        if getattr(stream, key) is not None:
-            raise ValueError(f"stream.{key}: the clip geometry is the encoder's (fine-tuning changes it with "
-                             f"model.{key if key in ('frames', 'img_size') else 'frames'})")
 
 
 def newest_run(runs_dir: str | Path) -> Path:

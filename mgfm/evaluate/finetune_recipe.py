@@ -14,7 +14,8 @@ from mgfm.config import bounded
 from mgfm.data.clip_augment import StrongAugConfig
 from mgfm.data.stream import StreamConfig
 from mgfm.data.subset import check_fraction
-from mgfm.evaluate.encoder_eval import RunRecipe, require_encoder_geometry
+from mgfm.data.stream.config import TRAIN_ONLY
+from mgfm.evaluate.encoder_eval import RunRecipe
 
 BALANCE = ("none", "sampler", "logit_adjust")
 INITS = ("pretrained", "random")
@@ -68,8 +69,17 @@ class FinetuneRecipe(RunRecipe):
     """Everything a fine-tuning run (or a ``compare=true`` grid of runs) needs. ``run``, ``shards`` and ``out``
     (default: <run>/finetune/<shard set name>/<name>) as every evaluation has them."""
 
+    COMMAND: ClassVar[str] = "fine-tuning"
     MOVED: ClassVar[dict[str, str]] = {"frames": "model.frames", "img_size": "model.img_size",
-                                       "drop_path": "model.drop_path", "batch_size": "stream.batch_size"}
+                                       "drop_path": "model.drop_path", "batch_size": "stream.batch_size",
+                                       "stream.frames": "model.frames", "stream.img_size": "model.img_size",
+                                       "stream.seed": "seed", "stream.flip": "flip", "stream.crop_scales": "crop_scales"}
+    UNUSED: ClassVar[dict[str, str]] = {
+        "stream.tubelet": "the encoder's", "stream.patch": "the encoder's",
+        "stream.mean": "clips are normalised as the encoder was trained", "stream.std": "clips are normalised as "
+        "the encoder was trained", "stream.masks": "fine-tuning sees whole clips",
+        **{f"stream.{k}": "a pretraining stream setting (fine-tuning crops cached clips: crop_scales, flip)"
+           for k in TRAIN_ONLY if k != "crop_scales"}}
 
     name: str = "finetune"
     train_split: str = "train"
@@ -113,7 +123,6 @@ class FinetuneRecipe(RunRecipe):
     seed: int = bounded(0, ge=0)
 
     def __post_init__(self) -> None:
-        require_encoder_geometry(self.stream)
         check_fraction(self.label_fraction)
         for f in self.compare_fractions:
             check_fraction(f, "compare_fractions")

@@ -50,7 +50,6 @@ class ProbeRecipe(EncoderEvalRecipe):
     block: int | None = bounded(None, ge=1)
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.probe not in PROBES:
             raise InputError(f"probe: expected one of {', '.join(PROBES)}, got {self.probe!r}")
 

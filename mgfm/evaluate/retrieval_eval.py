@@ -85,7 +85,6 @@ class RetrievalRecipe(EncoderEvalRecipe):
     montage_frames: int = bounded(4, ge=1)  # frames per clip in the montage
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.index not in CHOICES:
             raise ValueError(f"index must be one of {list(CHOICES)}, got {self.index!r}")
         if self.use_gpu not in ("auto", True, False):

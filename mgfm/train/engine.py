@@ -9,11 +9,15 @@ and ``main_pretrain.py``)::
     schedule = Schedule.for_run(recipe.optim, steps_per_epoch, global_batch)
     engine.prepare(model, param_groups, schedule)              # AdamW + warmup/cosine LambdaLR
     start = engine.resume(find_checkpoint(checkpoints, recipe.resume))   # 0 without a checkpoint
+    batches = ...                                              # from engine.rank_state when it resumed
     history = train(engine, batches, loss_fn, start, checkpoints, run_dir, every, "pretrain", after_step)
     state = engine.full_state_dict()                           # fp32 master weights; collective
 
 ``loss_fn(batch, step)`` returns a :class:`MicroResult`; ``after_step(step, row)`` runs after each optimiser
-step (pretraining updates its EMA teacher and exports snapshots there).
+step (pretraining updates its EMA teacher and exports snapshots there). ``batches`` may have a
+``state_dict()`` (pretraining's :class:`~mgfm.data.stream.EpochStream`): each checkpoint keeps it per rank and
+:meth:`Engine.resume` gives it back as ``engine.rank_state``, so a resumed run continues the data exactly.
+SIGTERM, SIGUSR1 and Ctrl-C stop the loop at a step boundary with a checkpoint (:mod:`mgfm.train.stop`).
 
 Where Accelerate's defaults would train wrongly on GPUs, the engine decides itself:
 
@@ -49,10 +53,11 @@ from accelerate.utils import DeepSpeedPlugin
 from tqdm.auto import tqdm
 
 from mgfm.config import RecipeError
-from mgfm.runtime import native_bf16
 from mgfm.files import write_atomic
-from mgfm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from mgfm.runtime import is_main_process, rank_world
+from mgfm.runtime import is_main_process, native_bf16, rank_world
+from mgfm.train.checkpoint import (checkpoint_dirs, clean_unfinished, latest_checkpoint, load_checkpoint,
+                                   named_checkpoint, save_checkpoint)
+from mgfm.train.stop import StopRequests, Stopped
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -194,6 +199,7 @@ class Engine:
         self.scheduler = None
         self.schedule: Schedule | None = None
         self.clips_per_s = 0.0  # of the last train() call, all ranks together
+        self.rank_state: dict | None = None  # this rank's own state in the checkpoint it resumed from
 
     @property
     def device(self) -> torch.device:
@@ -260,13 +266,14 @@ class Engine:
         the optimiser step to continue from (0 without a checkpoint)."""
         if path is None:
             return 0
-        step = int(load_checkpoint(self.accelerator, path)["step"])
+        meta, self.rank_state = load_checkpoint(self.accelerator, path)
+        step = int(meta["step"])
         log.info("resumed from %s (step %d)", path, step)
         return step
 
-    def save(self, root: Path, step: int, meta: dict) -> Path:
-        """A resumable checkpoint of the full training state (collective)."""
-        return save_checkpoint(self.accelerator, root, step, meta, self.recipe.keep_checkpoints)
+    def save(self, root: Path, step: int, meta: dict, rank_state: dict | None = None) -> Path:
+        """A resumable checkpoint of the full training state and this rank's ``rank_state`` (collective)."""
+        return save_checkpoint(self.accelerator, root, step, meta, self.recipe.keep_checkpoints, rank_state)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's full fp32 weights as CPU tensors, on every rank (collective under DeepSpeed).
@@ -300,13 +307,21 @@ class Engine:
 
 
 def find_checkpoint(root: Path, resume: str | None) -> Path | None:
-    """The checkpoint a run continues from: the newest under ``root`` (``resume="auto"``), none
-    (``"never"``), or the folder ``resume`` names."""
+    """The checkpoint a run continues from: the newest under ``root`` that verifies (``resume="auto"``; those
+    passed over are named with the reason), none (``"never"``, refused where ``root`` holds checkpoints that
+    a fresh start would overwrite), or the folder ``resume`` names (verified). Also clears the unfinished
+    checkpoints of a killed run (collective)."""
+    clean_unfinished(root)
     if resume == "auto":
         return latest_checkpoint(root)
     if resume in ("never", "", None):
+        found = checkpoint_dirs(root)
+        if found:
+            raise RecipeError(f"resume=never: {root} holds checkpoints up to {found[-1].name} that a fresh run "
+                              f"would overwrite; resume=auto continues it, or pick another name= (or delete "
+                              f"{root.parent} first)")
         return None
-    return Path(resume)
+    return named_checkpoint(resume)
 
 
 def weights_dtype(model: nn.Module) -> torch.dtype:
@@ -349,77 +364,105 @@ def train(engine: Engine, batches: Iterator, loss_fn: Callable[[Any, int], Micro
     ``loss_fn(batch, step)`` runs one forward. Rank 0 appends a row per step to ``run_dir/metrics.jsonl``
     (``step``, ``epoch``, ``lr``, ``loss`` and the stats; rows after ``start_step`` from a killed run are
     dropped first), writes TensorBoard scalars and shows a progress bar. ``after_step(step, row)`` may add
-    to the row (e.g. a test evaluation). A checkpoint is saved every ``checkpoint_every`` steps and at the end.
+    to the row (e.g. a test evaluation). A checkpoint is saved every ``checkpoint_every`` steps and at the end,
+    with ``batches.state_dict()`` of every rank when ``batches`` has one. SIGTERM / SIGUSR1 / Ctrl-C end the
+    loop at the next step boundary with a checkpoint, raising :class:`~mgfm.train.stop.Stopped`.
     """
     schedule, recipe = engine.schedule, engine.recipe
     grad_accum = recipe.optim.grad_accum
     main = is_main_process()
     history = load_history(run_dir / "metrics.jsonl", start_step) if main else []
-    writer = _tensorboard(run_dir) if main else None
+    writer = _tensorboard(run_dir, start_step) if main else None
     progress = None
     if main:
         progress = tqdm(total=schedule.total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
     engine.model.train()
     start, clips = time.time(), 0
     step = start_step
-    while step < schedule.total_steps:
-        sums: dict[str, float] = {}
-        for _ in range(grad_accum):
-            try:
-                batch = next(batches)
-            except StopIteration:
-                raise RuntimeError(f"the training data ended at step {step} of {schedule.total_steps}") from None
-            with engine.accelerator.accumulate(engine.model):
-                result = loss_fn(batch, step)
-                engine.step(result.loss, step)
-            clips += result.clips * engine.world
-            for key, value in {"loss": float(result.loss.detach().float()), **result.stats}.items():
-                sums[key] = sums.get(key, 0.0) + value / grad_accum
-        step += 1
-        row = {"step": step, "epoch": step / schedule.steps_per_epoch, "lr": engine.lr, **sums}
-        if after_step is not None:
-            after_step(step, row)
-        if main:
-            rate = clips / max(1e-9, time.time() - start)
-            progress.update(1)
-            progress.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{row['lr']:.2e}", clips_s=f"{rate:.1f}")
-            for key, value in {**row, "clips_per_s": rate}.items() if writer is not None else ():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    writer.add_scalar(f"train/{key}", value, step)
-            history.append(row)
-            with (run_dir / "metrics.jsonl").open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-        if checkpoint_every and step % checkpoint_every == 0 and step < schedule.total_steps:
-            engine.save(checkpoints, step, {"epoch": step // schedule.steps_per_epoch})
+
+    def save(**meta) -> Path:
+        state = batches.state_dict() if hasattr(batches, "state_dict") else None
+        return engine.save(checkpoints, step, {"epoch": step // schedule.steps_per_epoch, **meta}, state)
+
+    saved_at = None
+    with StopRequests() as stop:
+        while step < schedule.total_steps:
+            sums: dict[str, float] = {}
+            for _ in range(grad_accum):
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    raise RuntimeError(f"the training data ended at step {step} of {schedule.total_steps}") from None
+                with engine.accelerator.accumulate(engine.model):
+                    result = loss_fn(batch, step)
+                    engine.step(result.loss, step)
+                clips += result.clips * engine.world
+                for key, value in {"loss": float(result.loss.detach().float()), **result.stats}.items():
+                    sums[key] = sums.get(key, 0.0) + value / grad_accum
+            step += 1
+            row = {"step": step, "epoch": step / schedule.steps_per_epoch, "lr": engine.lr, **sums}
+            if after_step is not None:
+                after_step(step, row)
+            if main:
+                rate = clips / max(1e-9, time.time() - start)
+                progress.update(1)
+                progress.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{row['lr']:.2e}", clips_s=f"{rate:.1f}")
+                for key, value in {**row, "clips_per_s": rate}.items() if writer is not None else ():
+                    if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                        writer.add_scalar(f"train/{key}", value, step)
+                history.append(row)
+                with (run_dir / "metrics.jsonl").open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+            if checkpoint_every and step % checkpoint_every == 0 and step < schedule.total_steps:
+                save()
+                saved_at = step
+            signame = stop.agreed(engine.device)
+            if signame is not None and step < schedule.total_steps:
+                if progress is not None:
+                    progress.close()
+                if writer is not None:
+                    writer.close()
+                raise Stopped(signame, step, checkpoints / f"step_{step:08d}" if saved_at == step else save())
     if progress is not None:
         progress.close()
     if writer is not None:
         writer.close()
     engine.clips_per_s = clips / max(1e-9, time.time() - start)
     if step > start_step or latest_checkpoint(checkpoints) is None:
-        engine.save(checkpoints, step, {"epoch": step // schedule.steps_per_epoch, "final": True})
+        save(final=True)
     return history
 
 
 def load_history(path: Path, upto_step: int) -> list[dict]:
     """The rows of ``metrics.jsonl`` up to ``upto_step``; later rows (a killed run logged them after its last
-    checkpoint) are dropped from the file too, so a resumed run continues it with no gap or repeat."""
+    checkpoint) and a line cut short by a kill are dropped from the file too, so a resumed run continues it
+    with no gap or repeat."""
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):  # only the last line can be cut short by a kill; anything else is damage
+                raise
     kept = [r for r in rows if r["step"] <= upto_step]
-    if len(kept) != len(rows):
+    if len(kept) != len(lines):
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept
 
 
-def _tensorboard(run_dir: Path):
-    """A TensorBoard writer for ``run_dir/tensorboard``, or None (warned) where tensorboard is not installed
-    (a bare GPU box): ``metrics.jsonl`` has every step anyway."""
+def _tensorboard(run_dir: Path, start_step: int):
+    """A TensorBoard writer for ``run_dir/tensorboard`` that drops the events a killed run logged after
+    ``start_step``, or None (warned) where tensorboard is not installed (a bare GPU box): ``metrics.jsonl``
+    has every step anyway."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         log.warning("tensorboard is not installed: no TensorBoard logs (metrics.jsonl has every step)")
         return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 

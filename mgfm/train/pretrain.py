@@ -9,8 +9,13 @@ weights.
 
 The data loader is deliberately NOT passed through ``accelerator.prepare``: Accelerate would re-shard or
 broadcast the IterableDataset and fight WebDataset's own node/worker splitting. Each rank builds its own
-stream (``mgfm.data.stream``), which splits shards by ``torch.distributed`` rank and yields a fixed number
-of batches per epoch, so ranks never wait on each other at an uneven end.
+stream (``mgfm.data.stream``), which splits each epoch's clips by ``torch.distributed`` rank and worker and
+yields a fixed number of batches per epoch, so ranks never wait on each other at an uneven end; the stream's
+position is part of every checkpoint (:class:`~mgfm.data.stream.epochs.EpochStream`), so a resumed run sees
+the batches the uninterrupted one would have seen.
+
+A rerun of a finished run does nothing, and a rerun of a run whose end was interrupted (the encoder export,
+``summary.json``, ``loss.png``) finishes what is missing.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+import yaml
 
-from mgfm.config import save_recipe
-from mgfm.data.stream import MemoryClips, SkipCounter, make_loader
+from mgfm.config import RecipeError, recipe_changes, recipe_to_dict, save_recipe
+from mgfm.data.stream import EpochStream, MemoryClips, SkipCounter, make_loader
 from mgfm.data.transforms import normalise
 from mgfm.errors import InputError
 from mgfm.files import FolderLock, write_atomic
@@ -36,8 +42,9 @@ from mgfm.model.hf import config_from_hf, init_encoder_from_hf, read_hf_config, 
 from mgfm.model.motion_init import frame_differences, init_patch_embed_from_motion
 from mgfm.model.videomae import at_geometry, build_encoder, build_pretraining_model, param_groups, patchify
 from mgfm.report import save_figure
-from mgfm.runtime import barrier, is_main_process, setup_logging
-from mgfm.train.engine import Engine, MicroResult, Schedule, find_checkpoint, train
+from mgfm.runtime import barrier, gather_objects, is_main_process, setup_logging
+from mgfm.train.checkpoint import checkpoint_dirs
+from mgfm.train.engine import Engine, MicroResult, Schedule, find_checkpoint, load_history, train
 from mgfm.train.recipe import PretrainRecipe
 
 log = logging.getLogger("mgfm.pretrain")
@@ -89,27 +96,60 @@ def init_patch_embed(encoder, recipe: PretrainRecipe, memory: MemoryClips | None
 def run(recipe: PretrainRecipe, prepare_data: Callable[[PretrainRecipe], None] | None = None) -> Path:
     """Pretrain as the recipe says; returns the run directory (held by rank 0's :class:`FolderLock` while
     the run writes to it). ``prepare_data(recipe)`` runs once the process group is up and before anything
-    is read (the pipeline renders the default data there)."""
+    is read (the pipeline renders the default data there). A run folder that holds a run of another recipe
+    is refused before anything is written (:func:`check_same_run`)."""
+    run_dir = Path(recipe.out_dir) / recipe.name
+    check_same_run(recipe, run_dir)
     engine = Engine(recipe)
     setup_logging()
     torch.manual_seed(recipe.seed + engine.rank)
     if prepare_data is not None:
         prepare_data(recipe)
-    run_dir = Path(recipe.out_dir) / recipe.name
     with FolderLock(run_dir) if is_main_process() else contextlib.nullcontext():
         return _pretrain(recipe, engine, run_dir)
 
 
+def check_same_run(recipe: PretrainRecipe, run_dir: Path) -> None:
+    """A one-line :class:`RecipeError` when ``run_dir`` holds checkpoints or an encoder of a recipe that differs
+    from ``recipe`` in anything but :attr:`PretrainRecipe.RESUMABLE` (the model, the data, the schedule...),
+    listing the keys: resuming would mix two runs, and the folder would describe a model its checkpoints are
+    not."""
+    saved = run_dir / "recipe.yaml"
+    trained = checkpoint_dirs(run_dir / "checkpoints") or (run_dir / "encoder").is_dir()
+    if not trained or not saved.is_file():
+        return
+    try:
+        before = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise RecipeError(f"{saved}: unreadable ({type(err).__name__}); the run it describes cannot be checked") from None
+    changed = recipe_changes(before, recipe, PretrainRecipe.RESUMABLE)
+    if changed:
+        shown = ", ".join(f"{key} ({_value(before, key)} -> {_value(recipe_to_dict(recipe), key)})" for key in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise RecipeError(f"{run_dir} holds a run of another recipe: {shown}{more} differ from its recipe.yaml; "
+                          f"a resumed run may change only {', '.join(PretrainRecipe.RESUMABLE)}; rerun with its "
+                          f"recipe or pick another name=")
+
+
+def _value(data: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return "unset"
+        data = data[part]
+    return data
+
+
 def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
     rank, world = engine.rank, engine.world
+    started = time.time()
     ckpt_root = run_dir / "checkpoints"
+    resume_from = find_checkpoint(ckpt_root, recipe.resume)
     if is_main_process():
         save_recipe(recipe, run_dir / "recipe.yaml")
 
-    resume_from = find_checkpoint(ckpt_root, recipe.resume)
     if recipe.init_from:  # the model keeps (or resamples) the position table the encoder was trained with
-        trained = config_from_hf(read_hf_config(recipe.init_from), recipe.init_from)
-        recipe.model = at_geometry(trained, recipe.model, recipe.pos_embed, recipe.init_from)
+        source_cfg = config_from_hf(read_hf_config(recipe.init_from), recipe.init_from)
+        recipe.model = at_geometry(source_cfg, recipe.model, recipe.pos_embed, recipe.init_from)
     model = build_pretraining_model(recipe.model, recipe.loss)
     if is_main_process():
         for source in shard_sources(recipe):
@@ -136,15 +176,48 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
              "%d steps (%d epochs x %d), precision %s%s", recipe.name, world, recipe.stream.batch_size,
              recipe.optim.grad_accum, global_batch, schedule.peak_lr, schedule.total_steps, recipe.optim.epochs,
              schedule.steps_per_epoch, engine.precision, " under DeepSpeed" if engine.deepspeed else "")
-    if step >= schedule.total_steps and (run_dir / "encoder" / "config.json").exists():
-        log.info("%s is already complete (%d steps); nothing to do", run_dir, step)
-        barrier()
-        return run_dir
 
-    skips: list = []
-    batches = train_stream(recipe, schedule, step, skips, memory)
-    audit = _audit_file(run_dir, rank) if recipe.audit_data else None
-    start = time.time()
+    def open_epoch(epoch: int):
+        return make_loader(stream_source(recipe), recipe.split, recipe.clip_stream, mode="train", epoch=epoch,
+                           memory=memory)
+
+    stream = EpochStream(open_epoch, schedule.steps_per_epoch * recipe.optim.grad_accum,
+                         step * recipe.optim.grad_accum, engine.rank_state, source=f"the train stream of {recipe.shards}")
+    snapshots = {epoch * schedule.steps_per_epoch: epoch for epoch in recipe.export_epochs}
+    trained = step < schedule.total_steps
+    if trained:
+        try:
+            history = _train(recipe, engine, run_dir, schedule, stream, step, snapshots)
+        finally:
+            stream.close()  # stops the last epoch's loader workers
+        export_encoder(engine, recipe, run_dir / "encoder")
+    else:
+        history = finish_exports(recipe, engine, run_dir, step, snapshots)
+    lost = SkipCounter.merged(SkipCounter.from_state(s) for s in gather_objects(stream.skips().state_dict()))
+    if is_main_process():
+        done = write_outputs(run_dir, trained, history, {
+            "run": str(run_dir), "steps": schedule.total_steps, "clips_per_s": engine.clips_per_s,
+            "skipped_samples": lost.samples, "broken_shards": lost.shard_errors,
+            "skipped_by_reason": dict(sorted(lost.by_reason.items())), "world_size": world,
+            "precision": engine.precision, "deepspeed": engine.deepspeed,
+            "resumed_from_step": step if resume_from else None, "seconds": time.time() - started})
+        if trained:
+            log.info("done: %d steps, final loss %s, %.1f clips/s; data: %s; encoder at %s", schedule.total_steps,
+                     history[-1]["loss"] if history else None, engine.clips_per_s, lost.summary(), run_dir / "encoder")
+        elif done or history is None:
+            log.info("%s: finished what an interrupted end of the run left undone (%s)", run_dir,
+                     ", ".join(done) or "the encoder")
+        else:
+            log.info("%s is already complete (%d steps); nothing to do", run_dir, step)
+    barrier()
+    return run_dir
+
+
+def _train(recipe: PretrainRecipe, engine: Engine, run_dir: Path, schedule: Schedule, stream: EpochStream,
+           step: int, snapshots: dict[int, int]) -> list[dict]:
+    """The optimiser steps from ``step`` to the end of the schedule (:func:`mgfm.train.engine.train`): the
+    loss of a micro-batch, the EMA teacher's update and the encoder snapshots after each step."""
+    audit = _audit_file(run_dir, engine.rank, step) if recipe.audit_data else None
 
     def loss_fn(batch: dict, at_step: int) -> MicroResult:
         video = batch["video"].to(engine.device, non_blocking=True)
@@ -160,10 +233,8 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
             ("motion_map_loss", out.motion_map_loss), *out.stats.items()) if value is not None}
         return MicroResult(loss, terms, clips=video.shape[0])
 
-    snapshots = {epoch * schedule.steps_per_epoch: epoch for epoch in recipe.export_epochs}
     if 0 in snapshots and step == 0:
         export_encoder(engine, recipe, snapshot_folder(run_dir, 0))
-
     module = engine.accelerator.unwrap_model(engine.model)
 
     def after_step(at_step: int, row: dict) -> None:
@@ -175,27 +246,46 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
             export_encoder(engine, recipe, snapshot_folder(run_dir, snapshots[at_step]))
 
     every = recipe.checkpoint_every or schedule.steps_per_epoch
-    history = train(engine, batches, loss_fn, step, ckpt_root, run_dir, every, "pretrain", after_step)
-    batches.close()  # stops the last epoch's loader workers
-    if audit is not None:
-        audit.close()
+    try:
+        return train(engine, stream, loss_fn, step, run_dir / "checkpoints", run_dir, every, "pretrain", after_step)
+    finally:
+        if audit is not None:
+            audit.close()
 
-    export_encoder(engine, recipe, run_dir / "encoder")
-    if is_main_process():
-        _plot_loss(history, run_dir / "loss.png")
-        lost = SkipCounter.merged(skips)  # a clip lost in every epoch (or every resampled pass) counts once
-        skipped = lost.samples
-        summary = {"run": str(run_dir), "steps": schedule.total_steps,
-                   "final_loss": history[-1]["loss"] if history else None, "clips_per_s": engine.clips_per_s,
-                   "skipped_samples": skipped, "broken_shards": lost.shard_errors,
-                   "skipped_by_reason": dict(sorted(lost.by_reason.items())), "world_size": world,
-                   "precision": engine.precision, "deepspeed": engine.deepspeed,
-                   "resumed_from_step": step if resume_from else None, "seconds": time.time() - start}
+
+def finish_exports(recipe: PretrainRecipe, engine: Engine, run_dir: Path, step: int,
+                   snapshots: dict[int, int]) -> list[dict] | None:
+    """A run whose training is complete: export what an interrupted end left unexported (the encoder, the
+    last snapshot; collective) and return its history (rank 0), or None when the encoder had to be exported."""
+    missing_encoder = not (run_dir / "encoder" / "config.json").is_file()
+    if missing_encoder:
+        export_encoder(engine, recipe, run_dir / "encoder")
+    for at_step, epoch in sorted(snapshots.items()):
+        folder = snapshot_folder(run_dir, epoch)
+        if (folder / "config.json").is_file():
+            continue
+        if at_step == step:
+            export_encoder(engine, recipe, folder)
+        elif is_main_process():
+            log.warning("export_epochs: epoch %d passed before it was asked for; %s not written", epoch, folder)
+    history = load_history(run_dir / "metrics.jsonl", step) if is_main_process() else []
+    return None if missing_encoder else history
+
+
+def write_outputs(run_dir: Path, trained: bool, history: list[dict] | None, summary: dict) -> list[str]:
+    """Write ``summary.json`` and ``loss.png`` after training, or where an interrupted end of a run left them
+    unwritten; returns the names written."""
+    if history is None:  # the encoder of a complete run was just exported: rewrite the run's outputs
+        history, trained = load_history(run_dir / "metrics.jsonl", summary["steps"]), True
+    written = []
+    if trained or not (run_dir / "loss.png").is_file():
+        if _plot_loss(history, run_dir / "loss.png"):
+            written.append("loss.png")
+    if trained or not (run_dir / "summary.json").is_file():
+        summary["final_loss"] = history[-1]["loss"] if history else None
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
-        log.info("done: %d steps, final loss %s, %.1f clips/s; data: %s; encoder at %s", schedule.total_steps,
-                 summary["final_loss"], summary["clips_per_s"], lost.summary(), run_dir / "encoder")
-    barrier()
-    return run_dir
+        written.append("summary.json")
+    return written
 
 
 def snapshot_folder(run_dir: Path, epoch: int) -> Path:
@@ -224,44 +314,26 @@ def train_batches_per_epoch(recipe: PretrainRecipe) -> int:
     return n
 
 
-def train_stream(recipe: PretrainRecipe, schedule: Schedule, start_step: int, skips: list,
-                 memory: MemoryClips | None = None) -> Iterator[dict]:
-    """Train micro-batches from optimiser step ``start_step`` on, epoch after epoch; each epoch is a pass of
-    the stream seeded by its number. A resumed epoch restarts its stream with a new seed offset: the data
-    order differs from the lost run's, the step count and schedule do not. Each pass's skip counter is
-    appended to ``skips``."""
-    per_epoch = schedule.steps_per_epoch * recipe.optim.grad_accum
-    epoch, done = divmod(start_step, schedule.steps_per_epoch)
-    while True:
-        loader, counter = make_loader(stream_source(recipe), recipe.split, recipe.clip_stream, mode="train",
-                                      epoch=epoch * 1000 + done, memory=memory)
-        skips.append(counter)
-        need, got = (schedule.steps_per_epoch - done) * recipe.optim.grad_accum, 0
-        for batch in loader:
-            yield batch
-            got += 1
-            if got == need:
-                break
-        if got < need:
-            raise InputError(f"the train stream of {recipe.shards} ended after {got + done * recipe.optim.grad_accum}"
-                               f" of {per_epoch} batches in epoch {epoch}")
-        epoch, done = epoch + 1, 0
+def _audit_file(run_dir: Path, rank: int, start_step: int):
+    """``data_audit/rank<R>.txt`` open for appending ``step clip_id`` lines, without the lines a killed run
+    wrote after ``start_step``."""
+    path = run_dir / "data_audit" / f"rank{rank}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.endswith("\n") and int(line.split()[0]) < start_step]
+        write_atomic(path, "".join(kept))
+    return path.open("a", buffering=1)
 
 
-def _audit_file(run_dir: Path, rank: int):
-    folder = run_dir / "data_audit"
-    folder.mkdir(parents=True, exist_ok=True)
-    return (folder / f"rank{rank}.txt").open("a", buffering=1)
-
-
-def _plot_loss(history: list[dict], path: Path) -> None:
+def _plot_loss(history: list[dict], path: Path) -> bool:
     if not history:
-        return
+        return False
     try:  # optional: a bare GPU box may lack it (metrics.jsonl has the losses anyway)
         from matplotlib.figure import Figure
     except ImportError:
         log.warning("matplotlib is not installed: no %s (metrics.jsonl has the losses)", path.name)
-        return
+        return False
 
     fig = Figure(figsize=(6, 3.5), dpi=120)
     ax = fig.add_subplot()
@@ -271,4 +343,4 @@ def _plot_loss(history: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
-
+    return True

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from mgfm.config import bounded
 from mgfm.data.stream import StreamConfig
+from mgfm.data.stream.config import EVAL_ONLY
 from mgfm.errors import InputError
 from mgfm.model.videomae import LossConfig, ModelConfig
 
@@ -28,6 +30,20 @@ class OptimConfig:
 @dataclass
 class PretrainRecipe:
     """Everything a pretraining run needs. The resolved recipe is saved as ``runs/<name>/recipe.yaml``."""
+
+    COMMAND: ClassVar[str] = "pretraining"
+    # One address per setting: the stream's seed, flip, normalisation and clip geometry are the run's.
+    MOVED: ClassVar[dict[str, str]] = {"stream.seed": "seed", "stream.flip": "flip", "stream.mean": "model.pixel_mean",
+                                       "stream.std": "model.pixel_std",
+                                       **{f"stream.{k}": f"model.{k}" for k in ("frames", "img_size", "tubelet", "patch")}}
+    UNUSED: ClassVar[dict[str, str]] = {"stream.masks": "pretraining always masks",
+                                        **{f"stream.{k}": "an evaluation setting" for k in EVAL_ONLY}}
+    # What a resumed run may change (more epochs, logging, checkpointing, how the data is fetched): anything
+    # else would make the run folder describe another model, data or schedule than its checkpoints.
+    RESUMABLE: ClassVar[tuple[str, ...]] = (
+        "resume", "optim.epochs", "checkpoint_every", "keep_checkpoints", "export_epochs", "audit_data",
+        "synthetic_data", "stream.prefetch_factor", "stream.pin_memory", "stream.log_skips", "stream.cache",
+        "stream.cache_max_gb", "stream.remote_commands", "stream.backend", "stream.fallback_backend")
 
     name: str = "tiny-synthetic"
     out_dir: str = "runs"
@@ -59,7 +75,12 @@ class PretrainRecipe:
     resume: str = "auto"  # auto | never | path to a checkpoint folder
     checkpoint_every: int = bounded(0, ge=0)  # optimizer steps between checkpoints; 0 = at the end of every epoch
     keep_checkpoints: int = bounded(2, ge=1)
+    # Every random stream of the run derives from it: the weights' init, the motion-PCA clips, shard order,
+    # shuffling, frame windows, crops, flips and masks (per rank, worker and sample).
     seed: int = bounded(0, ge=0)
+    # Random horizontal flip of train crops. Off by default: it swaps the hand a gesture is made with, which a
+    # dataset may label (iMiGUE's and SMG's classes are side-agnostic, so flip=true is label-safe there).
+    flip: bool = False
     # Epochs after which the encoder is also exported to runs/<name>/encoders/epoch_NNNNN/ (Hugging Face format,
     # like encoder/), for learning curves; 0 = the initialisation.
     export_epochs: list[int] = bounded(default_factory=list, ge=0)
@@ -70,17 +91,13 @@ class PretrainRecipe:
         if any(e < 0 or e > self.optim.epochs for e in self.export_epochs):
             raise InputError(f"export_epochs: expected epochs in [0, optim.epochs={self.optim.epochs}], "
                              f"got {self.export_epochs}")
-        for key in GEOMETRY:
-            given = getattr(self.stream, key)
-            if given is not None and given != getattr(self.model, key):
-                raise ValueError(f"stream.{key}={given}: the clip geometry is the model's (model.{key}="
-                                 f"{getattr(self.model, key)}); set model.{key} only")
         check_masks(self.stream, self.model)
 
     @property
     def clip_stream(self) -> StreamConfig:
-        """The train stream cut for the model (its clip geometry and normalisation)."""
-        return self.stream.with_model(self.model)
+        """The train stream of this run: the recipe's ``stream`` with the model's clip geometry and
+        normalisation, the run's ``seed`` and ``flip``, and masks."""
+        return dataclasses.replace(self.stream.with_model(self.model), seed=self.seed, flip=self.flip, masks=True)
 
 
 def check_masks(stream: StreamConfig, model: ModelConfig) -> None:
@@ -98,6 +115,3 @@ def check_masks(stream: StreamConfig, model: ModelConfig) -> None:
         raise ValueError(f"stream.decoder_keep_ratio={stream.decoder_keep_ratio:g} keeps none of the {hidden * grid.t} "
                          f"masked tokens for the decoder; expected at least {0.5 / (hidden * grid.t):.3g}")
 
-
-#: Stream settings that are the model's: a recipe sets them under ``model.`` only.
-GEOMETRY = ("frames", "img_size", "tubelet", "patch")

@@ -65,8 +65,9 @@ from mgfm.data.stream.config import StreamConfig
 from mgfm.data.stream.decode import collate, finish_batch
 from mgfm.data.stream.loader import ClipStream, StreamLoader, make_loader, pin_memory
 from mgfm.data.stream.memory import MemoryClips
+from mgfm.data.stream.epochs import EpochStream
 from mgfm.data.stream.skips import SkipCounter, SplitRead, expected_clips, printable
 
-__all__ = ["ClipStream", "MemoryClips", "ShardTask", "SkipCounter", "Slot", "SplitRead", "StreamConfig", "StreamLoader",
+__all__ = ["ClipStream", "EpochStream", "MemoryClips", "ShardTask", "SkipCounter", "Slot", "SplitRead", "StreamConfig", "StreamLoader",
            "assign_shards", "collate", "expected_clips", "finish_batch", "make_loader", "pin_memory", "printable",
            "split_tasks"]

@@ -1,5 +1,12 @@
-"""Which shards (and which of their samples) each (rank, DataLoader worker) slot reads: ranks first, then the
-rank's workers; disjoint shards whenever there are enough, else disjoint samples by index modulo."""
+"""Which shards (and which of their samples) each (rank, DataLoader worker) slot reads.
+
+* Eval, and train streams of unknown size or of a weighted mixture: ranks first, then the rank's workers;
+  disjoint shards whenever there are enough, else disjoint samples by index modulo (:func:`assign_shards`).
+* A train epoch of one shard set with known sizes (:func:`epoch_tasks`): the shards, permuted by
+  ``(seed, epoch)``, are one sequence of clips cut into contiguous ranges, one per rank, each cut into one
+  range per worker of whole batches; every clip at most once per epoch, the clips past the last whole batch
+  of each rank left for later epochs (as ``DistributedSampler(drop_last=True)``). MosaicML's StreamingDataset
+  partitions its sample space the same way."""
 
 from __future__ import annotations
 
@@ -44,16 +51,25 @@ def worker_info() -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class ShardTask:
-    """A shard as one slot reads it: keep samples whose index ``k`` has ``k % mod == rem``."""
+    """A shard as one slot reads it: keep the samples whose index ``k`` is in ``[start, stop)`` (``stop``
+    None: to the end) and has ``k % mod == rem``."""
 
     shard: ShardRef
     mod: int = 1
     rem: int = 0
+    start: int = 0
+    stop: int | None = None
+
+    def keeps(self, k: int) -> bool:
+        return self.start <= k and (self.stop is None or k < self.stop) and k % self.mod == self.rem
 
     @property
     def expected(self) -> int | None:
         n = self.shard.samples
-        return None if n is None else len(range(self.rem, n, self.mod))
+        if n is None:
+            return None
+        stop = n if self.stop is None else min(self.stop, n)
+        return len(range(self.start + (self.rem - self.start) % self.mod, stop, self.mod))
 
 
 # ------------------------------------------------------------------------------------- assignment
@@ -87,15 +103,47 @@ def split_tasks(tasks: Sequence[ShardTask], groups: int, group: int) -> list[Sha
     return [ShardTask(task.shard, task.mod * share, task.rem + task.mod * (group // n))]
 
 
+def epoch_order(shards: Sequence[ShardRef], seed: int, epoch: int) -> list[ShardRef]:
+    """The shards of a train epoch in the order ``(seed, epoch)`` gives them, the same on every rank."""
+    order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(shards))
+    return [shards[i] for i in order]
+
+
 def assign_shards(shards: Sequence[ShardRef], slot: Slot, mode: str = "eval", seed: int = 0,
                   epoch: int = 0) -> list[ShardTask]:
     """The shard tasks one (rank, worker) slot reads: ranks first, then the rank's workers.
 
-    In ``train`` mode the shard list is first permuted with ``(seed, epoch)``, identically on all ranks.
+    In ``train`` mode the shard list is first permuted with ``(seed, epoch)`` (:func:`epoch_order`).
     """
-    tasks = [ShardTask(s) for s in shards]
-    if mode == "train":
-        order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(tasks))
-        tasks = [tasks[i] for i in order]
+    tasks = [ShardTask(s) for s in (epoch_order(shards, seed, epoch) if mode == "train" else shards)]
     mine = split_tasks(tasks, slot.world, slot.rank)
     return split_tasks(mine, slot.workers, slot.worker)
+
+
+def worker_quotas(batches: int, workers: int) -> list[int]:
+    """How a rank's ``batches`` per epoch are dealt to its ``workers`` (the first ones take one more)."""
+    return [batches // workers + (1 if w < batches % workers else 0) for w in range(workers)]
+
+
+def epoch_tasks(shards: Sequence[ShardRef], slot: Slot, seed: int, epoch: int, batch_size: int,
+                batches: int) -> list[ShardTask] | None:
+    """The contiguous range of a train epoch one slot reads (see the module docstring), as shard tasks in
+    reading order; None where the plan does not apply: a shard of unknown size, or ``batches`` per rank that
+    need more clips than a rank's range holds (an explicit ``batches_per_epoch``: the stream resamples)."""
+    if any(s.samples is None for s in shards):
+        return None
+    ordered = epoch_order(shards, seed, epoch)
+    total = sum(s.samples for s in ordered)
+    rank_lo, rank_hi = slot.rank * total // slot.world, (slot.rank + 1) * total // slot.world
+    if batches * batch_size > rank_hi - rank_lo:
+        return None
+    quotas = worker_quotas(batches, slot.workers)
+    lo = rank_lo + batch_size * sum(quotas[:slot.worker])
+    hi = lo + batch_size * quotas[slot.worker]
+    tasks, offset = [], 0
+    for shard in ordered:
+        start, stop = max(lo - offset, 0), min(hi - offset, shard.samples)
+        if start < stop:
+            tasks.append(ShardTask(shard, start=start, stop=stop))
+        offset += shard.samples
+    return tasks

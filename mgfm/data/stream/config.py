@@ -1,5 +1,7 @@
 """The stream's settings (:class:`StreamConfig`): sampling, crops, masks, batching, decoding and the memory
-cache. Recipes set them under ``stream.``; the clip geometry is the model's (:meth:`StreamConfig.with_model`)."""
+cache. Recipes set them under ``stream.``, except :data:`RUN_FIELDS`, which each run fills from their one
+address: the clip geometry and normalisation from the model (:meth:`StreamConfig.with_model`), ``seed`` and
+``flip`` from the recipe's own keys, ``masks`` from what the run does."""
 
 from __future__ import annotations
 
@@ -10,6 +12,14 @@ from typing import Literal
 from mgfm.config import bounded
 from mgfm.data.masking import TokenGrid
 from mgfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+#: Stream fields no recipe sets under ``stream.``: the run fills them in (see the module docstring).
+RUN_FIELDS = ("frames", "img_size", "tubelet", "patch", "mean", "std", "seed", "flip", "masks")
+#: Settings only train streams read, and only eval streams read.
+TRAIN_ONLY = ("crop_scales", "max_distort", "mask_ratio", "decoder_keep_ratio", "repeats", "batches_per_epoch",
+              "shuffle_buffer", "cache", "cache_max_gb")
+EVAL_ONLY = ("eval_crop", "eval_views", "eval_view")
 
 
 @dataclass
@@ -44,7 +54,7 @@ class StreamConfig:
     num_workers: int = bounded(2, ge=0)  # DataLoader worker processes
     batches_per_epoch: int | None = bounded(None, ge=1)  # train, per rank; None: samples / (world * batch_size)
     shuffle_buffer: int = bounded(256, ge=0)  # train: samples in the shuffle buffer
-    seed: int = bounded(0, ge=0)
+    seed: int = bounded(0, ge=0)  # every random draw of the stream derives from it (the run's `seed`)
     remote_commands: dict[str, str] = field(default_factory=lambda: {"s3": "aws s3 cp {url} -"})
     prefetch_factor: int = bounded(4, ge=1)  # batches each worker may have ready ahead (uint8 frames: ~5 MB each at defaults)
     pin_memory: bool | None = None  # None: page-locked batches when CUDA is there (asynchronous copies)

@@ -27,15 +27,24 @@ log = logging.getLogger("mgfm.data.stream")
 FRAMES = "__frames__"
 
 
-def decode_stage(samples: Iterable[dict], cfg: StreamConfig, train: bool, rng: np.random.Generator,
-                  state: WorkerState, max_failures: int) -> Iterator[dict]:
+def decode_stage(samples: Iterable[dict], cfg: StreamConfig, train: bool, seeds: list[int], state: WorkerState,
+                 max_failures: int, skip: int = 0) -> Iterator[dict]:
     """Raw sample -> decoded clip {frames uint8 (U,H,W,3), lookup (U,), views [K x (T,)], label, clip_id,
-    meta}: the union of the K views' frame indices decoded once.
+    meta, rng}: the union of the K views' frame indices decoded once.
 
-    Train only: stops after ``max_failures`` bad samples in a row (a stream of nothing but corrupt
-    samples would otherwise loop forever)."""
+    Train: sample ``i`` of this worker's stream (counting from 0, bad ones included) draws its frame windows
+    here and its crops, flips and masks later from its own generator, ``default_rng(seeds + [1, i])``, so a
+    resumed stream that drops its first ``skip`` samples unread (:attr:`WorkerState.pulled` of the run it
+    continues) draws exactly what the uninterrupted one drew. Stops after ``max_failures`` bad samples in a
+    row (a stream of nothing but corrupt samples would otherwise loop forever)."""
     repeats = cfg.repeats if train else 1
+    samples = iter(samples)
+    for _ in itertools.islice(samples, skip):
+        pass
+    state.pulled = skip
     for sample in samples:
+        rng = np.random.default_rng([*seeds, 1, state.pulled]) if train else None
+        state.pulled += 1
         decoded = _guarded(state, sample.get("__key__"), sample.get("__shard__", "?"), _decode_one, sample, cfg,
                            train, repeats, rng, state)
         if decoded is not None:
@@ -72,7 +81,7 @@ def _sample_views(n_frames: int, cfg: StreamConfig, train: bool, rng: np.random.
                            position) for _ in range(repeats)]
 
 
-def _decode_one(sample: dict, cfg: StreamConfig, train: bool, repeats: int, rng: np.random.Generator,
+def _decode_one(sample: dict, cfg: StreamConfig, train: bool, repeats: int, rng: np.random.Generator | None,
                 state: WorkerState) -> dict:
     key = sample.get("__key__")
     missing = [m for m in ("json", "mp4") if m not in sample]
@@ -103,7 +112,8 @@ def _decode_one(sample: dict, cfg: StreamConfig, train: bool, repeats: int, rng:
     if sample.get("__set__"):  # a mixture: clip ids of different sets must not collide
         meta["set"] = sample["__set__"]
         clip_id = f"{sample['__set__']}/{clip_id}"
-    return {"frames": frames, "lookup": lookup, "views": views, "label": label, "clip_id": clip_id, "meta": meta}
+    return {"frames": frames, "lookup": lookup, "views": views, "label": label, "clip_id": clip_id, "meta": meta,
+            "rng": rng}
 
 
 def _frames(sample: dict, indices: np.ndarray | None, cfg: StreamConfig) -> np.ndarray:
@@ -125,11 +135,12 @@ def decode_mp4(mp4: bytes, indices: np.ndarray | None, cfg: StreamConfig) -> np.
         raise SampleError(f"decode error: {err}") from None
 
 
-def _make_views(clip: dict, cfg: StreamConfig, train: bool, rng: np.random.Generator,
-                masker: MaskGenerator | None, rows: np.ndarray) -> list[dict]:
+def _make_views(clip: dict, cfg: StreamConfig, train: bool, masker: MaskGenerator | None,
+                rows: np.ndarray) -> list[dict]:
     """Decoded clip -> K views: frames cropped and resized into ``rows`` uint8 (K, T, 3, S, S) (rows of
-    the batch), and K items {encoder_mask, decoder_mask, label, clip_id, meta}."""
-    frames, lookup = clip["frames"], clip["lookup"]
+    the batch), and K items {encoder_mask, decoder_mask, label, clip_id, meta}. Train crops, flips and masks
+    come from the clip's own generator (:func:`decode_stage`); eval masks from its clip id."""
+    frames, lookup, rng = clip["frames"], clip["lookup"], clip["rng"]
     mask_rng = rng if train else np.random.default_rng([cfg.seed, zlib.crc32(clip["clip_id"].encode())])
     _, h, w, _ = frames.shape
     items = []
@@ -146,11 +157,12 @@ def _make_views(clip: dict, cfg: StreamConfig, train: bool, rng: np.random.Gener
     return items
 
 
-def batch_stage(clips: Iterator[dict], cfg: StreamConfig, train: bool, rng: np.random.Generator,
-                 state: WorkerState, limit: int | None, partial_last: bool) -> Iterator[dict]:
+def batch_stage(clips: Iterator[dict], cfg: StreamConfig, train: bool, state: WorkerState, limit: int | None,
+                partial_last: bool) -> Iterator[dict]:
     """Group ``batch_size`` decoded clips, crop their K views straight into the batch's frame buffer,
     collate; attach the skip records since the last batch. Stops after ``limit`` batches (train). Ends
-    with a marker carrying leftover skip records.
+    with a marker carrying leftover skip records. ``limit`` counts the worker's batches of the whole epoch,
+    those given before a resume (``state.batches``) included.
 
     The clips of a batch are decoded back to back and transformed afterwards: the decoder runs
     measurably faster when crops and copies do not evict its caches between clips (for the same
@@ -159,8 +171,7 @@ def batch_stage(clips: Iterator[dict], cfg: StreamConfig, train: bool, rng: np.r
     repeats = cfg.repeats if train else 1
     rows = cfg.batch_size * repeats
     clips = iter(clips)
-    emitted = 0
-    exhausted = limit == 0
+    exhausted = limit is not None and state.batches >= limit
     buffer, items, n_clips = None, [], 0
     while not exhausted:
         if buffer is None:
@@ -168,16 +179,16 @@ def batch_stage(clips: Iterator[dict], cfg: StreamConfig, train: bool, rng: np.r
         group = list(itertools.islice(clips, cfg.batch_size - n_clips))
         exhausted = len(group) < cfg.batch_size - n_clips
         for clip in group:
-            made = _guarded(state, clip["clip_id"], clip["meta"].get("shard", "?"), _make_views, clip, cfg, train, rng,
+            made = _guarded(state, clip["clip_id"], clip["meta"].get("shard", "?"), _make_views, clip, cfg, train,
                             masker, buffer[n_clips * repeats:(n_clips + 1) * repeats])
             if made is not None:
                 items.extend(made)
                 n_clips += 1
         if n_clips == cfg.batch_size:
+            state.batches += 1
             yield collate(items, buffer, state.drain())
-            emitted += 1
             buffer, items, n_clips = None, [], 0
-            if limit is not None and emitted >= limit:
+            if limit is not None and state.batches >= limit:
                 break
     if items and partial_last:
         yield collate(items, buffer[: len(items)], state.drain())

@@ -4,23 +4,22 @@ chained per worker, skip records moved into a :class:`~mgfm.data.stream.skips.Sk
 
 from __future__ import annotations
 
-import inspect
 import logging
-import random
-from functools import partial
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
-from mgfm.data.stream.assignment import UNKNOWN_SHARD_SAMPLES, Slot, assign_shards, worker_info
+from mgfm.data.stream.assignment import (UNKNOWN_SHARD_SAMPLES, ShardTask, Slot, assign_shards, epoch_tasks,
+                                         worker_info, worker_quotas)
 from mgfm.data.stream.config import StreamConfig
 from mgfm.data.stream.decode import batch_stage, decode_stage, finish_batch
 from mgfm.data.stream.memory import MemoryClips
-from mgfm.data.stream.samples import mixed_sources, read_shards, sets_in_turn, task_source
+from mgfm.data.stream.samples import epoch_samples, mixed_sources, read_shards, sets_in_turn, shuffled, task_source
 from mgfm.data.stream.skips import SkipCounter, WorkerState
 from mgfm.errors import InputError
 from mgfm.runtime import rank_world
@@ -57,6 +56,8 @@ class ClipStream(IterableDataset):
         self.rank, self.world = rank, world
         self.batches_per_epoch = batches_per_epoch
         self.memory = memory
+        self._state: WorkerState | None = None
+        self._resume: dict[str, int] = {}  # the position a resumed stream starts from (load_state_dict)
 
     def slot(self) -> Slot:
         worker, workers = worker_info()
@@ -64,8 +65,7 @@ class ClipStream(IterableDataset):
 
     def worker_batches(self, slot: Slot) -> int:
         """Train: batches this worker yields (the rank's ``batches_per_epoch`` split over workers)."""
-        total = int(self.batches_per_epoch or 0)
-        return total // slot.workers + (1 if slot.worker < total % slot.workers else 0)
+        return worker_quotas(int(self.batches_per_epoch or 0), slot.workers)[slot.worker]
 
     def expected_batches(self, workers: int) -> int | None:
         """Batches this rank yields in one epoch (None when shard sizes are unknown)."""
@@ -85,33 +85,63 @@ class ClipStream(IterableDataset):
         slot = self.slot()
         train = self.mode == "train"
         state = WorkerState(self.cfg.log_skips)
-        rng = np.random.default_rng([self.cfg.seed, self.epoch, slot.rank, slot.worker, int(train)])
-        per_set = [(name, assign_shards(refs, slot, self.mode, self.cfg.seed, self.epoch)) for name, refs in self.sets]
-        tasks = [t for _, set_tasks in per_set for t in set_tasks]
-        if train and len(per_set) > 1:  # one endless source per set, drawn from by weight
-            stages: list[Any] = [partial(mixed_sources, sets=per_set, weights=self.weights, rng=rng, state=state,
-                                         memory=self.memory)]
-        elif len(per_set) > 1:  # eval: each set's clips once, set after set
-            stages = [partial(sets_in_turn, sets=per_set, rng=rng, state=state, memory=self.memory)]
-        else:
-            stages = [partial(task_source, tasks=tasks, train=train, rng=rng, state=state),
-                      partial(read_shards, state=state, memory=self.memory)]
-        if train and self.cfg.shuffle_buffer > 1:
-            stages.append(wds.filters.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer // 2,
-                                              rng=random.Random(int(rng.integers(2**62)))))
+        state.batches = self._resume.get("batches", 0)
+        self._state = state
+        seeds = [self.cfg.seed, self.epoch, slot.rank, slot.worker, int(train)]
+        rng = np.random.default_rng([*seeds, 0])  # the reading order: shard passes, mixture draws, shuffling
+        samples, tasks = self._samples(slot, train, rng, state)
         known = [t.expected for t in tasks]
         max_failures = (sum(known) if None not in known else UNKNOWN_SHARD_SAMPLES * len(tasks)) + self.cfg.shuffle_buffer
-        stages.append(partial(decode_stage, cfg=self.cfg, train=train, rng=rng, state=state,
-                              max_failures=max_failures))
+        clips = decode_stage(samples, self.cfg, train, seeds, state, max_failures, skip=self._resume.get("pulled", 0))
         limit = self.worker_batches(slot) if train else None
-        stages.append(partial(batch_stage, cfg=self.cfg, train=train, rng=rng, state=state, limit=limit,
-                              partial_last=not train))
-        return iter(wds.DataPipeline(*stages))
+        return batch_stage(clips, self.cfg, train, state, limit, partial_last=not train)
+
+    def _samples(self, slot: Slot, train: bool, rng: np.random.Generator,
+                 state: WorkerState) -> tuple[Iterator[dict], list[ShardTask]]:
+        """This slot's raw samples in reading order (shuffled in train), and the shard tasks they come from."""
+        cfg = self.cfg
+        if train and len(self.sets) == 1:
+            plan = epoch_tasks(self.sets[0][1], slot, cfg.seed, self.epoch, cfg.batch_size, int(self.batches_per_epoch))
+            if plan is not None:
+                return epoch_samples(plan, rng, state, cfg.shuffle_buffer, self.memory), plan
+        per_set = [(name, assign_shards(refs, slot, self.mode, cfg.seed, self.epoch)) for name, refs in self.sets]
+        tasks = [t for _, set_tasks in per_set for t in set_tasks]
+        if train and len(per_set) > 1:  # one endless source per set, drawn from by weight
+            samples = mixed_sources(per_set, self.weights, rng, state, self.memory)
+        elif len(per_set) > 1:  # eval: each set's clips once, set after set
+            samples = sets_in_turn(per_set, rng, state, self.memory)
+        else:
+            samples = read_shards(task_source(tasks, train, rng, state), state, self.memory)
+        return (shuffled(samples, cfg.shuffle_buffer, rng) if train else samples), tasks
+
+    # The resumable position (torchdata's StatefulDataLoader asks each worker's copy after every batch).
+    def state_dict(self) -> dict:
+        """Where this worker's stream stands in its epoch: the samples it has taken and the batches it gave."""
+        if self._state is None:
+            return {"epoch": self.epoch, "pulled": 0, "batches": 0, **self._resume}
+        return {"epoch": self.epoch, "pulled": self._state.pulled, "batches": self._state.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a stream of the same epoch after the ``pulled`` samples it had taken (they are read, not
+        decoded, and dropped) and the ``batches`` it had given."""
+        if state.get("epoch") != self.epoch:
+            raise ValueError(f"stream state of epoch {state.get('epoch')} given to the stream of epoch {self.epoch}")
+        self._resume = {"pulled": int(state["pulled"]), "batches": int(state["batches"])}
 
 
-class StreamLoader(DataLoader):
+# torchdata calls a torch API that torch >= 2.10 deprecated, once per epoch; nothing for a user to do.
+warnings.filterwarnings("ignore", message=".*set_vital.* is deprecated", category=UserWarning)
+
+
+class StreamLoader(StatefulDataLoader):
     """A DataLoader over a :class:`ClipStream` that moves skip records into a :class:`SkipCounter`,
-    drops the workers' end markers, and logs the skip summary when an epoch ends."""
+    drops the workers' end markers, and logs the skip summary when an epoch ends.
+
+    It is torchdata's ``StatefulDataLoader``: ``state_dict()`` after some batches and ``load_state_dict()``
+    on a new loader of the same epoch continue the stream exactly (each worker's position comes from
+    :meth:`ClipStream.state_dict`, the order of the workers from the loader), so a resumed run sees the
+    batches an uninterrupted one would have seen. Workers take turns (``in_order``), which makes that
+    order deterministic."""
 
     def __init__(self, dataset: ClipStream, counter: SkipCounter, **kwargs):
         super().__init__(dataset, batch_size=None, **kwargs)
@@ -159,7 +189,8 @@ def make_loader(source: str | Path | Sequence[str] | Mixture, split: str, cfg: S
     several) and the counter of what it skips.
 
     ``rank``/``world`` default to :func:`mgfm.runtime.rank_world`. Create a new loader per
-    epoch (``epoch`` reseeds shard order, shuffling, crops and masks). Do not ``accelerator.prepare`` it.
+    epoch (``epoch`` reseeds shard order, shuffling, crops and masks); ``loader.state_dict()`` /
+    ``load_state_dict()`` resume one mid-epoch. Do not ``accelerator.prepare`` it.
     With ``cfg.cache="memory"`` the split is decoded once (:class:`MemoryClips`); pass the ``memory`` of an
     earlier epoch to reuse it (DataLoader workers share it copy-on-write).
     """
@@ -186,8 +217,4 @@ def make_loader(source: str | Path | Sequence[str] | Mixture, split: str, cfg: S
     kwargs: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": pin_memory(cfg), "collate_fn": _as_is}
     if cfg.num_workers > 0:
         kwargs["prefetch_factor"] = cfg.prefetch_factor
-        # Train: take whichever worker's batch is ready (the order is random anyway), so one worker
-        # that the OS descheduled does not stall the others. Eval keeps the deterministic order.
-        if "in_order" in inspect.signature(DataLoader.__init__).parameters:  # torch >= 2.6
-            kwargs["in_order"] = mode != "train"
     return StreamLoader(dataset, counter, **kwargs), counter

@@ -1,13 +1,16 @@
 """Shard tasks -> raw samples: each shard opened and grouped into samples (or replayed from a
-:class:`~mgfm.data.stream.memory.MemoryClips`), a mixture's sets drawn by weight in train, every set's clips in
-turn in eval; what a shard fails to deliver is recorded as skips."""
+:class:`~mgfm.data.stream.memory.MemoryClips`), a planned train epoch read once and shuffled, a mixture's sets
+drawn by weight in train, every set's clips in turn in eval; what a shard fails to deliver is recorded as
+skips."""
 
 from __future__ import annotations
 
 import logging
+import random
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
+import webdataset as wds
 from webdataset.gopen import gopen
 
 from mgfm.data.stream.assignment import ShardTask
@@ -48,6 +51,27 @@ def sets_in_turn(sets: list[tuple[str | None, list[ShardTask]]], rng: np.random.
             yield sample
 
 
+def shuffled(samples: Iterator[dict], buffer: int, rng: np.random.Generator) -> Iterator[dict]:
+    """``samples`` through a shuffle buffer of ``buffer`` samples (webdataset's; started half full), seeded from
+    ``rng``; unchanged when ``buffer`` < 2."""
+    if buffer < 2:
+        return samples
+    return wds.filters.shuffle(buffer, initial=buffer // 2, rng=random.Random(int(rng.integers(2**62))))(samples)
+
+
+def epoch_samples(tasks: list[ShardTask], rng: np.random.Generator, state: WorkerState, buffer: int,
+                  memory: "MemoryClips | None" = None) -> Iterator[dict]:
+    """A planned train epoch (:func:`~mgfm.data.stream.assignment.epoch_tasks`): the slot's range read once,
+    through the shuffle buffer. Only when skipped samples left the worker's quota short does the stream go on,
+    into passes over the same range reshuffled (said once): a clip is then seen twice rather than a rank
+    running dry."""
+    yield from shuffled(read_shards(tasks, state, memory), buffer, rng)
+    if tasks:
+        log.warning("stream: skipped samples left this worker's epoch short; topping up from another pass over "
+                    "its %d shard ranges", len(tasks))
+        yield from shuffled(read_shards(task_source(tasks, True, rng, state), state, memory), buffer, rng)
+
+
 def task_source(tasks: list[ShardTask], train: bool, rng: np.random.Generator, state: WorkerState):
     """Eval: each task once, in order. Train: endless passes, reshuffled each time; stops when a
     whole pass read no sample at all (every shard broken) instead of spinning forever."""
@@ -72,8 +96,9 @@ def read_shards(tasks: Iterable[ShardTask], state: WorkerState, memory: "MemoryC
         held = memory.shards.get(url) if memory is not None else None
         errors: list[str] = list(held.errors) if held is not None else []
         kept = 0
-        for k, sample in enumerate(held.samples if held is not None else shard_samples(url, errors)):
-            if k % task.mod == task.rem:
+        source = held.samples[:task.stop] if held is not None else shard_samples(url, errors, task.stop)
+        for k, sample in enumerate(source):
+            if task.keeps(k):
                 sample = dict(sample, __shard__=url)
                 state.read += 1
                 kept += 1
@@ -81,12 +106,17 @@ def read_shards(tasks: Iterable[ShardTask], state: WorkerState, memory: "MemoryC
         _account_shard(task, errors, kept, state)
 
 
-def shard_samples(url: str, errors: list[str]) -> Iterator[dict]:
-    """The samples of one shard in order; a failure to open or read it ends them and lands in ``errors``."""
-    stream = None
+def shard_samples(url: str, errors: list[str], limit: int | None = None) -> Iterator[dict]:
+    """The samples of one shard in order (the first ``limit`` only: the rest is not read); a failure to open or
+    read it ends them and lands in ``errors``."""
+    stream, stopped = None, False
     try:
         stream = gopen(url, "rb")
-        yield from group_samples(tar_members(stream), errors.append)
+        for k, sample in enumerate(group_samples(tar_members(stream), errors.append)):
+            yield sample
+            if limit is not None and k + 1 >= limit:
+                stopped = True
+                return
     except Exception as exn:  # noqa: BLE001 - any failure of one shard must not end the stream
         errors.append(f"{type(exn).__name__}: {str(exn)[:200]}")
     finally:
@@ -94,7 +124,8 @@ def shard_samples(url: str, errors: list[str]) -> Iterator[dict]:
             try:
                 stream.close()
             except Exception as exn:  # noqa: BLE001 - e.g. a pipe's non-zero exit status
-                errors.append(f"{type(exn).__name__}: {str(exn)[:200]}")
+                if not stopped:  # a pipe closed before its end complains; that is not the shard's fault
+                    errors.append(f"{type(exn).__name__}: {str(exn)[:200]}")
 
 
 def _account_shard(task: ShardTask, errors: list[str], kept: int, state: WorkerState) -> None:

@@ -25,11 +25,10 @@ class SkipCounter:
     used although shorter than the clip length (filled by ``stream.pad``): not losses, but worth saying."""
 
     def __init__(self, keep: int = 1000):
-        self.by_reason: collections.Counter = collections.Counter()
         self.records: list[dict] = []
         self.keep = keep
-        self._samples: dict[tuple, int] = {}
-        self._shards: set[str] = set()
+        self._samples: dict[tuple, tuple[int, str]] = {}  # (shard, key, part) -> (clips, reason)
+        self._shards: dict[str, str] = {}  # broken shard -> reason
         self._padded: set[tuple] = set()
 
     @property
@@ -38,7 +37,7 @@ class SkipCounter:
 
     @property
     def samples(self) -> int:
-        return sum(self._samples.values())
+        return sum(count for count, _ in self._samples.values())
 
     @property
     def shard_errors(self) -> int:
@@ -48,22 +47,31 @@ class SkipCounter:
     def total(self) -> int:
         return self.samples + self.shard_errors
 
+    @property
+    def by_reason(self) -> collections.Counter:
+        """Lost clips and broken shards by reason (the reason's text up to its first colon)."""
+        out: collections.Counter = collections.Counter()
+        for count, reason in self._samples.values():
+            out[reason] += count
+        for reason in self._shards.values():
+            out[reason] += 1
+        return out
+
     def add(self, records: Iterable[dict]) -> None:
         for rec in records:
-            count = int(rec.get("count", 1))
+            count, reason = int(rec.get("count", 1)), rec["reason"].split(":")[0]
             if rec["kind"] == "padded":
                 self._padded.add((rec["shard"], rec.get("key")))
                 continue
             if rec["kind"] == "shard":
                 if rec["shard"] in self._shards:
                     continue
-                self._shards.add(rec["shard"])
+                self._shards[rec["shard"]] = reason
             else:
                 key = (rec["shard"], rec.get("key"), rec.get("part"))
                 if key in self._samples:
                     continue
-                self._samples[key] = count
-            self.by_reason[rec["reason"].split(":")[0]] += count
+                self._samples[key] = (count, reason)
             if len(self.records) < self.keep:
                 self.records.append(rec)
 
@@ -72,8 +80,28 @@ class SkipCounter:
         """One counter over several (epochs, ranks, views): a clip lost in each of them counts once."""
         out = cls()
         for counter in counters:
-            out.add(counter.records)
+            for key, value in counter._samples.items():
+                out._samples.setdefault(key, value)
+            for shard, reason in counter._shards.items():
+                out._shards.setdefault(shard, reason)
             out._padded |= counter._padded
+            for rec in counter.records:
+                if len(out.records) < out.keep and rec not in out.records:
+                    out.records.append(rec)
+        return out
+
+    def state_dict(self) -> dict:
+        """Everything counted, JSON-able (a checkpoint keeps it so a resumed run reports the whole run)."""
+        return {"samples": [[*key, *value] for key, value in self._samples.items()], "shards": self._shards,
+                "padded": sorted(self._padded, key=str), "records": self.records}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "SkipCounter":
+        out = cls()
+        out._samples = {(shard, key, part): (int(count), reason) for shard, key, part, count, reason in state["samples"]}
+        out._shards = dict(state["shards"])
+        out._padded = {tuple(p) for p in state["padded"]}
+        out.records = list(state["records"])
         return out
 
     @classmethod
@@ -147,6 +175,8 @@ class WorkerState:
         self.logged = 0
         self.log_limit = log_limit
         self.read = 0  # raw samples read from shards
+        self.pulled = 0  # samples the decode stage took from the shuffled stream (bad ones included)
+        self.batches = 0  # full batches this worker has given in this epoch
         self.failures_in_a_row = 0  # samples skipped since the last good one
 
     def skip(self, kind: str, shard: str, key: str | None, reason: str, count: int = 1,
