@@ -152,7 +152,8 @@ def save_checkpoint(accelerator, root: str | Path, step: int, meta: dict, keep: 
             write_atomic(tmp / rank_file(rank), json.dumps(rank_state or {}))
             barrier()
             if is_main_process():
-                write_atomic(tmp / META, json.dumps({"step": step, **meta, "files": _manifest(tmp)}, indent=1))
+                write_atomic(tmp / META, json.dumps({"step": step, **meta, "world": rank_world()[1],
+                                                     "files": _manifest(tmp)}, indent=1))
     except StorageError:  # the half-written folder goes; the complete checkpoints before it stay
         if is_main_process():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -168,13 +169,20 @@ def save_checkpoint(accelerator, root: str | Path, step: int, meta: dict, keep: 
     return final
 
 
-def load_checkpoint(accelerator, path: str | Path) -> tuple[dict, dict | None]:
-    """Restore the full training state from ``path``; returns its ``meta.json`` and this rank's own state
-    (None in a checkpoint written before ranks kept one)."""
+def load_checkpoint(accelerator, path: str | Path, world: int = 1) -> tuple[dict, dict | None]:
+    """Restore the full training state from ``path`` into a run of ``world`` ranks; returns its ``meta.json``
+    and this rank's own state (None in a checkpoint written before ranks kept one). A checkpoint of another
+    number of ranks is a one-line :class:`CheckpointError`: its optimiser partitions and each rank's place in
+    the data are those of its own ranks."""
     path = Path(path)
     meta_file = path / META
     if not meta_file.exists():
         raise CheckpointError(f"{path}: not a complete mgfm checkpoint (no meta.json)")
+    written_by = json.loads(meta_file.read_text()).get("world", world)
+    if written_by != world:
+        raise CheckpointError(f"{path} was written by {written_by} ranks and this run has {world}: resume with "
+                              f"{written_by} processes (the optimiser's partitions and each rank's place in the data "
+                              f"are theirs)")
     accelerator.load_state(str(path))
     own = path / rank_file(rank_world()[0])
     return json.loads(meta_file.read_text()), (json.loads(own.read_text()) if own.is_file() else None)

@@ -266,7 +266,7 @@ class Engine:
         the optimiser step to continue from (0 without a checkpoint)."""
         if path is None:
             return 0
-        meta, self.rank_state = load_checkpoint(self.accelerator, path)
+        meta, self.rank_state = load_checkpoint(self.accelerator, path, self.world)
         step = int(meta["step"])
         log.info("resumed from %s (step %d)", path, step)
         return step
