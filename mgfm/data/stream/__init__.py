@@ -33,10 +33,15 @@ hierarchically: to ranks first (disjoint shard sets whenever there are at least 
 balanced by sample count), then to the rank's DataLoader workers. Where a level has fewer shards than
 slots, slots share a shard and keep disjoint samples by index modulo (:func:`assign_shards`).
 
-* ``train``: each epoch permutes the shard list with ``(seed, epoch)`` (the same on every rank, so ranks
-  stay disjoint), each worker loops over its shards endlessly (reshuffled every pass: resampled), shuffles
-  samples in a buffer, and the rank yields exactly ``batches_per_epoch`` full batches, so ranks never wait
-  on each other because of uneven shards.
+* ``train``: each epoch permutes the shard list with ``(seed, epoch)`` (the same on every rank) and cuts the
+  clips into contiguous ranges of whole batches, one per rank and worker (:func:`assignment.epoch_tasks`):
+  every clip at most once per epoch, those past a rank's last whole batch left for later epochs; a worker
+  shuffles its range in a buffer, and the rank yields exactly ``batches_per_epoch`` full batches, so ranks
+  never wait on each other. Only when skipped samples leave a worker short does it top up from another pass
+  over its range; weighted mixtures, shard sets of unknown size and an explicit ``batches_per_epoch`` beyond
+  the data resample their shards endlessly instead. Every random draw of a sample (frame windows, crops,
+  flips, masks) comes from a generator of its own, seeded by ``(seed, epoch, rank, worker, its position)``,
+  so the loader's ``state_dict()`` (torchdata's ``StatefulDataLoader``) resumes an epoch exactly.
 * ``eval``: every sample exactly once across all ranks and workers, in a deterministic order, last batch
   partial; ranks may get different numbers of batches (gather results, do not all-reduce per batch).
 
@@ -51,8 +56,8 @@ batch's clips back to back (the decoder is faster with warm caches), then crops 
 straight into a planar uint8 batch buffer. Batches cross the process boundary as uint8 and the main
 process converts them to normalised float32 (shared memory for 4x the bytes costs more than the
 conversion); with ``video_dtype="uint8"`` that step is left to the accelerator
-(:func:`mgfm.data.transforms.normalise`), which also moves 4x less over PCIe. In train mode the
-DataLoader takes batches from whichever worker is ready first (``in_order=False``).
+(:func:`mgfm.data.transforms.normalise`), which also moves 4x less over PCIe. Workers take turns
+(``in_order``): the batch order is a function of the seed, not of which worker was ready first.
 
 Errors: a sample with a bad json, a missing member or an undecodable video is skipped; a shard that
 cannot be opened or is truncated is abandoned where it breaks. Both are counted, never crash, never
