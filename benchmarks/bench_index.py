@@ -113,15 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     if "before" in med:
         b, a = med["before"], med["after"]
 
-        def above(m: dict, key: str, base: str) -> float:
-            return m[key] - m[base]
+        def ratio(key: str, base: str | None = None) -> str:
+            before, after = (b[key] - b[base], a[key] - a[base]) if base else (b[key], a[key])
+            return f"{before / after:.1f}x" if before > 0 and after > 0 else "n/a (within noise)"
 
-        print(f"before / after: CPU {b['cpu_s'] / a['cpu_s']:.1f}x (above imports "
-              f"{above(b, 'cpu_s', 'import_cpu_s') / above(a, 'cpu_s', 'import_cpu_s'):.1f}x), peak RSS "
-              f"{b['peak_rss_mb'] / a['peak_rss_mb']:.1f}x (above imports "
-              f"{above(b, 'peak_rss_mb', 'import_rss_mb') / above(a, 'peak_rss_mb', 'import_rss_mb'):.1f}x), "
-              f"plan.json {b['plan_mb'] / a['plan_mb']:.1f}x, skip-build warning lines "
-              f"{skips['before']['warnings']} -> {skips['after']['warnings']}")
+        print(f"before / after: CPU {ratio('cpu_s')} (above imports {ratio('cpu_s', 'import_cpu_s')}), peak RSS "
+              f"{ratio('peak_rss_mb')} (above imports {ratio('peak_rss_mb', 'import_rss_mb')}), plan.json "
+              f"{ratio('plan_mb')}, skip-build warning lines {skips['before']['warnings']} -> {skips['after']['warnings']}")
     print(f"after, the all-skipped build's last line: {skips['after']['last']}")
 
 

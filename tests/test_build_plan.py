@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import TINY_CLASSES
 
 from mgfm.shards import BuildConfig, build_shards, load_manifest, plan_shards
@@ -133,3 +134,14 @@ def test_a_killed_builds_temporary_files_are_removed_by_the_next_run_and_nothing
         holder.kill()
         holder.wait()
     assert load_manifest(out)["complete"]
+
+
+@pytest.mark.slow  # seven child processes, each importing the builder
+def test_bench_index_runs_both_sides_and_reports_ratios():
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_index.py"), "--rows", "300", "--videos",
+                          "6", "--skip-rows", "200", "--rounds", "1", "--reference", str(repo)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "before / after: CPU" in out.stdout and "plan.json 1.0x" in out.stdout  # the same code on both sides
+    assert "every split (test, train) has no samples: all 200 of the clips were skipped" in out.stdout
