@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,33 @@ def test_bench_index_runs_both_sides_and_reports_ratios():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "before / after: CPU" in out.stdout and "plan.json 1.0x" in out.stdout  # the same code on both sides
     assert "every split (test, train) has no samples: all 200 of the clips were skipped" in out.stdout
+
+
+@pytest.mark.slow  # a process pool whose parent is killed
+def test_pool_workers_of_a_killed_build_end_with_it():
+    # orphaned ProcessPoolExecutor workers used to wait on their task queue forever after `kill -9` of a build
+    code = ("import concurrent.futures, multiprocessing, os, signal, time\n"
+            "from mgfm.runtime import exit_with_parent\n"
+            "if __name__ == '__main__':\n"
+            "    pool = concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context('spawn'),\n"
+            "                                                  initializer=exit_with_parent)\n"
+            "    [f.result() for f in [pool.submit(os.getpid) for _ in range(8)]]\n"
+            "    print(' '.join(str(p) for p in pool._processes), flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    workers = [int(p) for p in child.stdout.split()]
+    assert len(workers) == 2
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(_running(p) for p in workers):
+        time.sleep(0.2)
+    assert not any(_running(p) for p in workers), "a pool worker outlived its killed parent"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"

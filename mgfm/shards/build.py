@@ -47,6 +47,7 @@ from mgfm.sources.pose import FigureStyle, get_layout, pose_clips
 from mgfm.sources.video_io import VideoWriter
 from mgfm.errors import InputError
 from mgfm.files import atomic_path, make_folder, sha256_file
+from mgfm.runtime import exit_with_parent
 from mgfm.shards import manifest as mf
 
 log = logging.getLogger(__name__)
@@ -267,7 +268,7 @@ def _build_in_pool(out_dir: Path, plan: dict[str, PlannedShard], todo: list[str]
     ctx = multiprocessing.get_context("spawn")
     queue = iter(todo)
     workers = min(config.workers, len(todo))
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=exit_with_parent) as pool:
         running: set = set()
 
         def submit(count: int) -> None:
