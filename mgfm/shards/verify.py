@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mgfm.files import sha256_file
+from mgfm.runtime import exit_with_parent
 from mgfm.sources.video_io import VideoDecodeError, probe
 from mgfm.shards import manifest as mf
 
@@ -82,7 +83,8 @@ def verify_shards(shard_dir: str | Path, decode: bool = True, workers: int = 1) 
                 bar.update(1)
         else:
             ctx = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+            with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx,
+                                                        initializer=exit_with_parent) as pool:
                 futures = [pool.submit(_check_shard, shard_dir, s, n, sh, decode) for s, n, sh in jobs]
                 for fut in futures:
                     results.append(fut.result())
