@@ -20,7 +20,7 @@ import pytest
 from conftest import TINY_CLASSES
 
 from mgfm.shards import BuildConfig, build_shards, load_manifest, plan_shards
-from mgfm.shards import build as build_mod
+from mgfm.shards.plan import plan_hash
 from mgfm.shards.manifest import plan_path
 from mgfm.sources.clip_index import Clip, ClipIndex
 
@@ -39,7 +39,7 @@ def test_the_plan_hash_is_the_one_shard_sets_built_earlier_carry(tiny_index):
     for config in (TINY_CONFIG, BuildConfig(short_side=64, shard_mb=0.01, splits=("test",))):
         whole = json.dumps({"config": config.output_fields(), "shards": _plan_as_rows(tiny_index, config)},
                            sort_keys=True, default=list)
-        assert build_mod.plan_hash(plan_shards(tiny_index, config), config) == hashlib.sha256(whole.encode()).hexdigest()
+        assert plan_hash(plan_shards(tiny_index, config), config) == hashlib.sha256(whole.encode()).hexdigest()
 
 
 def _many_clips(n: int, videos: int = 20) -> ClipIndex:

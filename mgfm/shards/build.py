@@ -5,12 +5,9 @@ and ``<clip_id>.json`` (the clip-index row plus ``n_frames``, ``fps``, ``height`
 context frames actually added). Train / test / ... go to separate shard series
 (``train-000000.tar``, ...).
 
-How the work is split (the plan, :func:`plan_shards`): clips of a split are sorted by (video, start,
-end) and cut into shards of ``shard_samples`` clips, or of about ``shard_mb`` megabytes using a size
-estimate from the clip length, so the plan is a deterministic function of the index and the config (its
-hash, :func:`plan_hash`, is computed clip by clip, never as one string of the whole index).
-``--part i/N`` builds the shards whose global number is ``i`` modulo ``N``; the parts are disjoint and
-their union is the whole plan. A worker process builds one shard: it reads each source video once,
+How the work is split is the plan (:mod:`mgfm.shards.plan`), a deterministic function of the index and
+the config. ``--part i/N`` builds the shards whose global number is ``i`` modulo ``N``; the parts are
+disjoint and their union is the whole plan. A worker process builds one shard: it reads each source video once,
 decoding sequentially with PyAV up to the last frame any clip in the shard needs, and feeds the frames
 to one encoder per open clip. Finished shards are skipped on a rerun (see :mod:`mgfm.shards.manifest`).
 
@@ -27,7 +24,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import hashlib
 import itertools
 import json
 import logging
@@ -49,12 +45,14 @@ from mgfm.errors import InputError
 from mgfm.files import atomic_path, make_folder, sha256_file
 from mgfm.runtime import exit_with_parent
 from mgfm.shards import manifest as mf
+from mgfm.shards.plan import PlannedShard, part_of, plan_hash, plan_shards, write_plan
 
 log = logging.getLogger(__name__)
 
 # Tar member metadata: fixed so rebuilding a shard from the same inputs gives the same bytes.
 _TAR_MTIME = 0  # an int: a float mtime makes tarfile add a PAX header to every member
 _TAR_OWNER = "mgfm"
+_QUEUED_PER_WORKER = 2  # shards handed to the process pool ahead of each worker (keeps it busy, the rows few)
 
 
 @dataclass(frozen=True)
@@ -120,101 +118,6 @@ def parse_part(text: str) -> tuple[int, int]:
     return i, n
 
 
-# --------------------------------------------------------------------------------------------- plan
-
-
-@dataclass(frozen=True)
-class PlannedShard:
-    """One shard of a plan: its split and its clips, in order."""
-
-    split: str
-    clips: list[Clip]
-
-
-def plan_shards(index: ClipIndex, config: BuildConfig) -> dict[str, PlannedShard]:
-    """Shard name -> :class:`PlannedShard` for every shard of the dataset (all parts), in build order."""
-    splits = sorted({c.split for c in index.clips})
-    if config.splits is not None:
-        unknown = set(config.splits) - set(splits)
-        if unknown:
-            log.warning("splits %s have no clips in the index", sorted(unknown))
-        splits = [s for s in splits if s in config.splits]
-    budget = config.shard_mb * 1e6
-    plan: dict[str, dict] = {}
-    lengths: dict[str, int] = {}
-    for split in splits:
-        clips = sorted(index.split(split), key=_clip_order)
-        shard: list[Clip] = []
-        size = 0.0
-        number = 0
-        for clip in clips:
-            est = _estimate_bytes(clip, config, lengths)
-            full = (len(shard) >= config.shard_samples) if config.shard_samples else (shard and size + est > budget)
-            if full:
-                plan[mf.shard_name(split, number)] = PlannedShard(split, shard)
-                number, shard, size = number + 1, [], 0.0
-            shard.append(clip)
-            size += est
-        if shard:
-            plan[mf.shard_name(split, number)] = PlannedShard(split, shard)
-    return plan
-
-
-def plan_hash(plan: dict[str, PlannedShard], config: BuildConfig) -> str:
-    """sha256 of ``{"config": output fields, "shards": {name: {"clips": [rows], "split"}}}`` as
-    ``json.dumps(..., sort_keys=True)`` writes it, fed to the hash clip by clip (the same digest as one
-    string of the whole plan, which shards built earlier carry, at the memory of one row)."""
-    encode = json.JSONEncoder(sort_keys=True, default=list).encode
-    digest = hashlib.sha256()
-    digest.update(f'{{"config": {encode(config.output_fields())}, "shards": {{'.encode())
-    for k, name in enumerate(sorted(plan)):
-        digest.update(f'{", " if k else ""}{encode(name)}: {{"clips": ['.encode())
-        for j, clip in enumerate(plan[name].clips):
-            digest.update(f'{", " if j else ""}{encode(clip.to_row())}'.encode())
-        digest.update(f'], "split": {encode(plan[name].split)}}}'.encode())
-    digest.update(b"}}")
-    return digest.hexdigest()
-
-
-def part_of(plan: dict[str, PlannedShard], part: tuple[int, int]) -> list[str]:
-    """The shard names part ``i`` of ``N`` builds: global shard number modulo N (disjoint, covering)."""
-    i, n = part
-    return [name for k, name in enumerate(plan) if k % n == i]
-
-
-def _clip_order(c: Clip) -> tuple:
-    vid = (0, int(c.video_id), "") if c.video_id.isdigit() else (1, 0, c.video_id)
-    return (vid, c.path, c.start_frame, c.end_frame, c.clip_id)
-
-
-def _estimate_bytes(clip: Clip, config: BuildConfig, lengths: dict[str, int]) -> float:
-    if clip.end_frame >= 0:
-        frames = clip.n_frames + 2 * config.context_frames
-    else:
-        if clip.path not in lengths:
-            lengths[clip.path] = _probe_length(clip.path, config.est_unknown_frames)
-        frames = max(1, lengths[clip.path] - clip.start_frame) + config.context_frames
-    short = config.short_side or 256
-    return frames * short * short * config.est_aspect * config.est_bytes_per_pixel
-
-
-def _probe_length(path: str, default: int) -> int:
-    """Frame count from container metadata (no decoding); ``default`` when unknown."""
-    # deferred: the native decoder is loaded where frames are decoded, not by every importer
-    import av
-
-    try:
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            if stream.frames:
-                return int(stream.frames)
-            if stream.duration and stream.time_base and stream.average_rate:
-                return int(float(stream.duration * stream.time_base) * float(stream.average_rate))
-    except Exception:  # noqa: BLE001 - a missing/broken video is reported when the shard is built
-        pass
-    return default
-
-
 # -------------------------------------------------------------------------------------------- build
 
 
@@ -232,7 +135,7 @@ def build_shards(index: ClipIndex, out_dir: str | Path, config: BuildConfig | No
     if not plan:
         raise InputError(f"{index.name}: no clips to shard (splits {config.splits})")
     digest = plan_hash(plan, config)
-    _write_plan(out_dir, index, plan, digest, config, source or {}, overwrite)
+    write_plan(out_dir, index, plan, digest, config, source or {}, overwrite)
     mf.remove_stale_temps(out_dir, set(plan))
 
     todo = [n for n in part_of(plan, config.part) if not mf.is_complete(out_dir, n, digest)]
@@ -264,7 +167,7 @@ def _rows(shard: PlannedShard) -> list[dict]:
 def _build_in_pool(out_dir: Path, plan: dict[str, PlannedShard], todo: list[str], config: BuildConfig, digest: str,
                    done: Callable[[dict], object]) -> None:
     """Build the ``todo`` shards in ``config.workers`` processes, calling ``done(fragment)`` as each finishes.
-    At most two shards per worker wait in the pool, so the clip rows handed over stay few whatever the plan's size."""
+    At most ``_QUEUED_PER_WORKER`` shards per worker wait in the pool: the clip rows handed over stay few."""
     ctx = multiprocessing.get_context("spawn")
     queue = iter(todo)
     workers = min(config.workers, len(todo))
@@ -275,7 +178,7 @@ def _build_in_pool(out_dir: Path, plan: dict[str, PlannedShard], todo: list[str]
             for name in itertools.islice(queue, count):
                 running.add(pool.submit(_build_one, out_dir, name, _rows(plan[name]), config, digest))
 
-        submit(2 * workers)
+        submit(_QUEUED_PER_WORKER * workers)
         try:
             while running:
                 finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -287,20 +190,6 @@ def _build_in_pool(out_dir: Path, plan: dict[str, PlannedShard], todo: list[str]
             for fut in running:
                 fut.cancel()
             raise
-
-
-def _write_plan(out_dir: Path, index: ClipIndex, plan: dict[str, PlannedShard], digest: str, config: BuildConfig,
-                source: dict, overwrite: bool) -> None:
-    mf.record_plan(out_dir, {
-        "plan_hash": digest,
-        "name": index.name,
-        "source": {**source, "name": index.name, "clips": len(index)},
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.output_fields().items()},
-        "class_names": list(index.class_names),
-        "emotion_splits": dict(index.emotion_splits),
-        "shards": {name: {"split": shard.split, "clips": [c.clip_id for c in shard.clips]}
-                   for name, shard in plan.items()},
-    }, overwrite)
 
 
 def _build_one(out_dir: Path, name: str, rows: list[dict], config: BuildConfig, digest: str,
