@@ -174,8 +174,9 @@ def _host() -> str:
 def stale_temp_files(folder: str | Path, targets: set[str]) -> list[Path]:
     """The temporary files :func:`atomic_path` left in ``folder`` for the file names ``targets`` whose writer is
     gone: written on this host by a process that no longer runs (or whose pid now belongs to a process started
-    after the file was last written). A live writer's file, another host's, and every file of another naming
-    scheme or for another target are never listed."""
+    after the file was last written; a name without a host, from before names carried one, counts as this
+    host's). A live writer's file, another host's, and every file of another naming scheme or for another
+    target are never listed."""
     out = []
     try:
         entries = list(os.scandir(folder))
