@@ -90,9 +90,12 @@ def load_recipe(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise RecipeError(f"recipe {err}") from None
         except yaml.YAMLError as err:
             raise RecipeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if loaded is not None and not isinstance(loaded, dict):
+        if loaded is None:  # an empty or comment-only file: running on built-in defaults would hide the mistake
+            raise RecipeError(f"{path}: the recipe file is empty (no keys); write the keys to set, or leave "
+                              f"--recipe out to run the default recipe")
+        if not isinstance(loaded, dict):
             raise RecipeError(f"{path}: a recipe must be a mapping of keys to values")
-        data = loaded or {}
+        data = loaded
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:

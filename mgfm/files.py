@@ -4,13 +4,17 @@ Reading: the text files users write (annotation CSVs, recipes) as UTF-8 with or 
 mark, a decode error naming the file, the line and the byte instead of a bare codec traceback.
 Writing: a full disk, a quota or a read-only / forbidden folder becomes one line naming the path and the
 cause (:class:`StorageError`), since what was written before stays intact (every writer is atomic); a run
-folder is claimed by one writer at a time (:class:`FolderLock`).
+folder is claimed by one writer at a time (:class:`FolderLock`); a temporary file names its writer (pid and
+host), so what a killed writer left is told apart from a live writer's work (:func:`stale_temp_files`).
+Paths: a file where a folder belongs, or a symlink loop, is one :class:`~mgfm.errors.InputError` line
+(:func:`make_folder`, :func:`require_folder`, :func:`check_path`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -24,7 +28,7 @@ import datetime
 
 import psutil
 
-from mgfm.errors import MgfmError
+from mgfm.errors import InputError, MgfmError
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,8 @@ def writing(path: str | Path):
     :class:`StorageError`; any other error propagates unchanged."""
     try:
         yield
+    except MgfmError:
+        raise
     except Exception as err:
         cause = storage_cause(err, path)
         if cause is None:
@@ -123,9 +129,9 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     file goes and ``path`` is untouched. A failure caused by the machine is a :class:`StorageError` naming
     ``path`` and the cause."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}@{_host()}.tmp{suffix}")
     with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         try:
             yield tmp
             os.replace(tmp, path)
@@ -142,7 +148,7 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     temporary or old folder, named with its pid) goes when the next writer of ``folder`` starts."""
     folder = Path(folder)
     with writing(folder):
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(folder.parent)
         _clear_dead_writers(folder)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent))
         try:
@@ -175,6 +181,97 @@ def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9._-]*))?\.tmp")
+
+
+def _host() -> str:
+    """This machine's name as it goes into a temporary file's name (letters, digits, ``.-_`` only)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())
+
+
+def stale_temp_files(folder: str | Path, targets: set[str]) -> list[Path]:
+    """The temporary files :func:`atomic_path` left in ``folder`` for the file names ``targets`` whose writer is
+    gone: written on this host by a process that no longer runs (or whose pid now belongs to a process started
+    after the file was last written; a name without a host, from before names carried one, counts as this
+    host's). A live writer's file, another host's, and every file of another naming scheme or for another
+    target are never listed."""
+    out = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return out
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if not match or match["target"] not in targets or not entry.is_file(follow_symlinks=False):
+            continue
+        if match["host"] is not None and match["host"] != _host():
+            continue
+        try:
+            written = entry.stat(follow_symlinks=False).st_mtime
+            started = psutil.Process(int(match["pid"])).create_time()
+        except psutil.NoSuchProcess:
+            out.append(Path(entry.path))
+            continue
+        except (OSError, psutil.Error):
+            continue  # gone meanwhile, or a process we may not inspect: leave it
+        if started > written:
+            out.append(Path(entry.path))
+    return sorted(out)
+
+
+def check_path(path: str | Path) -> Path:
+    """``path``, after checking it is not (and does not pass through) a symlink loop: that is one
+    :class:`InputError` line naming it, not a ``RuntimeError`` from :meth:`Path.resolve` later. A path that
+    does not exist is fine here."""
+    path = Path(path)
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise InputError(f"{path}: a symlink loop (a link on this path points back to itself); fix or remove "
+                             f"the link") from None
+    return path
+
+
+def require_folder(folder: str | Path) -> Path:
+    """``folder`` if it is a folder or could be made one; one :class:`InputError` line when a file stands where
+    it (or a folder above it) belongs, or the path is a symlink loop. Creates nothing."""
+    folder = check_path(folder)
+    for part in (folder, *folder.parents):
+        if part.is_dir():
+            break
+        if os.path.lexists(part):
+            what = "a file" if part.is_file() else "a broken symlink" if part.is_symlink() else "not a folder"
+            where = f"{part} is {what}" if part == folder else f"{part} (on the path to {folder}) is {what}"
+            raise InputError(f"{where}, where a folder belongs; pick another path or move it away")
+    return folder
+
+
+def make_folder(folder: str | Path) -> Path:
+    """Create ``folder`` and its parents (nothing to do when it exists); a file or a symlink loop in the way is
+    one :class:`InputError` line (:func:`require_folder`) instead of a ``FileExistsError`` traceback."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        require_folder(folder)
+        raise
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            check_path(folder)
+        raise
+    return folder
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file, read in ``chunk``-byte blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """Write ``data`` (text as UTF-8) to ``path`` through :func:`atomic_path`; returns ``path``."""
     with atomic_path(path) as tmp:
@@ -204,7 +301,7 @@ class FolderLock:
 
     def __enter__(self) -> "FolderLock":
         with writing(self.folder):
-            self.folder.mkdir(parents=True, exist_ok=True)
+            make_folder(self.folder)
             me = _process_identity(os.getpid())
             while True:
                 try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from mgfm.cli import run_cli
 from mgfm.runtime import barrier, is_main_process
 from mgfm.shards import BuildConfig, build_shards
+from mgfm.shards.read import local_source
 from mgfm.sources.clip_index import ClipIndex
 from mgfm.sources.synthetic import SyntheticConfig, generate, is_complete, read_synthetic
 from mgfm.train.pretrain import run as run_pretraining
@@ -54,8 +55,8 @@ def ensure_default_data(recipe: PretrainRecipe) -> None:
     reason to render the synthetic benchmark into it."""
     default = next(f.default for f in dataclasses.fields(PretrainRecipe) if f.name == "shards")
     for source in shard_sources(recipe):
-        shards = Path(source)
-        if "://" in source or "{" in source or (shards / "manifest.json").exists():
+        shards = local_source(source)
+        if shards is None or (shards / "manifest.json").exists():
             continue
         if recipe.synthetic_data is None or shards.resolve() != Path(default).resolve():
             near = [str(p.parent) for p in shards.parent.glob("*/manifest.json")] if shards.parent.is_dir() else []

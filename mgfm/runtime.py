@@ -1,5 +1,5 @@
 """Where this process runs: its rank in the process group, the device it computes on and in which precision,
-collective helpers, and rank-aware logging. Every layer may import it (it imports nothing of mgfm but the
+collective helpers, rank-aware logging, and process-pool workers that end with their parent. Every layer may import it (it imports nothing of mgfm but the
 errors).
 
 Rank and world size come from ``torch.distributed`` when a process group is initialised, else from the
@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
+import threading
 
 import torch
 import torch.distributed as dist
@@ -77,6 +79,20 @@ def join_process_group() -> bool:
     dist.init_process_group(backend=backend)
     log.info("joined a process group of %d (%s)", dist.get_world_size(), backend)
     return True
+
+
+def exit_with_parent() -> None:
+    """A process-pool initializer: the worker ends when the process that started it ends (a build killed with
+    SIGKILL, say), instead of lingering as an orphan that waits on its task queue forever."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()  # returns once the parent is gone
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 # ----------------------------------------------------------------------------------------- devices

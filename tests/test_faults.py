@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -540,3 +541,174 @@ def test_ctrl_c_is_one_line_saying_a_rerun_resumes(capsys):
         run_cli(OptimConfig, interrupted, [], "pretrain.py", "test")
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.strip() == "pretrain.py: interrupted; rerun the same command to resume"
+
+
+# ------------------------------------------------------------------------------- 10. caches and builds that cannot lie
+
+
+@pytest.mark.parametrize("damage", ["cut tensor file", "junk json", "rewritten tensor file", "older cache"])
+def test_a_damaged_feature_cache_is_named_once_recomputed_and_rewritten(tmp_path, tiny_shards, caplog, damage):
+    # issue 39, fault 3: `truncate -s 100` gave "mmap length is greater than file size", junk JSON a
+    # JSONDecodeError, on every later evaluation; a rewritten tensor file was read as if it were the features
+    import numpy as np
+
+    from mgfm.data.stream import StreamConfig
+    from mgfm.evaluate.features import eval_stream_config, split_features
+    from mgfm.evaluate.featureset import FeatureSet
+
+    encoder = tiny_encoder_folder(tmp_path / "encoder")
+    cfg = eval_stream_config(StreamConfig(frames=4, img_size=32), batch_size=2, num_workers=0)
+    cache = tmp_path / "cache"
+    first = np.array(split_features(encoder, tiny_shards, "test", cfg, cache).features)
+    [meta_path] = cache.glob("*.json")
+    stem = meta_path.with_suffix("")
+    tensor_path = stem.with_suffix(".safetensors")
+    if damage == "cut tensor file":
+        os.truncate(tensor_path, 100)
+    elif damage == "junk json":
+        meta_path.write_text("junk{")
+    elif damage == "rewritten tensor file":  # same size, other numbers: only the checksum tells
+        data = bytearray(tensor_path.read_bytes())
+        data[-4:] = np.float32(1e6).tobytes()
+        tensor_path.write_bytes(bytes(data))
+    else:  # written before caches carried a size and a checksum: nothing vouches for the tensor file
+        meta = json.loads(meta_path.read_text())
+        meta.pop("tensor", None)
+        meta_path.write_text(json.dumps(meta))
+
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    again = split_features(encoder, tiny_shards, "test", cfg, cache)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and f"feature cache {stem.name} is not usable" in warnings[0], warnings
+    np.testing.assert_array_equal(again.features, first)
+
+    caplog.clear()  # rewritten: the next evaluation reads it, silently
+    cached = split_features(encoder, tiny_shards, "test", cfg, cache)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"] and "cached at" in caplog.text
+    np.testing.assert_array_equal(cached.features, first)
+    np.testing.assert_array_equal(FeatureSet.load(stem).features, first)
+
+
+def _kinect_v1(path: Path, frames: int = 20) -> Path:
+    """Kinect v1 joint text: a frame number and x y z for 20 joints per line (61 values)."""
+    rows = [" ".join(str(v) for v in [i, *[0.01 * (i + j) for j in range(60)]]) for i in range(frames)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_a_build_that_skipped_every_clip_fails_and_verify_fails_on_it(tmp_path, capsys):
+    # issue 39, fault 5: kinect-v1 files built with --layout kinect-v2 exited 0 with "0 samples" and verify said OK
+    from mgfm.shards.__main__ import main as shards_main
+
+    for name in ("s1", "s2", "s3"):
+        _kinect_v1(tmp_path / f"{name}.txt")
+    (tmp_path / "poses.csv").write_text("path,subject,split,fps\ns1.txt,1,train,30\ns2.txt,2,train,30\n"
+                                        "s3.txt,3,test,30\n")
+    out = tmp_path / "shards"
+    assert shards_main(["build", "--format", "pose", "--index", str(tmp_path / "poses.csv"), "--layout", "kinect-v2",
+                        "--out", str(out), "--short-side", "32"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {out}: every split (test, train) has no samples: all 3 of the clips were "
+                              f"skipped (3 x pose file unreadable (e.g. "), err[-1]
+    assert "61 values per line do not fit layout kinect-v2" in err[-1]
+    assert json.loads((out / "manifest.json").read_text())["totals"]["skipped"] == 3  # the record is kept
+
+    assert shards_main(["verify", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "PROBLEM split train: no samples: all 2 of its clips were skipped (2 x pose file unreadable" in printed
+    assert "PROBLEM split test: no samples: its only clip was skipped" in printed
+
+
+def test_a_split_that_came_out_empty_is_named_alone(tmp_path, tiny_videos):
+    from mgfm.errors import InputError
+    from mgfm.shards import BuildConfig, build_shards
+
+    clips = [Clip("v0", 0, 9, 0, "1", "train", 25.0, str(tiny_videos["v0"])),
+             Clip("gone", 0, 9, 1, "2", "test", 25.0, str(tmp_path / "gone.mp4")),
+             Clip("gone", 10, 19, 2, "2", "test", 25.0, str(tmp_path / "gone.mp4"))]
+    with pytest.raises(InputError) as err:
+        build_shards(ClipIndex(clips, list(TINY_CLASSES), "t"), tmp_path / "shards", BuildConfig(short_side=32, crf=12))
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'shards'}: split 'test' has no samples: all 2 of its clips were skipped "
+                              f"(2 x source video unreadable (e.g. FileNotFoundError: source video not found: ")
+    assert "train" not in message.split(";")[0] and "\n" not in message
+
+
+def _symlink_loop(tmp_path: Path) -> Path:
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    return loop
+
+
+def test_a_shards_path_that_is_a_symlink_loop_is_one_line(tmp_path, tiny_shards, capsys):
+    # issue 39, fault 6: pretraining ended in "RuntimeError: Symlink loop from ..." (Path.resolve)
+    from mgfm.errors import InputError
+    from mgfm.pipeline import pretrain_main
+    from mgfm.shards.read import resolve_shards
+
+    loop = _symlink_loop(tmp_path)
+    synthetic = tmp_path / "synthetic"
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_main(["--recipe", str(_tiny_recipe(tmp_path, tiny_shards)), f"shards={loop}",
+                       f"synthetic_data={synthetic}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"pretrain.py: error: {loop}: a symlink loop (a link on this path points back to itself); " \
+                      f"fix or remove the link"
+    assert not synthetic.exists() and not (tmp_path / "runs").exists()
+    for read in (lambda: resolve_shards(loop, "train"), lambda: resolve_shards(loop / "manifest.json", "train")):
+        with pytest.raises(InputError, match="a symlink loop"):
+            read()
+
+
+@pytest.mark.parametrize("where", ["name=", "--out", "features_dir=", "out="])
+def test_an_output_path_that_is_a_file_is_one_line(tmp_path, tiny_shards, tiny_csv, capsys, where):
+    # issue 39, fault 6: each of these ended in a FileExistsError traceback (features_dir= after encoding)
+    from mgfm.cli import run_cli
+    from mgfm.evaluate.probe_eval import ProbeRecipe, run as probe
+    from mgfm.pipeline import pretrain_main
+    from mgfm.shards.__main__ import main as shards_main
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file\n")
+    expected = f"{blocker} is a file, where a folder belongs; pick another path or move it away"
+    if where == "--out":
+        assert shards_main(["build", "--format", "csv", "--index", str(tiny_csv), "--out", str(blocker)]) == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {expected}"
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        if where == "name=":
+            pretrain_main(["--recipe", str(_tiny_recipe(tmp_path, tiny_shards)), f"out_dir={tmp_path}", "name=taken"])
+        else:
+            run = tiny_encoder_folder(tmp_path / "run" / "encoder").parent
+            target = blocker if where == "features_dir=" else blocker / "report"
+            run_cli(ProbeRecipe, probe, [f"run={run}", f"shards={tiny_shards}", "references=false", "kmeans=false",
+                                       "stream.num_workers=0", f"{where}{target}"], "eval/linear_probe.py", "test")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    if where == "out=":
+        expected = expected.replace(f"{blocker} is", f"{blocker} (on the path to {blocker / 'report'}) is")
+    prog = "pretrain.py" if where == "name=" else "eval/linear_probe.py"
+    assert err == f"{prog}: error: {expected}", err
+    assert blocker.read_text() == "a file\n"
+
+
+@pytest.mark.parametrize("text", ["", "# nothing but a comment\n\n"])
+def test_an_empty_recipe_file_is_one_line_not_the_built_in_defaults(tmp_path, capsys, text):
+    # issue 39, fault 7: an empty recipe file trained silently on built-in defaults, which are not the documented
+    # default recipe (recipes/pretrain/tiny_cpu.yaml)
+    from mgfm.cli import run_cli
+    from mgfm.config import RecipeError, load_recipe
+    from mgfm.train.recipe import PretrainRecipe
+
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=f"{path}: the recipe file is empty"):
+        load_recipe(PretrainRecipe, path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(PretrainRecipe, lambda recipe: pytest.fail("ran on built-in defaults"), ["--recipe", str(path)],
+                "pretrain.py", "test")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"pretrain.py: error: {path}: the recipe file is empty (no keys); write the "
+                                       f"keys to set, or leave --recipe out to run the default recipe\n")

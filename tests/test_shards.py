@@ -230,10 +230,9 @@ def test_plan_by_size_is_deterministic_and_keeps_videos_together(tiny_index):
     plan = plan_shards(tiny_index, cfg)
     assert plan == plan_shards(tiny_index, cfg)
     assert len(plan) > 4
-    rows = [r for entry in plan.values() for r in entry["clips"]]
-    assert sorted(r["clip_id"] for r in rows) == sorted(c.clip_id for c in tiny_index)
+    clips = [c for entry in plan.values() for c in entry.clips]
+    assert sorted(c.clip_id for c in clips) == sorted(c.clip_id for c in tiny_index)
     for name, entry in plan.items():
-        assert all(r["split"] == entry["split"] == name.split("-")[0] for r in entry["clips"])
-    order = [(r["video_id"], r["start_frame"]) for entry in plan.values() if entry["split"] == "train"
-             for r in entry["clips"]]
+        assert all(c.split == entry.split == name.split("-")[0] for c in entry.clips)
+    order = [(c.video_id, c.start_frame) for entry in plan.values() if entry.split == "train" for c in entry.clips]
     assert order == sorted(order)

@@ -18,6 +18,7 @@ from mgfm.config import bounded
 from mgfm.data.stream import StreamConfig
 from mgfm.data.stream.config import TRAIN_ONLY
 from mgfm.errors import MgfmError
+from mgfm.files import require_folder
 from mgfm.evaluate.features import PixelEncoder, eval_stream_config, require_complete, split_features
 from mgfm.evaluate.featureset import FeatureSet
 from mgfm.report import format_table, write_report
@@ -86,8 +87,9 @@ def resolve_encoder(recipe: RunRecipe) -> tuple[Path, Path]:
 
 
 def features_folder(recipe: EncoderEvalRecipe, run_dir: Path) -> Path:
-    """Where the feature cache lives: ``features_dir``, else ``<run>/features``."""
-    return Path(recipe.features_dir) if recipe.features_dir else run_dir / "features"
+    """Where the feature cache lives: ``features_dir``, else ``<run>/features``; a file (or a symlink loop) in
+    the way is a one-line error now, before any clip is encoded."""
+    return require_folder(Path(recipe.features_dir) if recipe.features_dir else run_dir / "features")
 
 
 def data_section(feats: dict[str, FeatureSet]) -> tuple[dict, str | None]:
@@ -122,8 +124,9 @@ def encoders_to_compare(encoder_folder: Path, recipe: EncoderEvalRecipe):
 
 
 def output_folder(recipe: RunRecipe, run_dir: Path, task: str, *more: str) -> Path:
-    """Where a use of an encoder writes: ``out``, else ``<run>/<task>/<shard set name>[/<more>...]``."""
-    return Path(recipe.out) if recipe.out else run_dir.joinpath(task, set_name(recipe.shards), *more)
+    """Where a use of an encoder writes: ``out``, else ``<run>/<task>/<shard set name>[/<more>...]``; a file
+    in the way is a one-line error now, before any work."""
+    return require_folder(Path(recipe.out) if recipe.out else run_dir.joinpath(task, set_name(recipe.shards), *more))
 
 
 @dataclass

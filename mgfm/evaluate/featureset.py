@@ -1,14 +1,17 @@
 """A feature matrix and the clip-index rows it belongs to: what every frozen-encoder evaluation consumes.
 
 On disk (the feature cache): ``<stem>.safetensors`` holds ``features`` float32 ``(N, D)``; ``<stem>.json``
-holds the rows (one clip-index row per feature row, same order), the cache key and, for token features, the
-token width. Both are written
-atomically, the JSON last, so a cache with a JSON file is complete.
+holds the rows (one clip-index row per feature row, same order), the cache key, for token features the
+token width, and the tensor file's size and sha256. Both are written atomically, the JSON last, so a cache
+with a JSON file is complete; on load the tensor file is checked against the size and checksum the JSON
+records, so a cut, overwritten or half-copied cache is never read (:class:`DamagedCache`; the evaluation
+names it in a warning, computes the features again and rewrites it).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,11 +19,18 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from mgfm.errors import MgfmError
-from mgfm.files import atomic_path, write_atomic
+from mgfm.files import atomic_path, sha256_file, write_atomic
+
+log = logging.getLogger(__name__)
 
 
 class FeatureError(MgfmError, ValueError):
     """Features that do not fit what an evaluation expects (width, count, emptiness)."""
+
+
+class DamagedCache(FeatureError):
+    """A feature cache whose files do not hold what its JSON records (cut, rewritten, junk, or written before
+    caches carried checksums); the message names the cache and what is wrong."""
 
 
 @dataclass
@@ -87,32 +97,71 @@ class FeatureSet:
         return self
 
     def save(self, stem: str | Path) -> None:
-        stem = Path(stem)
-        with atomic_path(stem.with_name(stem.name + ".safetensors")) as tmp:
+        """Write the cache at ``stem``: the tensor file, then the JSON with its size and sha256 (last, so a
+        JSON vouches for a complete tensor file)."""
+        meta_path, tensor_path = cache_files(stem)
+        with atomic_path(tensor_path) as tmp:
             save_file({"features": self.features}, str(tmp))
-        write_atomic(stem.with_name(stem.name + ".json"), json.dumps(
-            {"key": self.key, "read": self.read, "rows": self.rows, "token_dim": self.token_dim}))
+            tensor = {"bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}
+        write_atomic(meta_path, json.dumps({"key": self.key, "read": self.read, "rows": self.rows,
+                                            "token_dim": self.token_dim, "tensor": tensor}))
 
     @classmethod
     def load(cls, stem: str | Path) -> "FeatureSet":
-        """The cached set at ``stem``; its matrix is memory-mapped from the safetensors file (read from disk
-        only where used, so a million-clip cache can be indexed chunk by chunk)."""
-        stem = Path(stem)
-        meta_path, tensor_path = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
-        if not meta_path.exists() or not tensor_path.exists():
-            raise FileNotFoundError(f"{stem}: no complete feature cache (.json + .safetensors)")
-        meta = json.loads(meta_path.read_text())
-        return cls(mapped_tensor(tensor_path, "features"), meta["rows"], meta.get("key", {}), meta.get("read", {}),
-                   meta.get("token_dim"))
+        """The cached set at ``stem``, its tensor file checked against the size and sha256 its JSON records;
+        the matrix is memory-mapped (read from disk only where used, so a million-clip cache can be indexed
+        chunk by chunk; the checksum reads it once). ``FileNotFoundError`` when there is no cache,
+        :class:`DamagedCache` when its files do not hold what its JSON says."""
+        return cls._checked(stem, _cache_meta(stem))
 
     @classmethod
     def load_if_key(cls, stem: str | Path, key: dict) -> "FeatureSet | None":
-        """The cached set at ``stem`` if it exists and was made with exactly ``key``; else None."""
+        """The cached set at ``stem`` if it exists, was made with exactly ``key`` and is intact; else None. A
+        damaged cache is named in one warning (the caller computes the features again and rewrites it)."""
         try:
-            cached = cls.load(stem)
+            meta = _cache_meta(stem)
+            return cls._checked(stem, meta) if meta.get("key") == key else None
         except FileNotFoundError:
             return None
-        return cached if cached.key == key else None
+        except DamagedCache as err:
+            log.warning("feature cache %s is not usable (%s); computing the features again", Path(stem).name, err)
+            return None
+
+    @classmethod
+    def _checked(cls, stem: str | Path, meta: dict) -> "FeatureSet":
+        meta_path, tensor_path = cache_files(stem)
+        tensor = meta.get("tensor")
+        if not isinstance(tensor, dict):
+            raise DamagedCache(f"{meta_path}: records no size and checksum of {tensor_path.name} (written by an "
+                               f"older mgfm)")
+        size = tensor_path.stat().st_size
+        if size != tensor.get("bytes"):
+            raise DamagedCache(f"{tensor_path}: {size} bytes, its cache records {tensor.get('bytes')}")
+        if sha256_file(tensor_path) != tensor.get("sha256"):
+            raise DamagedCache(f"{tensor_path}: sha256 differs from the one its cache records")
+        return cls(mapped_tensor(tensor_path, "features"), meta["rows"], meta.get("key", {}), meta.get("read", {}),
+                   meta.get("token_dim"))
+
+
+def cache_files(stem: str | Path) -> tuple[Path, Path]:
+    """``(<stem>.json, <stem>.safetensors)``: the two files of the feature cache at ``stem``."""
+    stem = Path(stem)
+    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
+
+
+def _cache_meta(stem: str | Path) -> dict:
+    """The JSON of the feature cache at ``stem``: ``FileNotFoundError`` when either file is absent,
+    :class:`DamagedCache` when the JSON is not a cache's."""
+    meta_path, tensor_path = cache_files(stem)
+    if not meta_path.exists() or not tensor_path.exists():
+        raise FileNotFoundError(f"{stem}: no complete feature cache (.json + .safetensors)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DamagedCache(f"{meta_path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("rows"), list):
+        raise DamagedCache(f"{meta_path}: not a feature cache's JSON (no rows)")
+    return meta
 
 
 def mapped_tensor(path: str | Path, name: str) -> np.ndarray:
@@ -121,7 +170,12 @@ def mapped_tensor(path: str | Path, name: str) -> np.ndarray:
     path = Path(path)
     with path.open("rb") as handle:
         size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
+        try:
+            header = json.loads(handle.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError, MemoryError) as err:
+            raise DamagedCache(f"{path}: not a safetensors file (header: {type(err).__name__})") from None
+    if not isinstance(header, dict):
+        raise DamagedCache(f"{path}: not a safetensors file (header is not a table)")
     info = header.get(name)
     if info is None or info.get("dtype") != "F32":
         raise FeatureError(f"{path}: no float32 tensor {name!r} (has {sorted(k for k in header if k != '__metadata__')})")
@@ -131,4 +185,6 @@ def mapped_tensor(path: str | Path, name: str) -> np.ndarray:
         raise FeatureError(f"{path}: tensor {name!r} holds {end - start} bytes for shape {shape}")
     if int(np.prod(shape)) == 0:
         return np.zeros(shape, dtype=np.float32)
+    if path.stat().st_size < 8 + size + end:
+        raise DamagedCache(f"{path}: {path.stat().st_size} bytes, too short for tensor {name!r} (cut short?)")
     return np.memmap(path, dtype="<f4", mode="r", offset=8 + size + start, shape=shape)

@@ -39,7 +39,7 @@ from mgfm.evaluate.encoder_eval import (EncoderEvalRecipe, eval_device, features
 from mgfm.evaluate.features import cache_key, cache_stem, split_features
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.report import format_table, markdown_table, save_figure
-from mgfm.files import write_atomic
+from mgfm.files import require_folder, write_atomic
 from mgfm.shards.read import read_samples, resolve_shards
 from mgfm.evaluate.retrieval import CHOICES, RetrievalIndex
 from mgfm.evaluate.retrieval_metrics import retrieval_metrics
@@ -99,7 +99,8 @@ class RetrievalRecipe(EncoderEvalRecipe):
 
 
 def index_dir(recipe: RetrievalRecipe, out: Path) -> Path:
-    return Path(recipe.index_dir) if recipe.index_dir else out / "index"
+    """``index_dir``, else ``<out>/index``; a file in the way is a one-line error now, before any work."""
+    return require_folder(Path(recipe.index_dir) if recipe.index_dir else out / "index")
 
 
 def require_split(manifest: dict, shards: str, split: str) -> int:

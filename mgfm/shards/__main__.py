@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             return _verify(args)
         manifest = mf.rebuild_manifest(args.shards)
         print(mf.format_manifest(manifest))
+        mf.require_samples(manifest, args.shards)
         return 0 if manifest["complete"] else 2
     except (MgfmError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

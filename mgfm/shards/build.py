@@ -5,25 +5,26 @@ and ``<clip_id>.json`` (the clip-index row plus ``n_frames``, ``fps``, ``height`
 context frames actually added). Train / test / ... go to separate shard series
 (``train-000000.tar``, ...).
 
-How the work is split (the plan, :func:`plan_shards`): clips of a split are sorted by (video, start,
-end) and cut into shards of ``shard_samples`` clips, or of about ``shard_mb`` megabytes using a size
-estimate from the clip length, so the plan is a deterministic function of the index and the config.
-``--part i/N`` builds the shards whose global number is ``i`` modulo ``N``; the parts are disjoint and
-their union is the whole plan. A worker process builds one shard: it reads each source video once,
+How the work is split is the plan (:mod:`mgfm.shards.plan`), a deterministic function of the index and
+the config. ``--part i/N`` builds the shards whose global number is ``i`` modulo ``N``; the parts are
+disjoint and their union is the whole plan. A worker process builds one shard: it reads each source video once,
 decoding sequentially with PyAV up to the last frame any clip in the shard needs, and feeds the frames
 to one encoder per open clip. Finished shards are skipped on a rerun (see :mod:`mgfm.shards.manifest`).
 
-A missing or undecodable source video skips its clips with a warning; they are listed under
-``skipped`` in the manifest. Pose sources (``pose_layout`` set) are not decoded but drawn: each pose file is
+A missing or undecodable source video skips its clips with a warning (the first few of each kind of
+reason; the rest are counted); they are listed under ``skipped`` in the manifest. A build in which a split
+(or every split) came out without a single sample is an error naming the split and why its clips were
+skipped. Temporary files a killed build left are removed by the next run. Pose sources (``pose_layout`` set) are not decoded but drawn: each pose file is
 read once and its clips rendered as stick figures (:mod:`mgfm.sources.pose`) at ``short_side`` square and
 ``pose_fps``; an unreadable pose file is skipped and listed the same way.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
-import hashlib
+import itertools
 import json
 import logging
 import math
@@ -34,20 +35,24 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from webdataset import TarWriter
 
 from mgfm.sources.clip_index import Clip, ClipIndex
 from mgfm.sources.pose import FigureStyle, get_layout, pose_clips
 from mgfm.sources.video_io import VideoWriter
 from mgfm.errors import InputError
-from mgfm.files import atomic_path
+from mgfm.files import atomic_path, make_folder, sha256_file
+from mgfm.runtime import exit_with_parent
 from mgfm.shards import manifest as mf
+from mgfm.shards.plan import PlannedShard, part_of, plan_hash, plan_shards, write_plan
 
 log = logging.getLogger(__name__)
 
 # Tar member metadata: fixed so rebuilding a shard from the same inputs gives the same bytes.
 _TAR_MTIME = 0  # an int: a float mtime makes tarfile add a PAX header to every member
 _TAR_OWNER = "mgfm"
+_QUEUED_PER_WORKER = 2  # shards handed to the process pool ahead of each worker (keeps it busy, the rows few)
 
 
 @dataclass(frozen=True)
@@ -113,82 +118,6 @@ def parse_part(text: str) -> tuple[int, int]:
     return i, n
 
 
-# --------------------------------------------------------------------------------------------- plan
-
-
-def plan_shards(index: ClipIndex, config: BuildConfig) -> dict[str, dict]:
-    """Shard name -> {"split", "clips": [clip rows]} for every shard of the dataset (all parts)."""
-    splits = sorted({c.split for c in index.clips})
-    if config.splits is not None:
-        unknown = set(config.splits) - set(splits)
-        if unknown:
-            log.warning("splits %s have no clips in the index", sorted(unknown))
-        splits = [s for s in splits if s in config.splits]
-    budget = config.shard_mb * 1e6
-    plan: dict[str, dict] = {}
-    lengths: dict[str, int] = {}
-    for split in splits:
-        clips = sorted(index.split(split), key=_clip_order)
-        shard: list[Clip] = []
-        size = 0.0
-        number = 0
-        for clip in clips:
-            est = _estimate_bytes(clip, config, lengths)
-            full = (len(shard) >= config.shard_samples) if config.shard_samples else (shard and size + est > budget)
-            if full:
-                plan[mf.shard_name(split, number)] = {"split": split, "clips": [c.to_row() for c in shard]}
-                number, shard, size = number + 1, [], 0.0
-            shard.append(clip)
-            size += est
-        if shard:
-            plan[mf.shard_name(split, number)] = {"split": split, "clips": [c.to_row() for c in shard]}
-    return plan
-
-
-def plan_hash(plan: dict[str, dict], config: BuildConfig) -> str:
-    payload = json.dumps({"config": config.output_fields(), "shards": plan}, sort_keys=True, default=list)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def part_of(plan: dict[str, dict], part: tuple[int, int]) -> list[str]:
-    """The shard names part ``i`` of ``N`` builds: global shard number modulo N (disjoint, covering)."""
-    i, n = part
-    return [name for k, name in enumerate(plan) if k % n == i]
-
-
-def _clip_order(c: Clip) -> tuple:
-    vid = (0, int(c.video_id), "") if c.video_id.isdigit() else (1, 0, c.video_id)
-    return (vid, c.path, c.start_frame, c.end_frame, c.clip_id)
-
-
-def _estimate_bytes(clip: Clip, config: BuildConfig, lengths: dict[str, int]) -> float:
-    if clip.end_frame >= 0:
-        frames = clip.n_frames + 2 * config.context_frames
-    else:
-        if clip.path not in lengths:
-            lengths[clip.path] = _probe_length(clip.path, config.est_unknown_frames)
-        frames = max(1, lengths[clip.path] - clip.start_frame) + config.context_frames
-    short = config.short_side or 256
-    return frames * short * short * config.est_aspect * config.est_bytes_per_pixel
-
-
-def _probe_length(path: str, default: int) -> int:
-    """Frame count from container metadata (no decoding); ``default`` when unknown."""
-    # deferred: the native decoder is loaded where frames are decoded, not by every importer
-    import av
-
-    try:
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            if stream.frames:
-                return int(stream.frames)
-            if stream.duration and stream.time_base and stream.average_rate:
-                return int(float(stream.duration * stream.time_base) * float(stream.average_rate))
-    except Exception:  # noqa: BLE001 - a missing/broken video is reported when the shard is built
-        pass
-    return default
-
-
 # -------------------------------------------------------------------------------------------- build
 
 
@@ -201,64 +130,66 @@ def build_shards(index: ClipIndex, out_dir: str | Path, config: BuildConfig | No
     other output settings) is an error unless ``overwrite`` is set, which deletes the old shards.
     """
     config = config or BuildConfig()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(out_dir)
     plan = plan_shards(index, config)
     if not plan:
         raise InputError(f"{index.name}: no clips to shard (splits {config.splits})")
     digest = plan_hash(plan, config)
-    _write_plan(out_dir, index, plan, digest, config, source or {}, overwrite)
+    write_plan(out_dir, index, plan, digest, config, source or {}, overwrite)
+    mf.remove_stale_temps(out_dir, set(plan))
 
     todo = [n for n in part_of(plan, config.part) if not mf.is_complete(out_dir, n, digest)]
     mine = part_of(plan, config.part)
     log.info("%s: %d shards planned, part %d/%d has %d, %d to build", out_dir, len(plan), *config.part,
              len(mine), len(todo))
-    total = sum(len(plan[n]["clips"]) for n in todo)
-    with tqdm(total=total, unit="clip", desc=f"shards {out_dir.name}", disable=total == 0) as bar:
+    skips = mf.SkipLog()
+    total = sum(len(plan[n].clips) for n in todo)
+    with logging_redirect_tqdm(), tqdm(total=total, unit="clip", desc=f"shards {out_dir.name}",
+                                       disable=total == 0) as bar:  # skip lines print above the bar
         if config.workers == 1 or len(todo) <= 1:
             for name in todo:
-                _build_one(out_dir, name, plan[name]["clips"], config, digest, progress=bar.update)
+                skips.add(_build_one(out_dir, name, _rows(plan[name]), config, digest, progress=bar.update)["skipped"])
         else:
-            ctx = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(min(config.workers, len(todo)), mp_context=ctx) as pool:
-                futures = {pool.submit(_build_one, out_dir, n, plan[n]["clips"], config, digest): n for n in todo}
-                try:
-                    for fut in concurrent.futures.as_completed(futures):
-                        fut.result()
-                        bar.update(len(plan[futures[fut]]["clips"]))
-                except BaseException:
-                    for fut in futures:
-                        fut.cancel()
-                    raise
+            _build_in_pool(out_dir, plan, todo, config, digest, lambda fragment: (
+                skips.add(fragment["skipped"]), bar.update(len(plan[fragment["shard"]].clips))))
     manifest = mf.rebuild_manifest(out_dir)
     if manifest["skipped"]:
-        log.warning("%d clips skipped (missing or unreadable source); see %s", len(manifest["skipped"]),
+        log.warning("%d clips skipped: %s; see %s", len(manifest["skipped"]), mf.summarise_skips(manifest["skipped"]),
                     out_dir / mf.MANIFEST)
+    mf.require_samples(manifest, out_dir)
     return manifest
 
 
-def _write_plan(out_dir: Path, index: ClipIndex, plan: dict, digest: str, config: BuildConfig, source: dict,
-                overwrite: bool) -> None:
-    old = mf.read_plan(out_dir)
-    if old is not None and old.get("plan_hash") != digest:
-        if not overwrite:
-            raise InputError(f"{out_dir}: holds shards of a different plan (other index or output settings); "
-                             "use another --out or --overwrite")
-        for name in old.get("shards", {}):
-            (out_dir / name).unlink(missing_ok=True)
-            mf.fragment_path(out_dir, name).unlink(missing_ok=True)
-        (out_dir / mf.MANIFEST).unlink(missing_ok=True)
-    if old is not None and old.get("plan_hash") == digest:
-        return
-    mf.write_json_atomic(mf.plan_path(out_dir), {
-        "plan_hash": digest,
-        "name": index.name,
-        "source": {**source, "name": index.name, "clips": len(index)},
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.output_fields().items()},
-        "class_names": list(index.class_names),
-        "emotion_splits": dict(index.emotion_splits),
-        "shards": plan,
-    })
+def _rows(shard: PlannedShard) -> list[dict]:
+    return [c.to_row() for c in shard.clips]
+
+
+def _build_in_pool(out_dir: Path, plan: dict[str, PlannedShard], todo: list[str], config: BuildConfig, digest: str,
+                   done: Callable[[dict], object]) -> None:
+    """Build the ``todo`` shards in ``config.workers`` processes, calling ``done(fragment)`` as each finishes.
+    At most ``_QUEUED_PER_WORKER`` shards per worker wait in the pool: the clip rows handed over stay few."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = iter(todo)
+    workers = min(config.workers, len(todo))
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=exit_with_parent) as pool:
+        running: set = set()
+
+        def submit(count: int) -> None:
+            for name in itertools.islice(queue, count):
+                running.add(pool.submit(_build_one, out_dir, name, _rows(plan[name]), config, digest))
+
+        submit(_QUEUED_PER_WORKER * workers)
+        try:
+            while running:
+                finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for fut in finished:
+                    running.discard(fut)
+                    done(fut.result())
+                submit(len(finished))
+        except BaseException:
+            for fut in running:
+                fut.cancel()
+            raise
 
 
 def _build_one(out_dir: Path, name: str, rows: list[dict], config: BuildConfig, digest: str,
@@ -272,10 +203,9 @@ def _build_one(out_dir: Path, name: str, rows: list[dict], config: BuildConfig, 
             writer = TarWriter(handle, encoder=False, mtime=_TAR_MTIME, user=_TAR_OWNER, group=_TAR_OWNER)
             try:
                 for clip, result in _cut_clips(clips, config):
-                    if isinstance(result, str):
+                    if isinstance(result, str):  # logged by the caller (mf.SkipLog: a few per kind, counted)
                         skipped.append({"clip_id": clip.clip_id, "video_id": clip.video_id, "split": clip.split,
                                         "path": clip.path, "reason": result})
-                        log.warning("skipping clip %s of %s: %s", clip.clip_id, clip.path, result)
                     else:
                         mp4, meta = result
                         writer.write({"__key__": clip.clip_id, "mp4": mp4, "json": json.dumps(meta).encode()})
@@ -290,22 +220,15 @@ def _build_one(out_dir: Path, name: str, rows: list[dict], config: BuildConfig, 
             "split": clips[0].split,
             "samples": len(samples),
             "bytes": tmp.stat().st_size,
-            "sha256": mf.sha256_file(tmp),
+            "sha256": sha256_file(tmp),
             "keys": [m["clip_id"] for m in samples],
-            "labels": _count(str(m["label"]) for m in samples),
-            "subjects": _count(str(m["subject"]) for m in samples),
+            "labels": dict(collections.Counter(str(m["label"]) for m in samples)),
+            "subjects": dict(collections.Counter(str(m["subject"]) for m in samples)),
             "videos": sorted({m["video_id"] for m in samples}),
             "skipped": skipped,
         }
         mf.write_json_atomic(mf.fragment_path(out_dir, name), fragment)  # before the shard: it vouches for it
     return fragment
-
-
-def _count(values) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
 
 
 def _cut_clips(clips: list[Clip], config: BuildConfig) -> Iterator[tuple[Clip, tuple[bytes, dict] | str]]:

@@ -17,6 +17,7 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 
 from mgfm.errors import InputError
+from mgfm.files import check_path
 from mgfm.shards.manifest import load_manifest, MANIFEST
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,16 @@ class Mixture:
         return names
 
 
+def local_source(source: str | Path) -> Path | None:
+    """The local path a shard source names (a folder, a manifest, a tar), or None for a URL, a ``pipe:`` or a
+    brace pattern. A symlink loop on the path is one :class:`InputError` line here, where every reader of a
+    shard set resolves it, instead of a ``RuntimeError`` from whoever resolves it first."""
+    text = str(source)
+    if "://" in text or text.startswith("pipe:") or "{" in text:
+        return None
+    return check_path(text)
+
+
 def shard_sets(source, split: str, remote_commands: dict[str, str] | None = None,
                keep_missing: bool = False) -> list[tuple[str | None, list[ShardRef]]]:
     """``[(set name or None, shards)]`` of ``source``: one set, or each set of a :class:`Mixture`."""
@@ -87,7 +98,7 @@ def resolve_shards(source: str | Path | Sequence[str], split: str,
     else:
         text = str(source)
         is_url = "://" in text or text.startswith("pipe:")
-        local_manifest = not is_url and (Path(text).is_dir() or (text.endswith(".json") and Path(text).exists()))
+        local_manifest = not is_url and (check_path(text).is_dir() or (text.endswith(".json") and Path(text).exists()))
         remote_manifest = is_url and (text.endswith("/") or text.endswith(".json"))
         if local_manifest or remote_manifest:
             if is_url:

@@ -2,7 +2,7 @@
 sample decodable with its json matching its frames.
 
 Problems found (each one names the shard, the sample key when there is one, and what is wrong):
-missing shard, checksum / size mismatch, unreadable or truncated tar, sample count differs from the
+a split without a single sample (every clip of it skipped at build time), missing shard, checksum / size mismatch, unreadable or truncated tar, sample count differs from the
 manifest, a sample without exactly one ``mp4`` and one ``json``, json that does not parse or whose
 ``clip_id`` / ``split`` disagree with the key / shard, an mp4 that does not decode, frame count or
 size that differ from the json, a key seen twice.
@@ -20,6 +20,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mgfm.files import sha256_file
+from mgfm.runtime import exit_with_parent
 from mgfm.sources.video_io import VideoDecodeError, probe
 from mgfm.shards import manifest as mf
 
@@ -63,6 +65,11 @@ def verify_shards(shard_dir: str | Path, decode: bool = True, workers: int = 1) 
             jobs.append((split, shard["name"], shard))
     for name in manifest.get("missing_shards", []):
         report.problems.append(Problem(name, None, "planned shard is missing (build incomplete)"))
+    for split, info in manifest["splits"].items():
+        if not info.get("samples"):  # a split every clip of which was skipped: nothing to train or score on
+            report.problems.append(Problem(f"split {split}", None, mf.no_samples_reason(manifest, split)))
+    if not manifest["splits"]:
+        report.problems.append(Problem(str(shard_dir), None, "the manifest lists no split"))
     listed = {name for _, name, _ in jobs}
     for path in sorted(shard_dir.glob("*.tar")):
         if path.name not in listed:
@@ -76,7 +83,8 @@ def verify_shards(shard_dir: str | Path, decode: bool = True, workers: int = 1) 
                 bar.update(1)
         else:
             ctx = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+            with concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx,
+                                                        initializer=exit_with_parent) as pool:
                 futures = [pool.submit(_check_shard, shard_dir, s, n, sh, decode) for s, n, sh in jobs]
                 for fut in futures:
                     results.append(fut.result())
@@ -102,7 +110,7 @@ def _check_shard(shard_dir: Path, split: str, name: str, shard: dict, decode: bo
     size = path.stat().st_size
     if size != shard.get("bytes", size):
         problems.append(Problem(name, None, f"size {size} bytes, manifest says {shard['bytes']}"))
-    digest = mf.sha256_file(path)
+    digest = sha256_file(path)
     if digest != shard["sha256"]:
         problems.append(Problem(name, None, f"sha256 {digest[:12]}... does not match the manifest "
                                             f"({shard['sha256'][:12]}...)"))

@@ -13,6 +13,7 @@ import csv
 import difflib
 import logging
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from mgfm.sources.clip_index import SPLITS, UNLABELED, AnnotationError, Clip, ClipIndex
 from mgfm.files import TextFileError, read_text
@@ -42,25 +43,31 @@ def read_csv_index(csv_path: str | Path, class_names: list[str] | None = None, n
         text = read_text(csv_path)
     except TextFileError as err:
         raise AnnotationError(csv_path, err.line, None, err.problem) from None
-    reader = csv.DictReader(text.splitlines())
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    reader.fieldnames = header
+    lines = text.splitlines()
+    del text
+    header = [h.strip() for h in (next(csv.reader(lines[:1]), None) or [])]
     missing = [c for c in REQUIRED_COLUMNS if c not in header and (require_label or c != "label")]
     if missing:
         raise AnnotationError(csv_path, 1, missing[0], f"missing column; required columns are {','.join(REQUIRED_COLUMNS)}")
-    rows = [(line, {"label": "", **{k: (v or "").strip() for k, v in row.items() if k is not None}})
-            for line, row in enumerate(reader, 2)]
-    if not rows:
-        raise AnnotationError(csv_path, None, None, "no clips (the CSV has a header but no rows)")
 
-    names = list(class_names) if class_names else _class_names(rows, csv_path)
+    def rows() -> Iterator[tuple[int, dict]]:
+        """(line number, row) pairs, read afresh on each call: a large CSV is never held as dicts."""
+        reader = csv.DictReader(lines, fieldnames=header)
+        next(reader)  # the header
+        for line, row in enumerate(reader, 2):
+            yield line, {"label": "", **{k: (v or "").strip() for k, v in row.items() if k is not None}}
+
+    names = list(class_names) if class_names else _class_names(rows(), csv_path)
     lookup = {n: i for i, n in enumerate(names)}
-    clips = _unique([(line, _parse_row(row, line, csv_path, names, lookup, default_fps)) for line, row in rows],
+    paths: dict[str, tuple[str, str]] = {}  # the CSV's path text -> (resolved path, stem), once per source file
+    clips = _unique(((line, _parse_row(row, line, csv_path, names, lookup, default_fps, paths)) for line, row in rows()),
                     csv_path, dedupe)
+    if not clips:
+        raise AnnotationError(csv_path, None, None, "no clips (the CSV has a header but no rows)")
     return ClipIndex(clips, names, name or csv_path.stem)
 
 
-def _unique(parsed: list[tuple[int, Clip]], csv_path: Path, dedupe: bool) -> list[Clip]:
+def _unique(parsed: Iterable[tuple[int, Clip]], csv_path: Path, dedupe: bool) -> list[Clip]:
     """The clips with repeated rows (same source, video and frames) removed when ``dedupe``, else refused."""
     first: dict[tuple, tuple[int, Clip]] = {}
     kept, dropped = [], 0
@@ -82,11 +89,13 @@ def _unique(parsed: list[tuple[int, Clip]], csv_path: Path, dedupe: bool) -> lis
     return kept
 
 
-def _class_names(rows: list[tuple[int, dict]], csv_path: Path) -> list[str]:
+def _class_names(rows: Iterable[tuple[int, dict]], csv_path: Path) -> list[str]:
     by_id: dict[int, str] = {}
     textual: dict[str, int] = {}
+    counts: collections.Counter = collections.Counter()
     for line, row in rows:
         label = row["label"]
+        counts[label] += 1
         if label in ("", "-1"):
             continue
         if label.lstrip("-").isdigit():
@@ -105,7 +114,6 @@ def _class_names(rows: list[tuple[int, dict]], csv_path: Path) -> list[str]:
         name, line = next(iter(textual.items()))
         raise AnnotationError(csv_path, line, "label", f"class name {name!r} in a CSV whose other labels are integer ids")
     if textual:
-        counts = collections.Counter(row["label"] for _, row in rows)
         _refuse_near_duplicates(textual, counts, csv_path)
         return sorted(textual)
     if not by_id:
@@ -145,7 +153,7 @@ def _refuse_near_duplicates(first_lines: dict[str, int], counts: dict[str, int],
 
 
 def _parse_row(row: dict, line: int, csv_path: Path, names: list[str], lookup: dict[str, int],
-               default_fps: float) -> Clip:
+               default_fps: float, paths: dict[str, tuple[str, str]]) -> Clip:
     def integer(field_name: str, default: int) -> int:
         value = row.get(field_name, "")
         if value == "":
@@ -160,9 +168,10 @@ def _parse_row(row: dict, line: int, csv_path: Path, names: list[str], lookup: d
 
     if not row["path"]:
         raise AnnotationError(csv_path, line, "path", "empty path")
-    path = Path(row["path"])
-    if not path.is_absolute():
-        path = csv_path.parent / path
+    if row["path"] not in paths:
+        resolved = csv_path.parent / row["path"]  # an absolute path stays itself
+        paths[row["path"]] = (str(resolved), resolved.stem)
+    path, stem = paths[row["path"]]
     label_text = row["label"]
     if label_text in ("", "-1"):
         label = UNLABELED
@@ -195,14 +204,14 @@ def _parse_row(row: dict, line: int, csv_path: Path, names: list[str], lookup: d
     except ValueError:
         raise AnnotationError(csv_path, line, "fps", f"expected a number, got {row['fps']!r}") from None
     return Clip(
-        video_id=row.get("video_id") or path.stem,
+        video_id=row.get("video_id") or stem,
         start_frame=start,
         end_frame=end,
         label=label,
         subject=row["subject"],
         split=split,
         fps=fps,
-        path=str(path),
+        path=path,
         emotion=EMOTIONS[emotion_text],
         label_name=names[label] if label >= 0 else "",
     )

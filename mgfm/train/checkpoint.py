@@ -13,7 +13,6 @@ resuming on other nodes needs anyway.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from mgfm.errors import InputError
-from mgfm.files import StorageError, write_atomic, writing
+from mgfm.files import StorageError, sha256_file, write_atomic, writing
 from mgfm.runtime import barrier, is_main_process, rank_world
 
 log = logging.getLogger(__name__)
@@ -48,16 +47,8 @@ def rank_file(rank: int) -> str:
     return f"rank_{rank}.json"
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _manifest(folder: Path) -> dict[str, dict]:
-    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_digest(p)}
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != META}
 
 
@@ -81,7 +72,7 @@ def verify_checkpoint(path: str | Path) -> str | None:
         size = file.stat().st_size
         if size != want["bytes"]:
             return f"{name} is {size} bytes, {want['bytes']} when written"
-        if file_digest(file) != want["sha256"]:
+        if sha256_file(file) != want["sha256"]:
             return f"{name} does not match its checksum"
     return None
 

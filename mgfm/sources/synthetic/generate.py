@@ -34,6 +34,7 @@ from mgfm.sources.synthetic.gestures import GESTURES, apply_idle, idle_motion, m
 from mgfm.sources.synthetic.plan import DatasetPlan, SyntheticConfig, VideoPlan, make_plan
 from mgfm.sources.synthetic.render import FigureRenderer
 from mgfm.files import write_atomic
+from mgfm.runtime import exit_with_parent
 from mgfm.sources.video_io import VideoWriter
 
 logger = logging.getLogger(__name__)
@@ -235,7 +236,7 @@ def generate_with_stats(out_dir: str | Path, config: SyntheticConfig | None = No
                 bar.update(n)
         else:
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=config.workers, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(max_workers=config.workers, mp_context=ctx, initializer=exit_with_parent) as pool:
                 futures = [pool.submit(_render_task, t) for t in tasks]
                 try:
                     for fut in as_completed(futures):
