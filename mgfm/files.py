@@ -145,17 +145,19 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     """:func:`atomic_path` for a folder: yields an empty temporary folder beside ``folder`` to fill, then swaps
     it in (an existing ``folder`` is replaced whole), so a reader never sees half a folder; when the block
     fails the temporary folder goes and ``folder`` is untouched; what a killed writer left beside it (its
-    temporary or old folder, named with its pid) goes when the next writer of ``folder`` starts."""
+    temporary or old folder, named with its pid and host) goes when the next writer of ``folder`` starts."""
     folder = Path(folder)
     with writing(folder):
         make_folder(folder.parent)
-        _clear_dead_writers(folder)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent))
+        for stale in stale_temp_files(folder.parent, {folder.name}, folders=True):
+            shutil.rmtree(stale, ignore_errors=True)
+        writer = f".{folder.name}.{os.getpid()}@{_host()}"
+        tmp = Path(tempfile.mkdtemp(prefix=f"{writer}.tmp-", dir=folder.parent))
         try:
             yield tmp
             old = None
             if folder.exists():
-                old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+                old = folder.with_name(f"{writer}.old")
                 os.replace(folder, old)
             os.replace(tmp, folder)
             if old is not None:
@@ -165,23 +167,7 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
             raise
 
 
-_WRITER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:-.*)?$")
-
-
-def _clear_dead_writers(folder: Path) -> None:
-    """Remove the temporary and old folders beside ``folder`` that writers of it on this host left when they
-    were killed (their pid is gone)."""
-    for path in folder.parent.glob(f".{glob_escape(folder.name)}.*-*"):
-        match = _WRITER.match(path.name)
-        if match and match["name"] == folder.name and not psutil.pid_exists(int(match["pid"])):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
-_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9._-]*))?\.tmp")
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9._-]*))?\.(?:tmp|old)")
 
 
 def _host() -> str:
@@ -189,9 +175,9 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())
 
 
-def stale_temp_files(folder: str | Path, targets: set[str]) -> list[Path]:
-    """The temporary files :func:`atomic_path` left in ``folder`` for the file names ``targets`` whose writer is
-    gone: written on this host by a process that no longer runs (or whose pid now belongs to a process started
+def stale_temp_files(folder: str | Path, targets: set[str], folders: bool = False) -> list[Path]:
+    """The temporary files :func:`atomic_path` left in ``folder`` for the file names ``targets`` (with
+    ``folders``: the temporary and old folders of :func:`atomic_folder`) whose writer is gone: written on this host by a process that no longer runs (or whose pid now belongs to a process started
     after the file was last written; a name without a host, from before names carried one, counts as this
     host's). A live writer's file, another host's, and every file of another naming scheme or for another
     target are never listed."""
@@ -202,7 +188,8 @@ def stale_temp_files(folder: str | Path, targets: set[str]) -> list[Path]:
         return out
     for entry in entries:
         match = _TEMP_NAME.match(entry.name)
-        if not match or match["target"] not in targets or not entry.is_file(follow_symlinks=False):
+        kind_ok = entry.is_dir(follow_symlinks=False) if folders else entry.is_file(follow_symlinks=False)
+        if not match or match["target"] not in targets or not kind_ok:
             continue
         if match["host"] is not None and match["host"] != _host():
             continue

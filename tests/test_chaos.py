@@ -65,7 +65,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 
 def _exporting(run: Path) -> bool:
     """An encoder export under way: its temporary folder, or the run's end after its final checkpoint."""
-    temporary = list(run.glob(".encoder.tmp-*")) + list((run / "encoders").glob(".epoch_*.tmp-*"))
+    temporary = list(run.glob(".encoder.*.tmp-*")) + list((run / "encoders").glob(".epoch_*.*.tmp-*"))
     return bool(temporary) or ((run / "checkpoints").is_dir() and any(
         json.loads((c / "meta.json").read_text()).get("final") for c in (run / "checkpoints").glob("step_*[0-9]")
         if (c / "meta.json").is_file()) and not (run / "summary.json").exists())
@@ -145,5 +145,5 @@ def test_a_run_killed_at_random_moments_ends_bitwise_equal_to_an_uninterrupted_o
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows], "a resumed step saw other data or weights"
     summary = json.loads((chaos / "summary.json").read_text())
     assert summary["steps"] == len(ref_rows) and summary["skipped_samples"] == 0
-    leftovers = [p.name for p in chaos.rglob("*") if ".tmp" in p.name or ".old-" in p.name]
+    leftovers = [p.name for p in chaos.rglob("*") if ".tmp" in p.name or p.name.endswith(".old")]
     assert not leftovers, leftovers

@@ -111,7 +111,7 @@ def test_a_rerun_finishes_what_an_interrupted_end_left_undone(tmp_path, tiny_sha
     encoder = (run / "encoder" / "model.safetensors").read_bytes()
     summary = json.loads((run / "summary.json").read_text())
     # killed in the export: the encoder swapped out, its temporary folder of a process that is gone
-    os.replace(run / "encoder", run / ".encoder.tmp-999999-x")
+    os.replace(run / "encoder", run / ".encoder.999999.tmp-x")
     shutil.rmtree(run / "encoders" / "epoch_00002")
     (run / "summary.json").unlink()
     (run / "loss.png").unlink()
