@@ -43,7 +43,8 @@ from mgfm.evaluate.metrics import classification_metrics
 from mgfm.evaluate.probe import ProbeConfig, predict, train_probe
 from mgfm.report import format_table, save_figure
 from mgfm.model.motion_map import motion_map
-from mgfm.model.videomae import ModelConfig, build_pretraining_model, param_groups
+from mgfm.model.encoder import ModelConfig
+from mgfm.model.masked import build_pretraining_model, param_groups
 from mgfm.shards.manifest import load_manifest
 
 log = logging.getLogger("bench_real_motion")

@@ -16,7 +16,7 @@ import yaml
 from conftest import subprocess_env
 
 from mgfm.data.subset import SubsetError, stratified_subset
-from mgfm.model.videomae import ModelConfig
+from mgfm.model.encoder import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(size="custom", img_size=32, frames=4, dim=32, depth=2, heads=2, decoder_dim=16, decoder_depth=1,
@@ -233,7 +233,7 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path):
 def test_pretrained_init_copies_the_encoder_and_its_norm(tmp_path):
     from mgfm.model.classifier import build_classifier
     from mgfm.model.hf import save_encoder_hf
-    from mgfm.model.videomae import build_encoder
+    from mgfm.model.encoder import build_encoder
 
     torch.manual_seed(1)
     encoder = build_encoder(ModelConfig(**TINY))
@@ -251,7 +251,7 @@ def test_pretrained_init_copies_the_encoder_and_its_norm(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory) -> Path:
     from mgfm.model.hf import save_encoder_hf
-    from mgfm.model.videomae import build_encoder
+    from mgfm.model.encoder import build_encoder
 
     torch.manual_seed(0)
     return save_encoder_hf(build_encoder(ModelConfig(**TINY)), tmp_path_factory.mktemp("enc") / "encoder")

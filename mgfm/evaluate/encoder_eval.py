@@ -23,7 +23,7 @@ from mgfm.report import format_table, write_report
 from mgfm.runtime import is_main_process, join_process_group, local_device
 from mgfm.shards.read import set_name
 from mgfm.model.hf import encoder_checksum, load_encoder_hf
-from mgfm.model.videomae import build_encoder
+from mgfm.model.encoder import build_encoder
 
 log = logging.getLogger(__name__)
 

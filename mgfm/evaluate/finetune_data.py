@@ -21,7 +21,7 @@ from mgfm.errors import InputError
 from mgfm.evaluate.encoder_eval import resolve_encoder
 from mgfm.evaluate.finetune_recipe import FinetuneRecipe
 from mgfm.model.hf import config_from_hf, read_hf_config
-from mgfm.model.videomae import at_geometry
+from mgfm.model.encoder import at_geometry
 from mgfm.runtime import gather_objects, rank_world
 from mgfm.shards.manifest import load_manifest
 

@@ -8,7 +8,8 @@ from typing import Literal
 from mgfm.config import bounded
 from mgfm.data.stream import StreamConfig
 from mgfm.errors import InputError
-from mgfm.model.videomae import LossConfig, ModelConfig
+from mgfm.model.encoder import ModelConfig
+from mgfm.model.masked import LossConfig
 
 
 @dataclass
