@@ -37,10 +37,10 @@ from mgfm.data.clip_cache import cache_split
 from mgfm.data.masking import MaskGenerator
 from mgfm.data.stream import StreamConfig, make_loader
 from mgfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalise
-from mgfm.evaluate.features import PixelEncoder
 from mgfm.evaluate.featureset import FeatureSet
 from mgfm.evaluate.metrics import classification_metrics
 from mgfm.evaluate.probe import ProbeConfig, predict, train_probe
+from mgfm.evaluate.raw_pixels import PixelEncoder
 from mgfm.report import format_table, save_figure
 from mgfm.model.motion_map import motion_map
 from mgfm.model.encoder import ModelConfig

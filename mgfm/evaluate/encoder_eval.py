@@ -17,8 +17,10 @@ import torch
 from mgfm.config import bounded
 from mgfm.data.stream import StreamConfig
 from mgfm.errors import MgfmError
-from mgfm.evaluate.features import PixelEncoder, eval_stream_config, require_complete, split_features
+from mgfm.evaluate.features import eval_stream_config, require_complete, split_features
 from mgfm.evaluate.featureset import FeatureSet
+from mgfm.evaluate.raw_pixels import PixelEncoder
+from mgfm.evaluate.raw_pixels import ROW as PIXEL_ROW
 from mgfm.report import format_table, write_report
 from mgfm.runtime import is_main_process, join_process_group, local_device
 from mgfm.shards.read import set_name
@@ -120,7 +122,7 @@ def encoders_to_compare(encoder_folder: Path, recipe: EncoderEvalRecipe):
         torch.manual_seed(recipe.seed)
         rows.append(("random init", build_encoder(cfg), f"random-init:{cfg.size}:{cfg.dim}x{cfg.depth}:seed{recipe.seed}"))
         pixels = PixelEncoder()
-        rows.append(("raw pixels", pixels, f"pixels:{pixels.frames}x{pixels.size}"))
+        rows.append((PIXEL_ROW, pixels, pixels.encoder_id))
     return rows, cfg
 
 
