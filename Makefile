@@ -49,7 +49,7 @@ emotion: setup
 # 3 seeds, both probes on every snapshot: runs/real-motion/table.md
 RECIPE ?=
 real-motion: setup
-	$(PY) -m mgfm.real_motion $(if $(RECIPE),--recipe $(RECIPE)) $(ARGS)
+	$(PY) -m experiments.real_motion $(if $(RECIPE),--recipe $(RECIPE)) $(ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_loader.py

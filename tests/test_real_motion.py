@@ -1,4 +1,4 @@
-"""`make real-motion` (mgfm.real_motion): shards from a clip CSV with start/end frames, one mixture
+"""`make real-motion` (experiments.real_motion): shards from a clip CSV with start/end frames, one mixture
 pretraining per seed, both probes with their reference rows on every set, and the table over seeds."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_CLIPS, TINY_VIDEOS
 
-from mgfm.evaluate.curve import main as curve_main
-from mgfm.real_motion import main
+from experiments.curve import main as curve_main
+from experiments.real_motion import main
 
 TINY_MODEL = ["model.size=custom", "model.img_size=32", "model.frames=4", "model.dim=32", "model.depth=1",
               "model.heads=2", "model.decoder_dim=16", "model.decoder_depth=1", "model.decoder_heads=1"]
@@ -128,4 +128,4 @@ def test_missing_real_set_is_one_line_error(tmp_path, capsys):
         main(["--shared", str(tmp_path), "--no-synthetic", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "\n" not in err
-    assert err.startswith("mgfm.real_motion: error: ") and "no such file" in err and "utkinect" in err
+    assert err.startswith("experiments.real_motion: error: ") and "no such file" in err and "utkinect" in err
