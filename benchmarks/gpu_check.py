@@ -285,7 +285,7 @@ def stage_features(ctx: Context) -> dict:
     import torch
 
     from mgfm.runtime import feature_precision, local_device
-    from mgfm.evaluate.features import split_features
+    from mgfm.evaluate.extract import split_features
     from mgfm.data.stream import StreamConfig
     from mgfm.evaluate.encoder_eval import stream_for
     from mgfm.model.hf import load_encoder_hf, save_encoder_hf

@@ -36,7 +36,7 @@ from mgfm.pipeline import build_default_shards, default_workers, pretrain
 from mgfm.report import markdown_table, plus_minus
 from mgfm.shards import BuildConfig, build_shards
 from mgfm.shards.read import set_name
-from mgfm.sources.readers import read_source_index
+from mgfm.sources.formats import read_source_index
 from mgfm.train.recipe import PretrainRecipe
 from mgfm.errors import InputError
 from mgfm.runtime import setup_logging

@@ -17,7 +17,7 @@ import torch
 from mgfm.config import bounded
 from mgfm.data.stream import StreamConfig
 from mgfm.errors import MgfmError
-from mgfm.evaluate.features import eval_stream_config, require_complete, split_features
+from mgfm.evaluate.extract import eval_stream_config, require_complete, split_features
 from mgfm.evaluate.featureset import FeatureSet
 from mgfm.evaluate.raw_pixels import PixelEncoder
 from mgfm.evaluate.raw_pixels import ROW as PIXEL_ROW

@@ -1,4 +1,4 @@
-"""Moved: the raw-pixel reference is defined once, :class:`mgfm.evaluate.features.PixelEncoder`, the
+"""Moved: the raw-pixel reference is defined once, :class:`mgfm.evaluate.raw_pixels.PixelEncoder`, the
 ``raw pixels`` row of every report (``python eval/linear_probe.py``)."""
 
 from mgfm.cli import moved_command

@@ -70,7 +70,7 @@ def read_plan(out_dir: str | Path) -> dict | None:
         raise InputError(f"{path}: not valid JSON ({err}); delete it to re-plan") from None
 
 
-def is_complete(out_dir: str | Path, name: str, plan_hash: str) -> bool:
+def shard_is_complete(out_dir: str | Path, name: str, plan_hash: str) -> bool:
     """True when shard ``name`` has its tar and a fragment written for this plan."""
     out_dir = Path(out_dir)
     frag = fragment_path(out_dir, name)
@@ -101,7 +101,7 @@ def rebuild_manifest(out_dir: str | Path) -> dict:
             "missing_shards": [],
         })
         info["planned_shards"] += 1
-        if not is_complete(out_dir, name, plan["plan_hash"]):
+        if not shard_is_complete(out_dir, name, plan["plan_hash"]):
             info["missing_shards"].append(name)
             missing.append(name)
             continue
