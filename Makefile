@@ -13,7 +13,7 @@ RUN ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test shards pretrain linear-probe finetune retrieval emotion real-motion bench clean
+.PHONY: setup demo test test-quick shards pretrain linear-probe finetune retrieval emotion real-motion bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,8 +57,12 @@ bench: setup
 	$(PY) benchmarks/bench_retrieval.py
 	$(PY) benchmarks/bench_semi_headroom.py $(if $(RUN),--run $(RUN)) --shards $(SHARDS)
 
+# everything, as CI runs it (.ci/run); test-quick: the tests not marked slow, a few minutes
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-quick: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

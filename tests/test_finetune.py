@@ -276,6 +276,7 @@ def _finetune(args: list[str], launch: list[str] | None = None, timeout: int = 3
     return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # ~60 s: two fine-tuning runs and a resume
 def test_semi_supervised_run_writes_report_model_and_resumes(tmp_path, tiny_shards, tiny_encoder):
     recipe = _recipe(tmp_path, tiny_shards, tiny_encoder)
     result = _finetune(["--recipe", str(recipe), "semi.method=fixmatch", "label_fraction=0.5", "checkpoint_every=2"])
@@ -370,6 +371,7 @@ def test_class_without_train_clips_is_one_line_error(tmp_path, tiny_index, tiny_
         result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # ~80 s: an interrupted and an uninterrupted run
 def test_mid_run_resume_trains_on_as_the_uninterrupted_run(tmp_path, tiny_shards, tiny_encoder):
     recipe = _recipe(tmp_path, tiny_shards, tiny_encoder, checkpoint_every=2, keep_checkpoints=5)
     args = ["--recipe", str(recipe), "semi.method=fixmatch", "label_fraction=0.5", "model.drop_path=0.1"]

@@ -29,6 +29,8 @@ def _fake_shared(root: Path, tiny_videos: dict[str, Path]) -> Path:
     return root
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~5 min: two seeds pretrained, both probes on every snapshot
 def test_real_motion_table_over_seeds_and_probes(tmp_path, tiny_videos, capsys):
     shared = _fake_shared(tmp_path / "shared", tiny_videos)
     out = tmp_path / "out"
@@ -93,6 +95,8 @@ def test_real_motion_table_over_seeds_and_probes(tmp_path, tiny_videos, capsys):
     assert exit_info.value.code == 2 and "\n" not in err and "not a curve" in err
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # ~2 min
 def test_a_corpus_run_is_probed_on_built_shard_folders(tmp_path, tiny_shards, capsys):
     """--corpus: the recipe's own shards are pretrained on; --real names a built shard folder to probe;
     --curve-probes keeps the attentive probe to the run's two ends; a finished run is reused as it is."""
