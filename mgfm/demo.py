@@ -134,9 +134,12 @@ def gain_lines(results: dict[str, dict], steps: int, start_name: str) -> list[st
         return [f"Linear-probe top-1 gain over random init: {100 * gain:+.1f} points (start and training not "
                 f"told apart: this run kept no encoder of step 0)."]
     start = top1[start_name] - top1["random init"]
+    trained_ci, start_ci = (results[name]["probe"].get("top1_ci95") for name in ("pretrained", start_name))
+    overlap = trained_ci and start_ci and trained_ci[0] <= start_ci[1] and start_ci[0] <= trained_ci[1]
+    within = " (within the two rows' 95% intervals)" if overlap else ""
     return [f"Linear-probe top-1 gain over random init: {100 * gain:+.1f} points: {100 * start:+.1f} from the "
             f"encoder's start, before any step (row `{start_name}`), {100 * (gain - start):+.1f} from the {steps} "
-            f"pretraining steps (row `pretrained`)."]
+            f"pretraining steps (row `pretrained`){within}."]
 
 
 def write_summary(run_dir: Path, data_summary: dict, probe_report: dict, timings: dict[str, float],

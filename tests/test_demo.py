@@ -28,7 +28,8 @@ def test_the_summary_splits_the_gain_into_the_start_and_the_training_steps(tmp_p
     rows = [line.split(" | ")[0].lstrip("| ") for line in text.splitlines() if line.startswith("| ")]
     assert rows[2:6] == ["pretrained", "step 0 (motion-PCA start)", "random init", "raw pixels"]
     assert ("gain over random init: +30.0 points: +26.0 from the encoder's start, before any step (row "
-            "`step 0 (motion-PCA start)`), +4.0 from the 342 pretraining steps (row `pretrained`).") in text
+            "`step 0 (motion-PCA start)`), +4.0 from the 342 pretraining steps (row `pretrained`) (within the two rows' "
+            "95% intervals).") in text
     assert "| pretrain | 156.2 |" in text and "| data | 54.0 |" in text and "156.2000" not in text
 
 
