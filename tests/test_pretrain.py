@@ -332,7 +332,6 @@ def _teacher_and_encoder(checkpoint: Path) -> tuple[dict, dict]:
             {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
 
 
-@pytest.mark.slow  # ~35 s each
 @pytest.mark.parametrize("target,extra", [("motion", []), ("pixels+motion", []), ("features", []),
                                           ("pixels", ["loss.content_floor=0.05"])])
 def test_each_objective_pretrains_from_memory_with_snapshots(tmp_path, tiny_shards, target, extra):
