@@ -13,7 +13,7 @@ RUN ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test shards pretrain linear-probe finetune retrieval emotion real-motion bench clean
+.PHONY: setup demo test test-quick shards pretrain linear-probe finetune retrieval emotion real-motion bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +49,7 @@ emotion: setup
 # 3 seeds, both probes on every snapshot: runs/real-motion/table.md
 RECIPE ?=
 real-motion: setup
-	$(PY) -m mgfm.real_motion $(if $(RECIPE),--recipe $(RECIPE)) $(ARGS)
+	$(PY) -m experiments.real_motion $(if $(RECIPE),--recipe $(RECIPE)) $(ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_loader.py
@@ -57,8 +57,12 @@ bench: setup
 	$(PY) benchmarks/bench_retrieval.py
 	$(PY) benchmarks/bench_semi_headroom.py $(if $(RUN),--run $(RUN)) --shards $(SHARDS)
 
+# everything, as CI runs it (.ci/run); test-quick: the tests not marked slow, a few minutes
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-quick: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

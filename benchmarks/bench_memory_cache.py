@@ -32,7 +32,8 @@ from bench_loader import build_bench_shards  # noqa: E402
 
 from mgfm.data.stream import MemoryClips, StreamConfig, make_loader  # noqa: E402
 from mgfm.data.transforms import normalise  # noqa: E402
-from mgfm.model.videomae import ModelConfig, build_pretraining_model, param_groups  # noqa: E402
+from mgfm.model.encoder import ModelConfig  # noqa: E402
+from mgfm.model.masked import build_pretraining_model, param_groups  # noqa: E402
 
 
 def samples_per_s(shards: Path, cfg: StreamConfig, batches: int, epoch: int, memory: MemoryClips | None) -> float:

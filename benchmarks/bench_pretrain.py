@@ -30,7 +30,8 @@ import torch
 from mgfm.data.masking import MaskGenerator
 from mgfm.model.flops import count_params
 from mgfm.model.hf import hf_config_dict
-from mgfm.model.videomae import ModelConfig, build_pretraining_model, param_groups
+from mgfm.model.encoder import ModelConfig
+from mgfm.model.masked import build_pretraining_model, param_groups
 
 log = logging.getLogger("bench_pretrain")
 

@@ -33,17 +33,18 @@ import torch
 import torch.nn.functional as F
 
 from mgfm.data.clip_augment import crop_clips
-from mgfm.data.clip_cache import cache_split
+from mgfm.data.decoded_split import decode_split
 from mgfm.data.masking import MaskGenerator
 from mgfm.data.stream import StreamConfig, make_loader
 from mgfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalise
-from mgfm.evaluate.features import PixelEncoder
 from mgfm.evaluate.featureset import FeatureSet
 from mgfm.evaluate.metrics import classification_metrics
 from mgfm.evaluate.probe import ProbeConfig, predict, train_probe
+from mgfm.evaluate.raw_pixels import PixelEncoder
 from mgfm.report import format_table, save_figure
 from mgfm.model.motion_map import motion_map
-from mgfm.model.videomae import ModelConfig, build_pretraining_model, param_groups
+from mgfm.model.encoder import ModelConfig
+from mgfm.model.masked import build_pretraining_model, param_groups
 from mgfm.shards.manifest import load_manifest
 
 log = logging.getLogger("bench_real_motion")
@@ -51,12 +52,12 @@ GEOMETRY = dict(frames=16, img_size=112)
 
 
 def decode_sets(sets: dict[str, str], test_limit: int | None) -> dict[str, dict]:
-    """``{name: {train, test (ClipCache), classes, subjects {clip_id: subject}}}``; at most ``test_limit``
+    """``{name: {train, test (DecodedSplit), classes, subjects {clip_id: subject}}}``; at most ``test_limit``
     test clips per set (an even sample) to keep probing cheap."""
     cfg = StreamConfig(**GEOMETRY, masks=False, num_workers=2, batch_size=32, video_dtype="uint8")
     out = {}
     for name, path in sets.items():
-        train, test = (cache_split(path, split, cfg, progress=False) for split in ("train", "test"))
+        train, test = (decode_split(path, split, cfg, progress=False) for split in ("train", "test"))
         if test_limit and len(test) > test_limit:
             keep = np.linspace(0, len(test) - 1, test_limit).round().astype(int)
             test = test.select([test.clip_ids[i] for i in keep])

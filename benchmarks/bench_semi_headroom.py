@@ -41,7 +41,7 @@ log = logging.getLogger("bench_semi_headroom")
 
 def load_features(run: str, shards: str, views: int) -> tuple[FeatureSet, FeatureSet, list[str]]:
     """(train, test, class names): the run's cached frozen features, as ``eval/linear_probe.py`` makes them."""
-    from mgfm.evaluate.features import split_features
+    from mgfm.evaluate.extract import split_features
     from mgfm.evaluate.encoder_eval import resolve_encoder, stream_for
     from mgfm.evaluate.probe_eval import ProbeRecipe
     from mgfm.model.hf import config_from_hf, read_hf_config

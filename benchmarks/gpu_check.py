@@ -157,7 +157,8 @@ def stage_pretrain_random(ctx: Context) -> dict:
     import torch
 
     from mgfm.model.flops import pretrain_gflops
-    from mgfm.model.videomae import ModelConfig, build_pretraining_model, param_groups
+    from mgfm.model.encoder import ModelConfig
+    from mgfm.model.masked import build_pretraining_model, param_groups
     from mgfm.train.engine import Engine, MicroResult, Schedule, train
 
     s = ctx.sizes
@@ -284,11 +285,11 @@ def stage_features(ctx: Context) -> dict:
     import torch
 
     from mgfm.runtime import feature_precision, local_device
-    from mgfm.evaluate.features import split_features
+    from mgfm.evaluate.extract import split_features
     from mgfm.data.stream import StreamConfig
     from mgfm.evaluate.encoder_eval import stream_for
     from mgfm.model.hf import load_encoder_hf, save_encoder_hf
-    from mgfm.model.videomae import ModelConfig, build_encoder
+    from mgfm.model.encoder import ModelConfig, build_encoder
 
     if ctx.shards is None:
         raise RuntimeError("no shards: the pretrain_shards stage did not build them")

@@ -11,7 +11,7 @@ import argparse
 import contextlib
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, NoReturn, TypeVar
 
 from mgfm.config import load_recipe
 from mgfm.errors import Interrupted, MgfmError
@@ -64,3 +64,14 @@ def run_cli(recipe_cls: type[T], action: Callable[[T], object], argv: list[str] 
     with one_line_errors(prog):
         recipe = load_recipe(recipe_cls, recipe_path, args.overrides)
         return action(recipe)
+
+
+def moved_command(old: str, where: str, name: str) -> NoReturn:
+    """What is left of a command that moved: ``python -m <old>`` (``name == "__main__"``) ends in one line,
+    ``<old>: error: <old> has moved: <where>``, and exit code 2; an import of ``old`` raises ``ImportError``
+    saying the same. A moved module's whole body is ``moved_command("<old>", "run `...` instead", __name__)``."""
+    message = f"{old} has moved: {where}"
+    if name == "__main__":
+        sys.stderr.write(f"{old}: error: {message}\n")
+        raise SystemExit(2)
+    raise ImportError(message)

@@ -15,7 +15,7 @@ from mgfm.runtime import barrier, is_main_process
 from mgfm.shards import BuildConfig, build_shards
 from mgfm.shards.read import local_source
 from mgfm.sources.clip_index import ClipIndex
-from mgfm.sources.synthetic import SyntheticConfig, generate, is_complete, read_synthetic
+from mgfm.sources.synthetic import SyntheticConfig, generate, is_rendered, read_synthetic
 from mgfm.train.pretrain import run as run_pretraining
 from mgfm.train.pretrain import shard_sources
 from mgfm.train.recipe import PretrainRecipe
@@ -34,7 +34,7 @@ def default_workers() -> int:
 def ensure_synthetic(data_dir: str | Path, config: SyntheticConfig | None = None) -> ClipIndex:
     """Render the synthetic benchmark into ``data_dir`` unless it is complete; return its clip index."""
     config = config or SyntheticConfig()
-    if is_complete(data_dir, config):
+    if is_rendered(data_dir, config):
         log.info("synthetic benchmark found at %s", data_dir)
     else:
         log.info("rendering the synthetic micro-gesture benchmark into %s", data_dir)

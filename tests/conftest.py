@@ -153,7 +153,7 @@ def tiny_encoder_folder(folder: Path) -> Path:
     import torch
 
     from mgfm.model.hf import save_encoder_hf
-    from mgfm.model.videomae import ModelConfig, build_encoder
+    from mgfm.model.encoder import ModelConfig, build_encoder
 
     torch.manual_seed(0)
     encoder = build_encoder(ModelConfig(size="custom", img_size=32, frames=4, dim=32, depth=1, heads=2,

@@ -59,7 +59,7 @@ def test_clip_features_are_not_tokens():
 
 
 def test_pooled_tokens_agree_with_the_clip_features(tmp_path):
-    from mgfm.evaluate.features import PixelEncoder
+    from mgfm.evaluate.raw_pixels import PixelEncoder
     from mgfm.model.hf import load_encoder_hf
 
     encoder, cfg = load_encoder_hf(tiny_encoder_folder(tmp_path / "encoder"))

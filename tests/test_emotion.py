@@ -16,9 +16,9 @@ import torch
 from conftest import tiny_encoder_folder
 
 from mgfm.data.stream import StreamConfig
-from mgfm.evaluate.emotion import (EmotionError, SequenceHeadConfig, binary_metrics, build_sequences, concat_features,
-                                   fit_sequence_head, fit_vector_head, majority_probability, mg_probabilities,
-                                   one_hot_labels)
+from mgfm.evaluate.emotion_heads import (EmotionError, SequenceHeadConfig, binary_metrics, build_sequences,
+                                         concat_features, fit_sequence_head, fit_vector_head, majority_probability,
+                                         mg_probabilities, one_hot_labels)
 from mgfm.evaluate.emotion_eval import EmotionRecipe, split_sequences, subject_prior_row
 from mgfm.evaluate.emotion_eval import run as evaluate_emotion
 from mgfm.evaluate.featureset import FeatureSet

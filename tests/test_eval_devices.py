@@ -16,7 +16,7 @@ from conftest import subprocess_env, tiny_encoder_folder
 
 from mgfm.data.stream import StreamConfig
 from mgfm.runtime import feature_precision, local_device
-from mgfm.evaluate.features import cache_key, eval_stream_config
+from mgfm.evaluate.extract import cache_key, eval_stream_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,8 +92,8 @@ def test_features_on_a_bf16_gpu_are_cached_apart_from_fp32_ones(monkeypatch, tin
 
 
 def test_multi_view_features_average_the_views_that_decoded(monkeypatch, tiny_shards):
-    import mgfm.evaluate.features as features
-    from mgfm.evaluate.features import encode_split
+    import mgfm.evaluate.extract as features
+    from mgfm.evaluate.extract import encode_split
 
     real = features.make_loader
 

@@ -10,7 +10,7 @@ import torch
 
 from mgfm.data.sampling import sample_indices
 from mgfm.data.stream import StreamConfig
-from mgfm.evaluate.features import encode_split, eval_stream_config
+from mgfm.evaluate.extract import encode_split, eval_stream_config
 
 
 @pytest.mark.parametrize("policy", ["adaptive", "fixed", "uniform"])

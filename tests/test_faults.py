@@ -111,7 +111,7 @@ def test_pretraining_counts_the_clips_of_an_empty_train_shard_once(tmp_path, tin
 
 def test_the_feature_cache_never_keeps_a_loss_and_follows_the_shard_files(tmp_path, tiny_shards):
     from mgfm.data.stream import StreamConfig
-    from mgfm.evaluate.features import eval_stream_config, split_features
+    from mgfm.evaluate.extract import eval_stream_config, split_features
 
     shards = _copy(tiny_shards, tmp_path)
     encoder = tiny_encoder_folder(tmp_path / "encoder")
@@ -278,7 +278,7 @@ def test_repeated_rows_are_an_error_naming_both_lines_or_dropped_with_dedupe(tmp
 
 
 def test_shard_builder_takes_a_class_list_and_dedupe(tmp_path):
-    from mgfm.sources.readers import read_source_index
+    from mgfm.sources.formats import read_source_index
 
     csv = _csv(tmp_path, ["a.mp4,touch hat,s1,train", "a.mp4,touch hat,s1,train", "b.mp4,touch hair,s2,test"])
     (tmp_path / "classes.txt").write_text("touch hat\ntouch hair\n")
@@ -553,7 +553,7 @@ def test_a_damaged_feature_cache_is_named_once_recomputed_and_rewritten(tmp_path
     import numpy as np
 
     from mgfm.data.stream import StreamConfig
-    from mgfm.evaluate.features import eval_stream_config, split_features
+    from mgfm.evaluate.extract import eval_stream_config, split_features
     from mgfm.evaluate.featureset import FeatureSet
 
     encoder = tiny_encoder_folder(tmp_path / "encoder")

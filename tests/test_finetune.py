@@ -16,7 +16,7 @@ import yaml
 from conftest import subprocess_env
 
 from mgfm.data.subset import SubsetError, stratified_subset
-from mgfm.model.videomae import ModelConfig
+from mgfm.model.encoder import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(size="custom", img_size=32, frames=4, dim=32, depth=2, heads=2, decoder_dim=16, decoder_depth=1,
@@ -111,7 +111,7 @@ def test_fixmatch_loss_uses_unlabelled_clips():
 def _square_clips(by_row: bool):
     """18 two-window clips of 3 classes; the class sets where a bright square sits: its column (left to
     right), or, ``by_row``, its row (the square then stays at the left, so a mirror image moves it)."""
-    from mgfm.data.clip_cache import ClipCache
+    from mgfm.data.decoded_split import DecodedSplit
     from mgfm.evaluate.finetune import FinetuneData
 
     gen = torch.Generator().manual_seed(0)
@@ -120,14 +120,14 @@ def _square_clips(by_row: bool):
     for i, c in enumerate(labels.tolist()):
         rows, cols = (slice(2 + 10 * c, 12 + 10 * c), slice(2, 12)) if by_row else (slice(4, 14), slice(2 + 10 * c, 12 + 10 * c))
         video[i, :, :, :, rows, cols] = 250
-    cache = ClipCache(video, labels, [f"c{i:02d}" for i in range(18)])
+    cache = DecodedSplit(video, labels, [f"c{i:02d}" for i in range(18)])
     return FinetuneData(cache, cache, cache, ["a", "b", "c"], cache.clip_ids, np.full(3, 6), 18, 1.0,
                         (0.45, 0.45, 0.45), (0.225, 0.225, 0.225))
 
 
 def test_probe_head_reproduces_the_linear_probe_on_the_labelled_clips():
-    from mgfm.data.clip_cache import ClipCache
-    from mgfm.evaluate.finetune import fit_probe_head, predict_cache
+    from mgfm.data.decoded_split import DecodedSplit
+    from mgfm.evaluate.finetune import fit_probe_head, predict_split
     from mgfm.evaluate.finetune_recipe import FinetuneRecipe
 
     data = _square_clips(by_row=False)
@@ -140,8 +140,8 @@ def test_probe_head_reproduces_the_linear_probe_on_the_labelled_clips():
     changed = [k for k in before if not torch.equal(before[k], model.state_dict()[k])]
     assert changed == ["head.weight", "head.bias"], "only the head is set; the encoder stays as it was"
     # the head gives the regression's own decisions: its accuracy on the clips it was fitted on
-    scores = predict_cache(model, cache, 8, data.mean, data.std, 32)  # windows averaged
-    per_window = [predict_cache(model, ClipCache(video[:, v:v + 1], labels, cache.clip_ids), 8, data.mean,
+    scores = predict_split(model, cache, 8, data.mean, data.std, 32)  # windows averaged
+    per_window = [predict_split(model, DecodedSplit(video[:, v:v + 1], labels, cache.clip_ids), 8, data.mean,
                                 data.std, 32).argmax(1) for v in range(2)]
     window_acc = float(np.mean([(p == labels.numpy()).mean() for p in per_window]))
     assert window_acc == pytest.approx(stats["probe_train_accuracy"])
@@ -149,17 +149,17 @@ def test_probe_head_reproduces_the_linear_probe_on_the_labelled_clips():
 
 
 def test_probe_head_with_flip_is_fitted_on_the_mirror_images_too():
-    from mgfm.data.clip_cache import ClipCache
-    from mgfm.evaluate.finetune import fit_probe_head, predict_cache
+    from mgfm.data.decoded_split import DecodedSplit
+    from mgfm.evaluate.finetune import fit_probe_head, predict_split
     from mgfm.evaluate.finetune_recipe import FinetuneRecipe
 
     data = _square_clips(by_row=True)
     model = _classifier()
     stats = fit_probe_head(model, data, FinetuneRecipe(head_init_c=1.0, flip=True), img_size=32)
     assert stats["probe_samples"] == 72  # 18 clips x 2 windows, as they are and mirrored
-    mirrored = ClipCache(data.labelled.video.flip(-1), data.labelled.labels, data.labelled.clip_ids)
+    mirrored = DecodedSplit(data.labelled.video.flip(-1), data.labelled.labels, data.labelled.clip_ids)
     for cache in (data.labelled, mirrored):
-        scores = predict_cache(model, cache, 8, data.mean, data.std, 32)
+        scores = predict_split(model, cache, 8, data.mean, data.std, 32)
         assert (scores.argmax(1) == cache.labels.numpy()).mean() > 0.9
 
 
@@ -233,7 +233,7 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path):
 def test_pretrained_init_copies_the_encoder_and_its_norm(tmp_path):
     from mgfm.model.classifier import build_classifier
     from mgfm.model.hf import save_encoder_hf
-    from mgfm.model.videomae import build_encoder
+    from mgfm.model.encoder import build_encoder
 
     torch.manual_seed(1)
     encoder = build_encoder(ModelConfig(**TINY))
@@ -251,7 +251,7 @@ def test_pretrained_init_copies_the_encoder_and_its_norm(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory) -> Path:
     from mgfm.model.hf import save_encoder_hf
-    from mgfm.model.videomae import build_encoder
+    from mgfm.model.encoder import build_encoder
 
     torch.manual_seed(0)
     return save_encoder_hf(build_encoder(ModelConfig(**TINY)), tmp_path_factory.mktemp("enc") / "encoder")
@@ -276,6 +276,7 @@ def _finetune(args: list[str], launch: list[str] | None = None, timeout: int = 3
     return subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # ~60 s: two fine-tuning runs and a resume
 def test_semi_supervised_run_writes_report_model_and_resumes(tmp_path, tiny_shards, tiny_encoder):
     recipe = _recipe(tmp_path, tiny_shards, tiny_encoder)
     result = _finetune(["--recipe", str(recipe), "semi.method=fixmatch", "label_fraction=0.5", "checkpoint_every=2"])
@@ -297,7 +298,7 @@ def test_semi_supervised_run_writes_report_model_and_resumes(tmp_path, tiny_shar
     # the reported scores are what the exported model (in transformers, not our code) scores on the test
     # clips: softmax averaged over the 2 temporal views
     from mgfm.config import load_recipe
-    from mgfm.data.clip_cache import cache_split
+    from mgfm.data.decoded_split import decode_split
     from mgfm.data.transforms import normalise
     from mgfm.evaluate.metrics import classification_metrics
     from mgfm.evaluate.finetune_data import model_geometry, stream_configs
@@ -305,7 +306,7 @@ def test_semi_supervised_run_writes_report_model_and_resumes(tmp_path, tiny_shar
 
     loaded = load_recipe(FinetuneRecipe, recipe, ["semi.method=fixmatch", "label_fraction=0.5"])
     _, _, cfg = model_geometry(loaded)
-    test = cache_split(tiny_shards, "test", stream_configs(loaded, cfg)[1], views=2, progress=False)
+    test = decode_split(tiny_shards, "test", stream_configs(loaded, cfg)[1], views=2, progress=False)
     with torch.no_grad():
         logits = hf(pixel_values=normalise(test.video.flatten(0, 1), cfg.pixel_mean, cfg.pixel_std)).logits
     scores = torch.softmax(logits, -1).reshape(len(test), 2, -1).mean(1).numpy()
@@ -370,6 +371,7 @@ def test_class_without_train_clips_is_one_line_error(tmp_path, tiny_index, tiny_
         result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # ~80 s: an interrupted and an uninterrupted run
 def test_mid_run_resume_trains_on_as_the_uninterrupted_run(tmp_path, tiny_shards, tiny_encoder):
     recipe = _recipe(tmp_path, tiny_shards, tiny_encoder, checkpoint_every=2, keep_checkpoints=5)
     args = ["--recipe", str(recipe), "semi.method=fixmatch", "label_fraction=0.5", "model.drop_path=0.1"]
@@ -406,12 +408,12 @@ def test_fine_tunes_of_one_run_on_two_shard_sets_get_their_own_folders(tmp_path)
 
 
 def test_the_labelled_subset_is_drawn_with_the_recipe_seed(tiny_shards):
-    from mgfm.data.clip_cache import ClipCache
+    from mgfm.data.decoded_split import DecodedSplit
     from mgfm.evaluate.finetune import FinetuneData, load_data
     from mgfm.evaluate.finetune_recipe import FinetuneRecipe
 
     n = 40
-    train = ClipCache(torch.zeros(n, 1, 2, 3, 4, 4, dtype=torch.uint8), torch.arange(n) % 4,
+    train = DecodedSplit(torch.zeros(n, 1, 2, 3, 4, 4, dtype=torch.uint8), torch.arange(n) % 4,
                       [f"clip{i:02d}" for i in range(n)])
     cached = FinetuneData(train, train, train, ["a", "b", "c", "d"], [], np.zeros(4), n, 1.0, (0.5,) * 3, (0.2,) * 3)
     cfg = ModelConfig(**TINY)

@@ -15,7 +15,8 @@ from conftest import subprocess_env
 
 from mgfm.data.masking import MaskGenerator
 from mgfm.model.flops import encoder_gmacs, pretrain_gflops
-from mgfm.model.videomae import ModelConfig, build_pretraining_model
+from mgfm.model.encoder import ModelConfig
+from mgfm.model.masked import build_pretraining_model
 
 REPO = Path(__file__).resolve().parents[1]
 # 2 x 4 x 4 = 32 tokens of 3 x 2 x 16 x 16 = 1536 pixels

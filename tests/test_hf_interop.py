@@ -18,7 +18,9 @@ from mgfm.model.hf import (
     load_encoder_hf,
     save_encoder_hf,
 )
-from mgfm.model.videomae import ModelConfig, build_encoder, build_pretraining_model, sinusoid_table
+from mgfm.model.encoder import ModelConfig, build_encoder
+from mgfm.model.layers import sinusoid_table
+from mgfm.model.masked import build_pretraining_model
 
 transformers = pytest.importorskip("transformers")
 from transformers import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEModel  # noqa: E402
@@ -158,7 +160,7 @@ def test_pretraining_format_folder_loads_encoder_only(tmp_path):
         assert (enc.features(v) - hf_features(hf.videomae, v)).abs().max() < 1e-4
     # the folder can seed a pretraining run (init_from=) at another clip geometry, its position table
     # resampled (pos_embed=interpolate, else refused): the decoder stays fresh
-    from mgfm.model.videomae import at_geometry
+    from mgfm.model.encoder import at_geometry
 
     run_cfg = tiny(frames=8, img_size=16, mlp_ratio=2.0, layer_norm_eps=1e-12, decoder_dim=24, decoder_heads=3)
     with pytest.raises(EncoderFolderError, match="position table is for a 2x4x4 token grid, the model's for 4x2x2"):
@@ -271,14 +273,14 @@ def test_checksum_of_folder_without_weights(tmp_path):
 
 
 def test_position_table_of_the_trained_grid_is_the_transformers_table():
-    from mgfm.model.videomae import position_table
+    from mgfm.model.layers import position_table
 
     torch.testing.assert_close(position_table((8, 14, 14), 768), sinusoid_table(1568, 768))
     torch.testing.assert_close(position_table((8, 14, 14), 768, (8, 14, 14)), sinusoid_table(1568, 768))
 
 
 def test_position_table_is_resampled_over_t_h_w_not_over_the_token_index():
-    from mgfm.model.videomae import position_table
+    from mgfm.model.layers import position_table
 
     trained = sinusoid_table(4 * 4 * 4, 16).reshape(4, 4, 4, 16)
     half = position_table((2, 2, 2), 16, (4, 4, 4)).reshape(2, 2, 2, 16)
@@ -290,7 +292,7 @@ def test_position_table_is_resampled_over_t_h_w_not_over_the_token_index():
 
 
 def test_another_geometry_is_refused_or_resampled_by_choice(caplog):
-    from mgfm.model.videomae import GeometryError, at_geometry
+    from mgfm.model.encoder import GeometryError, at_geometry
 
     trained = tiny()  # 4 frames x 32^2, patch 8: 2x4x4 tokens
     shorter = tiny(frames=2)
@@ -308,7 +310,7 @@ def test_another_geometry_is_refused_or_resampled_by_choice(caplog):
 
 
 def test_a_resampled_encoder_round_trips_with_its_table(tmp_path):
-    from mgfm.model.videomae import at_geometry
+    from mgfm.model.encoder import at_geometry
 
     cfg = at_geometry(tiny(), tiny(frames=8), "interpolate", "enc")
     encoder = build_encoder(cfg)

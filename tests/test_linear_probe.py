@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_encoder_folder
 
 from mgfm.data.stream import StreamConfig
-from mgfm.evaluate.features import eval_stream_config, split_features
+from mgfm.evaluate.extract import eval_stream_config, split_features
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.evaluate.probe import ProbeConfig, predict, train_probe
 
@@ -160,7 +160,7 @@ WORKER = """
 import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, {tests!r})
 from mgfm.data.stream import StreamConfig
-from mgfm.evaluate.features import encode_split, eval_stream_config
+from mgfm.evaluate.extract import encode_split, eval_stream_config
 from mgfm.model.hf import load_encoder_hf
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=rank, world_size=2)

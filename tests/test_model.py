@@ -12,21 +12,11 @@ import torch.nn.functional as F
 
 from mgfm.config import load_recipe
 from mgfm.data.masking import MaskGenerator
+from mgfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mgfm.model.flops import count_params, encoder_gmacs, measured_encoder_gmacs
-from mgfm.model.videomae import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    LossConfig,
-    ModelConfig,
-    build_encoder,
-    build_pretraining_model,
-    drop_path,
-    mask_indices,
-    param_groups,
-    patchify,
-    pixel_targets,
-    unpatchify,
-)
+from mgfm.model.encoder import ModelConfig, build_encoder, mask_indices, patchify, unpatchify
+from mgfm.model.layers import drop_path
+from mgfm.model.masked import LossConfig, build_pretraining_model, param_groups, pixel_targets
 
 B = 2
 
@@ -330,7 +320,8 @@ def test_bench_pretrain_runs(capsys):
 
 
 def test_motion_term_adds_the_frame_difference_error():
-    from mgfm.model.videomae import ModelConfig, build_pretraining_model, motion_loss
+    from mgfm.model.encoder import ModelConfig
+    from mgfm.model.masked import build_pretraining_model, motion_loss
 
     cfg = ModelConfig(size="custom", img_size=32, frames=4, dim=32, depth=1, heads=2, decoder_dim=16,
                       decoder_depth=1, decoder_heads=1)
@@ -367,7 +358,7 @@ def test_motion_map_marks_where_and_when_the_clip_moved():
 
 def test_motion_map_term_trains_the_unmasked_pooled_feature_on_one_view_per_clip():
     from mgfm.model.motion_map import motion_map
-    from mgfm.model.videomae import first_views
+    from mgfm.model.masked import first_views
 
     group = torch.tensor([0, 0, 1, 1, 2])
     assert first_views(group).tolist() == [0, 2, 4]
@@ -395,7 +386,7 @@ def test_motion_map_term_trains_the_unmasked_pooled_feature_on_one_view_per_clip
 
 
 def test_motion_target_is_clip_normalised_frame_differences_and_zero_where_nothing_moves():
-    from mgfm.model.videomae import motion_video
+    from mgfm.model.masked import motion_video
 
     cfg = tiny()
     v = video(cfg)

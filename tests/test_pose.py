@@ -17,7 +17,7 @@ from mgfm.shards.read import read_samples
 from mgfm.sources.clip_index import AnnotationError
 from mgfm.sources.pose import FigureStyle, PoseFileError, get_layout, read_pose, read_pose_index, render_clip
 from mgfm.sources.pose.layouts import KINECT_V1
-from mgfm.sources.readers import read_source_index
+from mgfm.sources.formats import read_source_index
 from mgfm.sources.video_io import decode_frames
 
 # A BVH file as motion-capture software writes it (CMU's conversions use this hierarchy layout): a root

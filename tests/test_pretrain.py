@@ -174,6 +174,7 @@ def _audit(run: Path, rank: int = 0) -> list[tuple[int, str]]:
     return [(int(step), clip) for step, clip in (line.split() for line in lines)]
 
 
+@pytest.mark.slow  # ~45 s
 def test_gradient_accumulation_steps_once_per_accumulation(tmp_path, tiny_shards):
     recipe = _recipe(tmp_path, tiny_shards, audit_data=True)
     result = _pretrain(["--recipe", str(recipe), "optim.grad_accum=2", "stream.batches_per_epoch=4",
@@ -188,6 +189,7 @@ def test_gradient_accumulation_steps_once_per_accumulation(tmp_path, tiny_shards
     assert per_step == {step: 4 for step in range(8)}, "each optimiser step trains on 2 micro-batches of 2 clips"
 
 
+@pytest.mark.slow  # ~60 s: a run, then its resume
 def test_checkpoint_at_an_epoch_boundary_resumes_with_the_next_epoch(tmp_path, tiny_shards):
     recipe = _recipe(tmp_path, tiny_shards, audit_data=True, checkpoint_every=3, keep_checkpoints=5)
     first = _pretrain(["--recipe", str(recipe), "optim.epochs=2"])
@@ -209,6 +211,7 @@ def test_checkpoint_at_an_epoch_boundary_resumes_with_the_next_epoch(tmp_path, t
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # ~2 min: two DeepSpeed ranks
 def test_deepspeed_zero2_bf16_two_cpu_ranks(tmp_path, tiny_shards):
     # Also the motion-PCA start (computed per rank, broadcast from rank 0) with a frozen embedding.
     recipe = _recipe(tmp_path, tiny_shards, audit_data=True, patch_init="motion_pca", patch_init_clips=4,
@@ -364,6 +367,7 @@ def test_each_objective_pretrains_from_memory_with_snapshots(tmp_path, tiny_shar
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # ~2 min: two DeepSpeed ranks
 def test_feature_target_under_deepspeed_zero2_bf16_two_cpu_ranks(tmp_path, tiny_shards):
     recipe = _recipe(tmp_path, tiny_shards, mixed_precision="bf16", loss={"target": "features", "ema_momentum": 0.9},
                      stream={"batch_size": 2, "num_workers": 0, "mask_ratio": 0.5, "cache": "memory"})

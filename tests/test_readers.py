@@ -11,7 +11,7 @@ import pytest
 from mgfm.sources.clip_index import AnnotationError, ClipIndex
 from mgfm.sources.generic_csv import read_csv_index
 from mgfm.sources.imigue import CLASS_NAMES, official_protocol, read_imigue
-from mgfm.sources.readers import read_index
+from mgfm.sources.formats import read_index
 from mgfm.sources.smg import read_smg
 
 SHARED = Path(os.environ.get("MGFM_SHARED", Path(__file__).resolve().parents[2] / "shared"))

@@ -1,4 +1,4 @@
-"""`make real-motion` (mgfm.real_motion): shards from a clip CSV with start/end frames, one mixture
+"""`make real-motion` (experiments.real_motion): shards from a clip CSV with start/end frames, one mixture
 pretraining per seed, both probes with their reference rows on every set, and the table over seeds."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_CLIPS, TINY_VIDEOS
 
-from mgfm.evaluate.curve import main as curve_main
-from mgfm.real_motion import main
+from experiments.curve import main as curve_main
+from experiments.real_motion import main
 
 TINY_MODEL = ["model.size=custom", "model.img_size=32", "model.frames=4", "model.dim=32", "model.depth=1",
               "model.heads=2", "model.decoder_dim=16", "model.decoder_depth=1", "model.decoder_heads=1"]
@@ -29,6 +29,8 @@ def _fake_shared(root: Path, tiny_videos: dict[str, Path]) -> Path:
     return root
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~5 min: two seeds pretrained, both probes on every snapshot
 def test_real_motion_table_over_seeds_and_probes(tmp_path, tiny_videos, capsys):
     shared = _fake_shared(tmp_path / "shared", tiny_videos)
     out = tmp_path / "out"
@@ -93,6 +95,8 @@ def test_real_motion_table_over_seeds_and_probes(tmp_path, tiny_videos, capsys):
     assert exit_info.value.code == 2 and "\n" not in err and "not a curve" in err
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # ~2 min
 def test_a_corpus_run_is_probed_on_built_shard_folders(tmp_path, tiny_shards, capsys):
     """--corpus: the recipe's own shards are pretrained on; --real names a built shard folder to probe;
     --curve-probes keeps the attentive probe to the run's two ends; a finished run is reused as it is."""
@@ -128,4 +132,4 @@ def test_missing_real_set_is_one_line_error(tmp_path, capsys):
         main(["--shared", str(tmp_path), "--no-synthetic", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "\n" not in err
-    assert err.startswith("mgfm.real_motion: error: ") and "no such file" in err and "utkinect" in err
+    assert err.startswith("experiments.real_motion: error: ") and "no such file" in err and "utkinect" in err

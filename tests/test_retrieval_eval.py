@@ -26,7 +26,7 @@ from mgfm.evaluate.retrieval import RetrievalIndex
 from mgfm.evaluate.retrieval_eval import (KEY_FILE, RetrievalRecipe, check_same_search, eval_clip, query_video,
                                           read_shard_clips, run)
 from mgfm.model.hf import save_encoder_hf
-from mgfm.model.videomae import ModelConfig, build_encoder
+from mgfm.model.encoder import ModelConfig, build_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = "eval/retrieval.py"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mgfm.sources.imigue import CLASS_NAMES, read_imigue
-from mgfm.sources.synthetic import SyntheticConfig, generate, generate_with_stats, is_complete, make_plan
+from mgfm.sources.synthetic import SyntheticConfig, generate, generate_with_stats, is_rendered, make_plan
 from mgfm.sources.synthetic.body import Pose, sample_subject
 from mgfm.sources.synthetic.gestures import GESTURES, apply_idle, idle_motion, make_motion
 from mgfm.sources.synthetic.plan import NEGATIVE_LEANING, POSITIVE_LEANING, ClipPlan, VideoPlan, class_probabilities
@@ -193,13 +193,13 @@ def test_resume_skips_finished_videos_and_refuses_another_config(tiny_dir, tmp_p
 
     out = tmp_path / "resume"
     shutil.copytree(tiny_dir, out)
-    assert is_complete(out, TINY)
+    assert is_rendered(out, TINY)
     videos = sorted((out / "videos").glob("*.mp4"))
     kept, removed = videos[0], videos[1]
     stamp = kept.stat().st_mtime_ns
     removed.unlink()
     (out / "labels.csv").unlink()  # as if interrupted before the annotations were written
-    assert not is_complete(out, TINY)
+    assert not is_rendered(out, TINY)
     stats = generate_with_stats(out, TINY, progress=False)
     assert stats.videos_rendered == 1 and stats.videos_skipped == len(videos) - 1
     assert kept.stat().st_mtime_ns == stamp and removed.exists()

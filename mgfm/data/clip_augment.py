@@ -1,6 +1,6 @@
 """Clip augmentations on cached uint8 tensors (weak / strong views for fine-tuning and FixMatch).
 
-Input: uint8 ``(B, T, 3, S0, S0)`` clips (a :class:`mgfm.data.clip_cache.ClipCache` batch, one temporal
+Input: uint8 ``(B, T, 3, S0, S0)`` clips (a :class:`mgfm.data.decoded_split.DecodedSplit` batch, one temporal
 window each). Output: float32 ``(B, T, 3, S, S)`` normalised with the encoder's mean/std.
 
 * weak (the supervised recipe and FixMatch's pseudo-labelling view): a random square crop of a fraction

@@ -2,7 +2,7 @@
 
 A mean-pooled clip feature throws away where and when things happen; a linear probe on it can only read
 what survives the average. The attentive probe keeps the tokens (``(N, L, W)``, pooled to a small grid by
-:meth:`mgfm.model.videomae.VideoEncoder.pooled_tokens` to fit a CPU budget) and trains a small head on them:
+:meth:`mgfm.model.encoder.VideoEncoder.pooled_tokens` to fit a CPU budget) and trains a small head on them:
 standardise each channel with the train split's statistics, add a learned embedding per token position
 (started from the sin-cos table), let
 one learned query cross-attend to the tokens, LayerNorm, then a linear classifier. Only the head learns.
@@ -23,7 +23,7 @@ from torch import nn
 from mgfm.config import bounded
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.evaluate.probe import channel_stats, choose_by_group_cv, labelled_train_split, subject_groups
-from mgfm.model.videomae import sinusoid_table
+from mgfm.model.layers import sinusoid_table
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Video-level emotion recognition from the time-ordered sequence of a video's micro-gesture clips: the
 runner (``make emotion`` / ``eval/emotion.py``); the sequences, MG distributions and heads are
-:mod:`mgfm.evaluate.emotion`.
+:mod:`mgfm.evaluate.emotion_heads`.
 
 In iMiGUE the emotion (win -> positive, lose -> negative) belongs to a whole video and has its own video
 split (102 train / 100 test), different from the recognition (clip) split. So the frozen features of the
@@ -42,9 +42,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from mgfm.config import bounded
-from mgfm.evaluate.emotion import (EMOTION_NAMES, EmotionError, SequenceHeadConfig, VideoSequence, binary_metrics,
-                                   build_sequences, concat_features, fit_sequence_head, fit_vector_head,
-                                   majority_probability, mg_probabilities, one_hot_labels, require_both_emotions)
+from mgfm.evaluate.emotion_heads import (EMOTION_NAMES, EmotionError, SequenceHeadConfig, VideoSequence,
+                                         binary_metrics, build_sequences, concat_features, fit_sequence_head,
+                                         fit_vector_head, majority_probability, mg_probabilities, one_hot_labels,
+                                         require_both_emotions)
 from mgfm.evaluate.encoder_eval import EncoderEvalRecipe, finish, prepare
 from mgfm.evaluate.probe import ProbeConfig
 from mgfm.report import format_table, markdown_table

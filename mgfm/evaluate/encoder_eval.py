@@ -19,13 +19,15 @@ from mgfm.data.stream import StreamConfig
 from mgfm.data.stream.config import TRAIN_ONLY
 from mgfm.errors import MgfmError
 from mgfm.files import require_folder
-from mgfm.evaluate.features import PixelEncoder, eval_stream_config, require_complete, split_features
+from mgfm.evaluate.extract import eval_stream_config, require_complete, split_features
 from mgfm.evaluate.featureset import FeatureSet
+from mgfm.evaluate.raw_pixels import PixelEncoder
+from mgfm.evaluate.raw_pixels import ROW as PIXEL_ROW
 from mgfm.report import format_table, write_report
 from mgfm.runtime import is_main_process, join_process_group, local_device
 from mgfm.shards.read import set_name
 from mgfm.model.hf import encoder_checksum, load_encoder_hf
-from mgfm.model.videomae import build_encoder
+from mgfm.model.encoder import build_encoder
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ def encoders_to_compare(encoder_folder: Path, recipe: EncoderEvalRecipe):
         torch.manual_seed(recipe.seed)
         rows.append(("random init", build_encoder(cfg), f"random-init:{cfg.size}:{cfg.dim}x{cfg.depth}:seed{recipe.seed}"))
         pixels = PixelEncoder()
-        rows.append(("raw pixels", pixels, f"pixels:{pixels.frames}x{pixels.size}"))
+        rows.append((PIXEL_ROW, pixels, pixels.encoder_id))
     return rows, cfg
 
 

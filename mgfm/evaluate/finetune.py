@@ -15,7 +15,7 @@ clips get a pseudo-label from the model (eval mode, no gradient) on a weak view,
 confidence reaches ``semi.threshold`` are trained on a strong view (:mod:`mgfm.data.clip_augment`) with
 weight ``semi.weight``.
 
-Data: each split is decoded once through the eval stream into memory (:mod:`mgfm.data.clip_cache`);
+Data: each split is decoded once through the eval stream into memory (:mod:`mgfm.data.decoded_split`);
 every rank caches and trains on its own disjoint part. Test: ``views`` temporal windows per clip, softmax
 scores averaged (multi-view test). The random draws of a step are seeded by ``(seed, rank, step)``, so a
 resumed run sees the data an uninterrupted run would have seen.
@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from mgfm.cli import run_cli
 from mgfm.config import recipe_to_dict, save_recipe
 from mgfm.data.clip_augment import crop_clips
-from mgfm.data.clip_cache import ClipCache
+from mgfm.data.decoded_split import DecodedSplit
 from mgfm.data.transforms import normalise
 from mgfm.evaluate.encoder_eval import output_folder
 from mgfm.evaluate.featureset import FeatureSet
@@ -128,7 +128,7 @@ def compute_loss(model, batch: StepBatch, recipe: FinetuneRecipe, log_prior: tor
 
 
 @torch.no_grad()
-def _map_cache(fn, model, cache: ClipCache, batch_size: int, mean, std, img_size: int,
+def _map_split(fn, model, cache: DecodedSplit, batch_size: int, mean, std, img_size: int,
                device: torch.device | str, desc: str, progress: bool) -> list[torch.Tensor]:
     """``fn(flat normalised centre views)`` per batch, in eval mode: a list of ``(b, V, ...)`` CPU tensors."""
     was_training = model.training
@@ -144,10 +144,10 @@ def _map_cache(fn, model, cache: ClipCache, batch_size: int, mean, std, img_size
     return out
 
 
-def predict_cache(model, cache: ClipCache, batch_size: int, mean, std, img_size: int,
+def predict_split(model, cache: DecodedSplit, batch_size: int, mean, std, img_size: int,
                   device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
     """Softmax scores ``(N, C)`` of every cached clip, averaged over its ``V`` temporal windows."""
-    parts = _map_cache(lambda x: torch.softmax(model(x).float(), dim=-1), model, cache, batch_size, mean, std,
+    parts = _map_split(lambda x: torch.softmax(model(x).float(), dim=-1), model, cache, batch_size, mean, std,
                        img_size, device, "test", progress)
     n_classes = unwrap_classifier(model).num_classes
     return torch.cat(parts).mean(1).numpy() if parts else np.zeros((0, n_classes), dtype=np.float32)
@@ -167,8 +167,8 @@ def fit_probe_head(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: 
 
     caches = [data.labelled]
     if recipe.flip:  # the head then sees the mirror images fine-tuning will train on
-        caches.append(ClipCache(data.labelled.video.flip(-1), data.labelled.labels, data.labelled.clip_ids))
-    parts = [p for cache in caches for p in _map_cache(model.features, model, cache, recipe.stream.batch_size * 2,
+        caches.append(DecodedSplit(data.labelled.video.flip(-1), data.labelled.labels, data.labelled.clip_ids))
+    parts = [p for cache in caches for p in _map_split(model.features, model, cache, recipe.stream.batch_size * 2,
                                                        data.mean, data.std, img_size, device, "probe head", False)]
     local = torch.cat(parts).flatten(0, 1).numpy() if parts else np.zeros((0, model.cfg.dim), np.float32)
     labels = np.tile(np.repeat(data.labelled.labels.numpy(), data.labelled.views), len(caches))
@@ -190,7 +190,7 @@ def fit_probe_head(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: 
 def evaluate_test(model, data: FinetuneData, recipe: FinetuneRecipe, img_size: int, device) -> dict:
     """Multi-view test scores over all ranks -> :func:`mgfm.evaluate.metrics.classification_metrics`."""
     mean, std = data.mean, data.std
-    scores = predict_cache(model, data.test, recipe.stream.batch_size * 2, mean, std, img_size, device,
+    scores = predict_split(model, data.test, recipe.stream.batch_size * 2, mean, std, img_size, device,
                            progress=is_main_process())
     parts = gather_objects((data.test.clip_ids, data.test.labels.numpy(), scores))
     ids = [c for p in parts for c in p[0]]

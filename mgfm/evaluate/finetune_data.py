@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from mgfm.data.clip_augment import crop_clips, strong_jitter
-from mgfm.data.clip_cache import ClipCache, cache_split
+from mgfm.data.decoded_split import DecodedSplit, decode_split
 from mgfm.data.stream import SkipCounter, SplitRead, expected_clips
 from mgfm.data.subset import missing_train_classes, stratified_subset
 from mgfm.data.transforms import normalise
@@ -21,7 +21,7 @@ from mgfm.errors import InputError
 from mgfm.evaluate.encoder_eval import resolve_encoder
 from mgfm.evaluate.finetune_recipe import FinetuneRecipe
 from mgfm.model.hf import config_from_hf, read_hf_config
-from mgfm.model.videomae import at_geometry
+from mgfm.model.encoder import at_geometry
 from mgfm.runtime import gather_objects, rank_world
 from mgfm.shards.manifest import load_manifest
 
@@ -36,9 +36,9 @@ class FinetuneData:
     ``test``: the test clips (``views`` windows each), ``class_names``, ``labelled_ids``: the global
     labelled subset, ``class_counts``: labelled clips per class over all ranks."""
 
-    train: ClipCache
-    labelled: ClipCache
-    test: ClipCache
+    train: DecodedSplit
+    labelled: DecodedSplit
+    test: DecodedSplit
     class_names: list[str]
     labelled_ids: list[str]
     class_counts: np.ndarray
@@ -72,7 +72,7 @@ def stream_configs(recipe: FinetuneRecipe, cfg) -> tuple:
     return dataclasses.replace(stream, img_size=side, eval_crop=1.0), stream
 
 
-def split_read(shards: str, split: str, cache: ClipCache) -> SplitRead:
+def split_read(shards: str, split: str, cache: DecodedSplit) -> SplitRead:
     """How completely the ranks together cached ``split`` (against its manifest)."""
     parts = gather_objects((len(cache), cache.lost))
     return SplitRead(str(shards), split, expected_clips(shards, split), sum(n for n, _ in parts),
@@ -84,9 +84,9 @@ def load_data(recipe: FinetuneRecipe, cfg, fraction: float, cached: FinetuneData
     if cached is None:
         class_names = list(load_manifest(recipe.shards)["class_names"])
         train_cfg, test_cfg = stream_configs(recipe, cfg)
-        train = cache_split(recipe.shards, recipe.train_split, train_cfg, recipe.train_views,
-                            desc=f"decode {recipe.train_split}")
-        test = cache_split(recipe.shards, recipe.test_split, test_cfg, recipe.views, desc=f"decode {recipe.test_split}")
+        train = decode_split(recipe.shards, recipe.train_split, train_cfg, recipe.train_views,
+                             desc=f"decode {recipe.train_split}")
+        test = decode_split(recipe.shards, recipe.test_split, test_cfg, recipe.views, desc=f"decode {recipe.test_split}")
         for split, cache, strict in ((recipe.train_split, train, False), (recipe.test_split, test, True)):
             read = split_read(recipe.shards, split, cache)
             if not read.complete and (strict and not recipe.allow_missing):
@@ -178,7 +178,7 @@ def make_batch(data: FinetuneData, recipe: FinetuneRecipe, img_size: int, step: 
     return out
 
 
-def _pick_views(cache: ClipCache, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _pick_views(cache: DecodedSplit, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """uint8 ``(B, T, 3, S0, S0)``: one random cached temporal window of each clip ``idx``."""
     views = torch.randint(cache.views, (len(idx),), generator=gen)
     return cache.video[idx, views]

@@ -36,7 +36,7 @@ from mgfm.runtime import feature_precision
 from mgfm.errors import MgfmError
 from mgfm.evaluate.encoder_eval import (EncoderEvalRecipe, eval_device, features_folder, finish, output_folder,
                                         prepare, resolve_encoder, stream_for)
-from mgfm.evaluate.features import cache_key, cache_stem, split_features
+from mgfm.evaluate.extract import cache_key, cache_stem, split_features
 from mgfm.evaluate.featureset import FeatureError, FeatureSet
 from mgfm.report import format_table, markdown_table, save_figure
 from mgfm.files import require_folder, write_atomic

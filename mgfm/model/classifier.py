@@ -25,7 +25,8 @@ from torch import nn
 from mgfm.model.hf import (EncoderFolderError, check_compatible, config_from_hf, encoder_to_hf_state,
                            hf_config_dict, hf_to_encoder_state, load_encoder_hf, read_hf_config, read_hf_weights,
                            write_hf_folder)
-from mgfm.model.videomae import ModelConfig, VideoEncoder, init_weights
+from mgfm.model.encoder import ModelConfig, VideoEncoder
+from mgfm.model.layers import init_weights
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ import argparse
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mgfm.model.videomae import SIZES, MaskedVideoModel, ModelConfig, VideoEncoder
+from mgfm.model.encoder import SIZES, ModelConfig, VideoEncoder
+from mgfm.model.masked import MaskedVideoModel
 from mgfm.data.masking import num_masked
 
 

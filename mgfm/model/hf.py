@@ -26,7 +26,7 @@ from torch import nn
 
 from mgfm.files import atomic_folder
 from mgfm.errors import MgfmError
-from mgfm.model.videomae import CUSTOM, SIZES, ModelConfig, VideoEncoder
+from mgfm.model.encoder import CUSTOM, SIZES, ModelConfig, VideoEncoder
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ def check_compatible(trained: ModelConfig, ours: ModelConfig, folder: str | Path
                                                "qv_bias", "final_norm")) -> None:
     """One-line :class:`EncoderFolderError` unless the encoder of ``folder`` (``trained``) fits a model of
     ``ours``: the same widths and tubelet geometry, and a position table made for the same token grid (a
-    model at another clip length or crop size gets one from :func:`mgfm.model.videomae.at_geometry`)."""
+    model at another clip length or crop size gets one from :func:`mgfm.model.encoder.at_geometry`)."""
     for name in names:
         if getattr(trained, name) != getattr(ours, name):
             raise EncoderFolderError(folder, f"encoder has {name}={getattr(trained, name)!r}, the model expects "

@@ -19,7 +19,7 @@ from mgfm.files import storage_cause
 from mgfm.shards import manifest as mf
 from mgfm.shards.build import BuildConfig, build_shards, parse_part
 from mgfm.sources.pose import LAYOUTS
-from mgfm.sources.readers import FORMATS, read_source_index
+from mgfm.sources.formats import FORMATS, read_source_index
 from mgfm.shards.verify import verify_shards
 
 

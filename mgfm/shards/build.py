@@ -138,7 +138,7 @@ def build_shards(index: ClipIndex, out_dir: str | Path, config: BuildConfig | No
     write_plan(out_dir, index, plan, digest, config, source or {}, overwrite)
     mf.remove_stale_temps(out_dir, set(plan))
 
-    todo = [n for n in part_of(plan, config.part) if not mf.is_complete(out_dir, n, digest)]
+    todo = [n for n in part_of(plan, config.part) if not mf.shard_is_complete(out_dir, n, digest)]
     mine = part_of(plan, config.part)
     log.info("%s: %d shards planned, part %d/%d has %d, %d to build", out_dir, len(plan), *config.part,
              len(mine), len(todo))

@@ -188,7 +188,7 @@ def require_samples(manifest: dict, where: str | Path) -> None:
         raise InputError(f"{where}: {problems}; see {Path(where) / MANIFEST}")
 
 
-def is_complete(out_dir: str | Path, name: str, plan_hash: str) -> bool:
+def shard_is_complete(out_dir: str | Path, name: str, plan_hash: str) -> bool:
     """True when shard ``name`` has its tar and a fragment written for this plan."""
     out_dir = Path(out_dir)
     frag = fragment_path(out_dir, name)
@@ -219,7 +219,7 @@ def rebuild_manifest(out_dir: str | Path) -> dict:
             "missing_shards": [],
         })
         info["planned_shards"] += 1
-        if not is_complete(out_dir, name, plan["plan_hash"]):
+        if not shard_is_complete(out_dir, name, plan["plan_hash"]):
             info["missing_shards"].append(name)
             missing.append(name)
             continue

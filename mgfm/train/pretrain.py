@@ -40,7 +40,8 @@ from mgfm.shards.read import Mixture, size_mismatches
 from mgfm.model.contrastive import group_ids
 from mgfm.model.hf import config_from_hf, init_encoder_from_hf, read_hf_config, save_encoder_hf
 from mgfm.model.motion_init import frame_differences, init_patch_embed_from_motion
-from mgfm.model.videomae import at_geometry, build_encoder, build_pretraining_model, param_groups, patchify
+from mgfm.model.encoder import at_geometry, build_encoder, patchify
+from mgfm.model.masked import build_pretraining_model, param_groups
 from mgfm.report import save_figure
 from mgfm.runtime import barrier, gather_objects, is_main_process, setup_logging
 from mgfm.train.checkpoint import checkpoint_dirs

@@ -10,7 +10,8 @@ from mgfm.config import bounded
 from mgfm.data.stream import StreamConfig
 from mgfm.data.stream.config import EVAL_ONLY
 from mgfm.errors import InputError
-from mgfm.model.videomae import LossConfig, ModelConfig
+from mgfm.model.encoder import ModelConfig
+from mgfm.model.masked import LossConfig
 
 
 @dataclass

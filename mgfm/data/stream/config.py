@@ -79,7 +79,7 @@ class StreamConfig:
         return TokenGrid.for_clip(self.frames, self.img_size, self.img_size, self.tubelet, self.patch)
 
     def with_model(self, model) -> "StreamConfig":
-        """This stream cut for ``model`` (a :class:`~mgfm.model.videomae.ModelConfig`): its clip length,
+        """This stream cut for ``model`` (a :class:`~mgfm.model.encoder.ModelConfig`): its clip length,
         crop size, tubelet and patch, and its pixel normalisation."""
         return dataclasses.replace(self, frames=model.frames, img_size=model.img_size, tubelet=model.tubelet,
                                    patch=model.patch, mean=tuple(model.pixel_mean[:3]), std=tuple(model.pixel_std[:3]))

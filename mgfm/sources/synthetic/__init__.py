@@ -11,15 +11,15 @@ occur. Written in iMiGUE's own format (``labels.csv`` + ``protocol.json`` + ``vi
     csv_path = generate("data/synthetic", SyntheticConfig())
 """
 
-from mgfm.sources.synthetic.generate import (GenerationStats, generate, generate_with_stats, is_complete, labels_csv,
-                                          protocol, render_frames, render_video)
+from mgfm.sources.synthetic.generate import (GenerationStats, generate, generate_with_stats, is_rendered,
+                                          labels_csv, protocol, render_frames, render_video)
 from mgfm.sources.synthetic.plan import DatasetPlan, SyntheticConfig, make_plan
 
 from pathlib import Path
 from mgfm.sources.imigue import read_imigue
 
 __all__ = [
-    "DatasetPlan", "GenerationStats", "SyntheticConfig", "generate", "generate_with_stats", "is_complete",
+    "DatasetPlan", "GenerationStats", "SyntheticConfig", "generate", "generate_with_stats", "is_rendered",
     "labels_csv", "make_plan", "protocol", "read_synthetic", "render_frames", "render_video",
 ]  # fmt: skip
 

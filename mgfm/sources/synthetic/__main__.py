@@ -9,7 +9,7 @@ import argparse
 import logging
 
 from mgfm.sources.clip_index import format_summary
-from mgfm.sources.synthetic import SyntheticConfig, generate_with_stats, is_complete, read_synthetic
+from mgfm.sources.synthetic import SyntheticConfig, generate_with_stats, is_rendered, read_synthetic
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = SyntheticConfig(subjects=args.subjects, videos=args.videos, clips_per_video=args.clips_per_video,
                              seed=args.seed, height=args.height, width=args.width, workers=args.workers)
-    if is_complete(args.out, config):
+    if is_rendered(args.out, config):
         speed = f"{args.out}: already complete, nothing rendered"
     else:
         speed = generate_with_stats(args.out, config, progress=not args.no_progress).speed_line()

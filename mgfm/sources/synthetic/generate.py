@@ -190,7 +190,7 @@ def _check_config(out: Path, config: SyntheticConfig) -> None:
     write_atomic(path, json.dumps(record, indent=1) + "\n")
 
 
-def is_complete(out_dir: str | Path, config: SyntheticConfig) -> bool:
+def is_rendered(out_dir: str | Path, config: SyntheticConfig) -> bool:
     """True when ``out_dir`` holds a finished dataset made with ``config`` (nothing left to do)."""
     out = Path(out_dir)
     try:
@@ -266,7 +266,7 @@ def generate(out_dir: str | Path, config: SyntheticConfig | None = None) -> Path
     """
     config = config or SyntheticConfig()
     out = Path(out_dir)
-    if is_complete(out, config):
+    if is_rendered(out, config):
         logger.info("%s: synthetic dataset already complete", out)
         return out / LABELS_FILE
     stats = generate_with_stats(out, config)

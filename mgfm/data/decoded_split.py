@@ -1,7 +1,7 @@
 """Decode a split once into memory: uint8 clips for many cheap fine-tuning epochs.
 
 Fine-tuning on a few hundred labelled clips runs hundreds of epochs over them; decoding every clip each
-time would cost more than the model on a CPU. :func:`cache_split` streams the split through the ordinary
+time would cost more than the model on a CPU. :func:`decode_split` streams the split through the ordinary
 eval stream (:func:`mgfm.data.stream.make_loader`, ``mode="eval"``: decoding, temporal sampling and the
 centre crop stay in one place, corrupt samples are skipped and counted there) and keeps the uint8
 frames. Random crops, flips and stronger augmentations are then applied to the cached tensors
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ClipCache:
+class DecodedSplit:
     """Decoded clips of (this rank's part of) a split, sorted by clip id.
 
     ``video``: uint8 ``(N, V, T, 3, S, S)`` unnormalised RGB, ``V`` temporal windows per clip spread over
@@ -50,10 +50,10 @@ class ClipCache:
 
     def __post_init__(self) -> None:
         if self.video.dtype != torch.uint8 or self.video.dim() != 6:
-            raise ValueError(f"ClipCache.video: expected uint8 (N, V, T, 3, S, S), got {self.video.dtype} "
+            raise ValueError(f"DecodedSplit.video: expected uint8 (N, V, T, 3, S, S), got {self.video.dtype} "
                              f"{tuple(self.video.shape)}")
         if not len(self.video) == len(self.labels) == len(self.clip_ids):
-            raise ValueError(f"ClipCache: {len(self.video)} clips, {len(self.labels)} labels, "
+            raise ValueError(f"DecodedSplit: {len(self.video)} clips, {len(self.labels)} labels, "
                              f"{len(self.clip_ids)} clip ids")
         self.index = {c: i for i, c in enumerate(self.clip_ids)}
 
@@ -64,20 +64,20 @@ class ClipCache:
     def views(self) -> int:
         return int(self.video.shape[1])
 
-    def select(self, clip_ids: Iterable[str]) -> "ClipCache":
+    def select(self, clip_ids: Iterable[str]) -> "DecodedSplit":
         """The cached clips among ``clip_ids`` (ids not cached here are ignored: another rank holds them)."""
         rows = sorted(self.index[c] for c in set(clip_ids) if c in self.index)
         take = torch.tensor(rows, dtype=torch.long)
-        return ClipCache(self.video[take], self.labels[take], [self.clip_ids[i] for i in rows], self.skipped,
+        return DecodedSplit(self.video[take], self.labels[take], [self.clip_ids[i] for i in rows], self.skipped,
                          lost=self.lost)
 
 
-def cache_split(source: str | Path | Sequence[str], split: str, cfg: StreamConfig, views: int = 1,
-                progress: bool = True, desc: str | None = None) -> ClipCache:
+def decode_split(source: str | Path | Sequence[str], split: str, cfg: StreamConfig, views: int = 1,
+                 progress: bool = True, desc: str | None = None) -> DecodedSplit:
     """Decode every clip of ``split`` this rank's eval stream yields, ``views`` temporal windows each.
 
     ``cfg`` gives the temporal sampling, the eval centre crop (``eval_crop``), the output side
-    (``img_size``), batch size and workers; masks are not made. Returns a :class:`ClipCache`.
+    (``img_size``), batch size and workers; masks are not made. Returns a :class:`DecodedSplit`.
     """
     if views < 1:
         raise InputError(f"views must be >= 1, got {views}")
@@ -108,8 +108,8 @@ def cache_split(source: str | Path | Sequence[str], split: str, cfg: StreamConfi
         log.warning("%s %s: %d clips lost while caching (%s)", source, split, lost.samples, lost.summary())
     log.info("cached %d clips of %s/%s (%d view(s), %.0f MB)", len(ids), Path(str(source)).name, split, views,
              video.numel() / 2**20)
-    return ClipCache(video, torch.tensor([labels[c] for c in ids], dtype=torch.long), ids, lost.samples,
+    return DecodedSplit(video, torch.tensor([labels[c] for c in ids], dtype=torch.long), ids, lost.samples,
                      lost=lost.records)
 
 
-__all__ = ["ClipCache", "cache_split"]
+__all__ = ["DecodedSplit", "decode_split"]
