@@ -106,6 +106,9 @@ class ModelConfig:
     # The (t, h, w) token grid the encoder's position table was trained on, when it differs from this
     # config's own grid: that table resampled over (t, h, w) (see position_table and at_geometry). None = own.
     pos_grid: tuple[int, int, int] | None = bounded(None, ge=1)
+    # A trained position table (VideoMAE's use_learnable_pos_emb), started from the sinusoid table and kept at
+    # the grid it was trained on (pos_grid), resampled over (t, h, w) on use; False = the fixed sinusoid table.
+    learned_pos: bool = False
 
     def __post_init__(self) -> None:
         size = self.size.upper() if self.size.lower() in ("s", "b", "l", "h") else self.size
@@ -345,13 +348,19 @@ def position_table(grid: tuple[int, int, int], dim: int, trained: tuple[int, int
     land on other ``(t, h, w)`` places, so the table of the ``trained`` grid is resampled over ``(t, h, w)``
     instead (trilinear; timm and VideoMAE V2 resize position tables for other resolutions the same way).
     """
-    n = grid[0] * grid[1] * grid[2]
     if trained is None or tuple(trained) == tuple(grid):
-        return sinusoid_table(n, dim)
-    table = sinusoid_table(trained[0] * trained[1] * trained[2], dim)
-    volume = table.reshape(1, *trained, dim).permute(0, 4, 1, 2, 3)  # (1, D, t, h, w)
+        return sinusoid_table(math.prod(grid), dim)
+    return resample_table(sinusoid_table(math.prod(trained), dim), trained, grid)
+
+
+def resample_table(table: torch.Tensor, trained: tuple[int, int, int], grid: tuple[int, int, int]) -> torch.Tensor:
+    """A ``(t*h*w, D)`` position table of the ``trained`` token grid resampled over ``(t, h, w)`` (trilinear) to
+    ``grid`` -> ``(t'*h'*w', D)``; differentiable, so a learned table trains through it."""
+    if tuple(trained) == tuple(grid):
+        return table
+    volume = table.reshape(1, *trained, table.shape[-1]).permute(0, 4, 1, 2, 3)  # (1, D, t, h, w)
     resized = F.interpolate(volume, size=tuple(grid), mode="trilinear", align_corners=False)
-    return resized.permute(0, 2, 3, 4, 1).reshape(n, dim).contiguous()
+    return resized.permute(0, 2, 3, 4, 1).reshape(math.prod(grid), table.shape[-1]).contiguous()
 
 
 class GeometryError(MgfmError, ValueError):
@@ -364,12 +373,13 @@ def at_geometry(trained: ModelConfig, target: ModelConfig, pos_embed: str, sourc
 
     The same token grid keeps that table. Another grid raises :class:`GeometryError` when
     ``pos_embed="error"``; with ``pos_embed="interpolate"`` the trained table is resampled to the new grid
-    (:func:`position_table`), logged. ``source`` names the encoder in messages.
+    (:func:`position_table`; a learned one on use, :meth:`VideoEncoder.positions`), logged. ``source`` names
+    the encoder in messages.
     """
     if pos_embed not in ("error", "interpolate"):
         raise ValueError(f"pos_embed: expected 'error' or 'interpolate', got {pos_embed!r}")
     if target.grid_shape == trained.grid_shape:
-        return dataclasses.replace(target, pos_grid=trained.pos_grid)
+        return dataclasses.replace(target, pos_grid=trained.pos_grid, learned_pos=trained.learned_pos)
     old, new = trained.grid_shape, target.grid_shape
     if pos_embed == "error":
         raise GeometryError(
@@ -380,7 +390,7 @@ def at_geometry(trained: ModelConfig, target: ModelConfig, pos_embed: str, sourc
     log.warning("%s: position table resampled from a %s to a %s token grid (pos_embed=interpolate); "
                 "transformers would rebuild a plain table for this model", source,
                 "x".join(map(str, trained.position_grid)), "x".join(map(str, new)))
-    return dataclasses.replace(target, pos_grid=trained.position_grid)
+    return dataclasses.replace(target, pos_grid=trained.position_grid, learned_pos=trained.learned_pos)
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -523,14 +533,18 @@ def init_weights(module: nn.Module) -> None:
 
 class VideoEncoder(nn.Module):
     """ViT encoder over tubelet tokens (no CLS token). Parameters: ``patch_embed`` (Linear on patch
-    vectors), ``blocks``, ``norm`` (Identity when ``cfg.final_norm`` is False); fixed ``pos_embed`` buffer.
+    vectors), ``blocks``, ``norm`` (Identity when ``cfg.final_norm`` is False); ``pos_embed`` ``(N, D)``: a fixed
+    buffer, or with ``cfg.learned_pos`` a parameter of the grid it was trained on (:meth:`positions`).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.dim)
-        self.register_buffer("pos_embed", position_table(cfg.grid_shape, cfg.dim, cfg.pos_grid), persistent=False)
+        if cfg.learned_pos:
+            self.pos_embed = nn.Parameter(sinusoid_table(math.prod(cfg.position_grid), cfg.dim))
+        else:
+            self.register_buffer("pos_embed", position_table(cfg.grid_shape, cfg.dim, cfg.pos_grid), persistent=False)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
             Block(cfg.dim, cfg.heads, cfg.mlp_dim, cfg.layer_norm_eps, cfg.qv_bias, r) for r in rates
@@ -556,7 +570,8 @@ class VideoEncoder(nn.Module):
         ``N`` tokens in order) -> tokens ``(B, n, D)`` after the final norm, or with ``block`` the tokens
         as encoder block ``block`` (1 = the first) leaves them, before any later block and the final norm."""
         x = self.patch_embed(patches)
-        pos = self.pos_embed if index is None else _gather_tokens(self.pos_embed, index)
+        table = self.positions()
+        pos = table if index is None else _gather_tokens(table, index)
         x = x + pos.to(x.dtype)
         if block is not None:
             if not 1 <= block <= len(self.blocks):
@@ -564,6 +579,12 @@ class VideoEncoder(nn.Module):
             return _run_blocks(self.blocks[:block], x, self.cfg.grad_checkpointing)
         x = _run_blocks(self.blocks, x, self.cfg.grad_checkpointing)
         return self.norm(x)
+
+    def positions(self) -> torch.Tensor:
+        """The position table ``(N, D)`` of this config's token grid (a learned one resampled from its own)."""
+        if self.cfg.learned_pos:
+            return resample_table(self.pos_embed, self.cfg.position_grid, self.cfg.grid_shape)
+        return self.pos_embed
 
     def forward(self, video: torch.Tensor, encoder_mask: torch.Tensor | None = None,
                 block: int | None = None) -> torch.Tensor:
@@ -795,17 +816,17 @@ def build_pretraining_model(cfg: ModelConfig, loss: LossConfig | None = None) ->
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms, q/v biases and the mask token (1-D or tokens)."""
+    """AdamW groups: no weight decay on biases, norms, q/v biases, the mask token and a learned position table."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 or name.endswith("mask_token") else decay).append(p)
+        (no_decay if p.dim() < 2 or name.endswith(("mask_token", "pos_embed")) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SIZES", "ModelConfig", "LossConfig", "VideoEncoder", "PixelDecoder",
     "MaskedVideoModel", "PretrainOutput", "build_encoder", "build_pretraining_model", "patchify",
-    "unpatchify", "pixel_targets", "motion_video", "sinusoid_table", "position_table", "at_geometry", "GeometryError", "mask_indices", "drop_path", "param_groups",
+    "unpatchify", "pixel_targets", "motion_video", "sinusoid_table", "position_table", "resample_table", "at_geometry", "GeometryError", "mask_indices", "drop_path", "param_groups",
 ]
