@@ -46,6 +46,7 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -131,10 +132,13 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(path, f"torch.load(weights_only=True) refuses it: {_refusal(err)}") from None
+        detail = _unpickler_detail(err)
+        if detail.startswith("Unsupported global"):
+            raise CheckpointError(path, f"torch.load(weights_only=True) refuses the Python objects it holds beside "
+                                        f"tensors ({detail.split('. ')[0]})") from None
+        raise CheckpointError(path, f"not a readable checkpoint (UnpicklingError: {detail})") from None
     except Exception as err:  # noqa: BLE001 - any reader failure is one line
-        raise CheckpointError(path, f"not a readable checkpoint ({type(err).__name__}: "
-                                    f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+        raise CheckpointError(path, f"not a readable checkpoint ({type(err).__name__}: {_first_line(err)})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(path, f"holds a {type(raw).__name__}, not a state dict (expected {LAYOUTS})")
     container = next((k for k in CONTAINER_KEYS if isinstance(raw.get(k), dict)), None)
@@ -148,11 +152,17 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _refusal(err: Exception) -> str:
-    """The line of torch's weights-only refusal that names what was refused."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    named = next((line for line in lines if "Unsupported" in line or "GLOBAL" in line), lines[0] if lines else "")
-    return named.split("WeightsUnpickler error: ")[-1]
+def _first_line(err: Exception) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+
+
+def _unpickler_detail(err: Exception) -> str:
+    """What torch's weights-only unpickler objected to (its message wraps it in advice over several lines)."""
+    text = str(err)
+    if "WeightsUnpickler error:" not in text:
+        return _first_line(err)
+    rest = text.split("WeightsUnpickler error:", 1)[1]
+    return next((line.strip() for line in rest.splitlines() if line.strip()), "")
 
 
 def _read_hf_folder(folder: Path) -> Checkpoint:
@@ -162,14 +172,8 @@ def _read_hf_folder(folder: Path) -> Checkpoint:
     encoder = hf_to_encoder_state({k: v for k, v in weights.items() if k not in decoder_keys}, cfg, folder)
     decoder = None
     if decoder_keys:
-        reader = WeightReader({k: weights[k] for k in decoder_keys}, folder, CheckpointError)
-        decoder = {"encoder_to_decoder.weight": reader.take("encoder_to_decoder.weight", "a pretraining decoder"),
-                   "mask_token": reader.take("mask_token", "a pretraining decoder")}
-        for i in range(cfg.decoder_depth):
-            decoder.update(hf_block_state(reader, f"decoder.decoder_layers.{i}.", f"blocks.{i}.", cfg.qv_bias))
-        decoder.update(_decoder_ends(reader, cfg, "decoder."))
-        _no_more(reader, f"config says {cfg.decoder_depth} decoder layers")
-        _check_shapes(decoder, PixelDecoder, cfg, folder, lambda key: f"decoder {key} (mgfm name)")
+        decoder = _read_decoder({k: weights[k] for k in decoder_keys}, folder, cfg, lambda reader, i: hf_block_state(
+            reader, f"decoder.decoder_layers.{i}.", f"blocks.{i}.", cfg.qv_bias), lambda key: f"decoder {key} (mgfm name)")
     kind = "VideoMAEForPreTraining" if decoder else "encoder"
     return Checkpoint(folder, f"Hugging Face {kind} folder", cfg, encoder, decoder)
 
@@ -199,14 +203,8 @@ def _read_original(path: Path, state: dict[str, torch.Tensor], hint: ModelConfig
     encoder = _original_encoder(WeightReader(encoder_part, path, CheckpointError), cfg, prefix)
     decoder = None
     if decoder_part:
-        reader = WeightReader(decoder_part, path, CheckpointError)
-        decoder = {"encoder_to_decoder.weight": reader.take("encoder_to_decoder.weight", "a pretraining decoder"),
-                   "mask_token": reader.take("mask_token", "a pretraining decoder")}
-        for i in range(cfg.decoder_depth):
-            decoder.update(_original_block(reader, f"decoder.blocks.{i}.", f"blocks.{i}.", cfg.qv_bias))
-        decoder.update(_decoder_ends(reader, cfg, "decoder."))
-        _no_more(reader, f"the decoder has {cfg.decoder_depth} blocks")
-        _check_shapes(decoder, PixelDecoder, cfg, path, _original_decoder_name)
+        decoder = _read_decoder(decoder_part, path, cfg, lambda reader, i: _original_block(
+            reader, f"decoder.blocks.{i}.", f"blocks.{i}.", cfg.qv_bias), _original_decoder_name)
     layout = f"VideoMAE .pth ({kind}{' with decoder' if decoder else ''})"
     return Checkpoint(path, layout, cfg, encoder, decoder)
 
@@ -254,6 +252,7 @@ def _infer_config(source: Path, prefix: str, encoder: dict, decoder: dict, hint:
                                       f"patches are supported")
     depth = _count_blocks(encoder, source, prefix)
     mlp = _shape(encoder, "blocks.0.mlp.fc1.weight", 2, "the first block's MLP", source, prefix)[0]
+    heads = _heads(dim, hint and hint.dim, hint and hint.heads, "heads", source)
     frames, img_size, learned = _clip_geometry(source, prefix, encoder.get("pos_embed"), dim, tubelet, patch, hint)
     extra = {}
     if decoder:
@@ -268,7 +267,6 @@ def _infer_config(source: Path, prefix: str, encoder: dict, decoder: dict, hint:
         base = hint or ModelConfig(size="B")
         extra = dict(decoder_dim=base.decoder_dim, decoder_depth=base.decoder_depth, decoder_heads=base.decoder_heads,
                      decoder_mlp_ratio=base.decoder_mlp_ratio)
-    heads = _heads(dim, hint and hint.dim, hint and hint.heads, "heads", source)
     size = next((name for name, p in SIZES.items() if (p["dim"], p["depth"], p["heads"]) == (dim, depth, heads)), CUSTOM)
     norms = {} if hint is None else dict(pixel_mean=hint.pixel_mean, pixel_std=hint.pixel_std,
                                          norm_pix_loss=hint.norm_pix_loss)
@@ -337,6 +335,21 @@ def _original_decoder_name(key: str) -> str:
     return key if key.startswith(("encoder_to_decoder", "mask_token")) else "decoder." + _original_name(key)
 
 
+def _read_decoder(part: dict[str, torch.Tensor], source: Path, cfg: ModelConfig,
+                  block: Callable[[WeightReader, int], dict[str, torch.Tensor]],
+                  name: Callable[[str], str]) -> dict[str, torch.Tensor]:
+    """A checkpoint's decoder side (``part``) -> our :class:`PixelDecoder` state; ``block(reader, i)`` reads
+    decoder block ``i`` in the checkpoint's naming, ``name`` gives a checkpoint name for a shape error."""
+    reader = WeightReader(part, source, CheckpointError)
+    decoder = {key: reader.take(key, "a pretraining decoder") for key in ("encoder_to_decoder.weight", "mask_token")}
+    for i in range(cfg.decoder_depth):
+        decoder.update(block(reader, i))
+    decoder.update(_decoder_ends(reader, cfg, "decoder."))
+    _no_more(reader, f"the decoder has {cfg.decoder_depth} blocks")
+    _check_shapes(decoder, PixelDecoder, cfg, source, name)
+    return decoder
+
+
 def _decoder_ends(reader: WeightReader, cfg: ModelConfig, prefix: str) -> dict[str, torch.Tensor]:
     """The decoder's final norm and its pixel head, the head's rows put in our patch-vector order."""
     out = {f"norm.{p}": reader.take(f"{prefix}norm.{p}", "a pretraining decoder") for p in ("weight", "bias")}
@@ -370,7 +383,7 @@ def _no_more(reader: WeightReader, expected: str) -> None:
 
 
 def _check_shapes(state: dict[str, torch.Tensor], module: type, cfg: ModelConfig, source: Path,
-                  name=lambda key: key) -> None:
+                  name: Callable[[str], str]) -> None:
     """Every tensor of ``state`` (our names) against ``module(cfg)``'s; errors name the checkpoint's key."""
     with torch.device("meta"):
         expected = module(cfg).state_dict()
