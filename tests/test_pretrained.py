@@ -396,3 +396,25 @@ def test_adaptation_recipe_runs_from_a_checkpoint_and_a_bad_one_is_one_line(tmp_
     result = _pretrain([*recipe, *overrides, "name=bad", f"init_from={bad}"])
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and "error:" in last and str(bad) in last and "unknown layout" in last, last
+
+
+def test_a_pth_converts_to_an_encoder_folder_for_probes_and_fine_tuning(tmp_path, capsys):
+    """python -m mgfm.model: a VideoMAE V2 fine-tuned .pth becomes a folder with the same features."""
+    from mgfm.model.__main__ import main
+
+    cfg = hf_config(use_mean_pooling=True, num_labels=3)
+    hf = randomise(VideoMAEForVideoClassification(cfg), seed=12)
+    path = v2_finetuned_file(tmp_path, hf)
+    args = [str(path), str(tmp_path / "enc"), "size=custom", "dim=32", "depth=2", "heads=2", "decoder_dim=16",
+            "decoder_depth=1", "decoder_heads=2", "frames=4", "img_size=32", "patch=8"]
+    assert main(args) == 0
+    encoder, _ = load_encoder_hf(tmp_path / "enc")
+    video = clip_and_mask(cfg)[0]
+    with torch.no_grad():
+        assert (encoder.features(video) - hf_features(hf.videomae, video)).abs().max() < 1e-5
+    for argv, expected in (([str(path), str(tmp_path / "enc")], "enc: already exists"),
+                           ([str(path), str(tmp_path / "enc2")], "attention heads are not in the weights")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_info.value.code == 2 and last.startswith("python -m mgfm.model: error:") and expected in last, last
