@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 from mgfm.model.hf import EncoderFolderError, load_encoder_hf, save_encoder_hf
 from mgfm.model.pretrained import (HEADS_BY_WIDTH, CheckpointError, fit_config, load_pretrained,
                                    pixel_rows_to_ours, read_checkpoint)
-from mgfm.model.videomae import (GeometryError, LossConfig, ModelConfig, build_pretraining_model, patchify,
-                                 sinusoid_table)
+from mgfm.model.videomae import (GeometryError, LossConfig, ModelConfig, build_pretraining_model, param_groups,
+                                 patchify, sinusoid_table)
 
 transformers = pytest.importorskip("transformers")
 from transformers import (VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVideoClassification,  # noqa: E402
@@ -256,7 +256,8 @@ def test_learned_position_table_sets_the_geometry_and_is_kept(tmp_path, caplog):
     with pytest.raises(GeometryError, match="trained on 8x32\\^2 clips"):
         fit_config(checkpoint, run_config(final_norm=False), "error")
     model = started(checkpoint, run_config(final_norm=False, frames=8))
-    assert model.encoder.pos_embed.requires_grad
+    no_decay = param_groups(model, 0.05)[1]["params"]
+    assert model.encoder.pos_embed.table.requires_grad and any(p is model.encoder.pos_embed.table for p in no_decay)
     assert_same_as_transformers(model, None, hf, cfg)
     # exported and reloaded with its table (transformers cannot hold it: logged)
     with caplog.at_level(logging.WARNING):
@@ -269,10 +270,10 @@ def test_learned_position_table_sets_the_geometry_and_is_kept(tmp_path, caplog):
     # at another clip length it is resampled over (t, h, w) and still trains
     short = build_pretraining_model(fit_config(checkpoint, run_config(final_norm=False), "interpolate"))
     load_pretrained(short, checkpoint)
-    assert short.encoder.pos_embed.shape == (64, 32) and short.encoder.positions().shape == (32, 32)
+    assert short.encoder.pos_embed.table.shape == (64, 32) and short.encoder.positions().shape == (32, 32)
     loss, _ = short(torch.randn(2, 4, 3, 32, 32), clip_and_mask(hf_config())[1])
     loss.backward()
-    assert short.encoder.pos_embed.grad.abs().sum() > 0
+    assert short.encoder.pos_embed.table.grad.abs().sum() > 0
 
 
 def test_a_stored_fixed_table_gives_the_geometry(tmp_path):
@@ -281,7 +282,7 @@ def test_a_stored_fixed_table_gives_the_geometry(tmp_path):
     path = tmp_path / "fixed.pth"
     torch.save({**original_layout(hf.state_dict(), ""), "pos_embed": sinusoid_table(64, 32)[None]}, path)
     checkpoint = read_checkpoint(path, run_config(final_norm=False, img_size=32))
-    assert not checkpoint.cfg.learned_pos and checkpoint.cfg.frames == 8 and "pos_embed" not in checkpoint.encoder
+    assert not checkpoint.cfg.learned_pos and checkpoint.cfg.frames == 8 and not any("pos_embed" in k for k in checkpoint.encoder)
     assert_same_as_transformers(started(checkpoint, run_config(final_norm=False, frames=8)), None, hf, cfg)
 
 

@@ -192,7 +192,7 @@ def encoder_to_hf_state(encoder: VideoEncoder) -> dict[str, torch.Tensor]:
         out["layernorm.weight"] = sd["norm.weight"]
         out["layernorm.bias"] = sd["norm.bias"]
     if cfg.learned_pos:
-        out[POSITIONS_KEY] = sd["pos_embed"][None]
+        out[POSITIONS_KEY] = sd["pos_embed.table"][None]
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
@@ -260,7 +260,7 @@ def hf_to_encoder_state(state: dict[str, torch.Tensor], cfg: ModelConfig,
         out["norm.bias"] = reader.take("layernorm.bias")
     if cfg.learned_pos:
         table = reader.take(POSITIONS_KEY, "config says learned_pos")
-        out["pos_embed"] = table.reshape(-1, table.shape[-1])
+        out["pos_embed.table"] = table.reshape(-1, table.shape[-1])
     remaining = reader.remaining
     if remaining:
         extra = sorted(remaining)

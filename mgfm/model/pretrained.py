@@ -30,7 +30,8 @@ VideoMAE, so the names are mapped here.
 What a ``.pth`` does not hold is inferred (:func:`read_checkpoint`): depth and widths from the tensors;
 attention heads, which no tensor shape shows, from the recipe's ``model.heads`` when its width is the
 checkpoint's, else from the standard sizes (:data:`HEADS_BY_WIDTH`); frames / crop size from the length
-of a stored position table, else the recipe's; layer norm eps 1e-6 (both repositories' ``LayerNorm``).
+of a stored position table, else the recipe's (the fixed table is then built for the recipe's clip, as
+VideoMAE's own fine-tuning rebuilds it); layer norm eps 1e-6 (both repositories' ``LayerNorm``).
 
 VideoMAE's decoder head (and ``VideoMAEForPreTraining``'s) predicts a token's pixels in the order
 ``(tubelet, patch, patch, C)``; ours predicts ``(C, tubelet, patch, patch)`` (:func:`mgfm.model.videomae.patchify`),
@@ -98,7 +99,7 @@ class CheckpointError(EncoderFolderError):
 @dataclass
 class Checkpoint:
     """A public checkpoint read into our names: ``encoder`` is a :class:`VideoEncoder` state dict (with
-    ``pos_embed`` when the table is learned), ``decoder`` a :class:`PixelDecoder` one for a pixel target
+    ``pos_embed.table`` when the table is learned), ``decoder`` a :class:`PixelDecoder` one for a pixel target
     (None when the checkpoint has no decoder); ``cfg`` describes both."""
 
     source: Path
@@ -320,7 +321,7 @@ def _original_encoder(reader: WeightReader, cfg: ModelConfig, prefix: str) -> di
         out.update({f"norm.{p}": reader.take(f"{prefix}norm.{p}") for p in ("weight", "bias")})
     table = reader.remaining.pop(prefix + "pos_embed", None)  # the fixed table when not learned: nothing to load
     if cfg.learned_pos:
-        out["pos_embed"] = table.reshape(-1, table.shape[-1])
+        out["pos_embed.table"] = table.reshape(-1, table.shape[-1])
     _no_more(reader, f"the encoder has {cfg.depth} blocks")
     _check_shapes(out, VideoEncoder, cfg, reader.source, lambda key: prefix + _original_name(key))
     return out
@@ -328,7 +329,8 @@ def _original_encoder(reader: WeightReader, cfg: ModelConfig, prefix: str) -> di
 
 def _original_name(key: str) -> str:
     """Our encoder / block key -> its name in the original layout (without a prefix)."""
-    return key.replace("patch_embed.", "patch_embed.proj.").replace("attn.qkv_weight", "attn.qkv.weight")
+    return (key.replace("patch_embed.", "patch_embed.proj.").replace("attn.qkv_weight", "attn.qkv.weight")
+            .replace("pos_embed.table", "pos_embed"))
 
 
 def _original_decoder_name(key: str) -> str:

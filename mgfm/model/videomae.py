@@ -531,10 +531,25 @@ def init_weights(module: nn.Module) -> None:
 # encoder / decoder / pretraining model
 
 
+class LearnedPositions(nn.Module):
+    """A trained position table ``table`` ``(N, D)`` of the token grid it was trained on (started from the
+    sinusoid table); called, it is resampled to the grid in use (:func:`resample_table`). A module of its own so
+    that ZeRO-3 gathers it when it is called."""
+
+    def __init__(self, trained: tuple[int, int, int], grid: tuple[int, int, int], dim: int) -> None:
+        super().__init__()
+        self.trained, self.grid = tuple(trained), tuple(grid)
+        self.table = nn.Parameter(sinusoid_table(math.prod(self.trained), dim))
+
+    def forward(self) -> torch.Tensor:
+        """-> ``(t*h*w, D)`` for the grid in use."""
+        return resample_table(self.table, self.trained, self.grid)
+
+
 class VideoEncoder(nn.Module):
     """ViT encoder over tubelet tokens (no CLS token). Parameters: ``patch_embed`` (Linear on patch
     vectors), ``blocks``, ``norm`` (Identity when ``cfg.final_norm`` is False); ``pos_embed`` ``(N, D)``: a fixed
-    buffer, or with ``cfg.learned_pos`` a parameter of the grid it was trained on (:meth:`positions`).
+    buffer, or with ``cfg.learned_pos`` a :class:`LearnedPositions` (:meth:`positions`).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -542,7 +557,7 @@ class VideoEncoder(nn.Module):
         self.cfg = cfg
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.dim)
         if cfg.learned_pos:
-            self.pos_embed = nn.Parameter(sinusoid_table(math.prod(cfg.position_grid), cfg.dim))
+            self.pos_embed = LearnedPositions(cfg.position_grid, cfg.grid_shape, cfg.dim)
         else:
             self.register_buffer("pos_embed", position_table(cfg.grid_shape, cfg.dim, cfg.pos_grid), persistent=False)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
@@ -582,9 +597,7 @@ class VideoEncoder(nn.Module):
 
     def positions(self) -> torch.Tensor:
         """The position table ``(N, D)`` of this config's token grid (a learned one resampled from its own)."""
-        if self.cfg.learned_pos:
-            return resample_table(self.pos_embed, self.cfg.position_grid, self.cfg.grid_shape)
-        return self.pos_embed
+        return self.pos_embed() if self.cfg.learned_pos else self.pos_embed
 
     def forward(self, video: torch.Tensor, encoder_mask: torch.Tensor | None = None,
                 block: int | None = None) -> torch.Tensor:
@@ -821,12 +834,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 or name.endswith(("mask_token", "pos_embed")) else decay).append(p)
+        (no_decay if p.dim() < 2 or name.endswith(("mask_token", "pos_embed.table")) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SIZES", "ModelConfig", "LossConfig", "VideoEncoder", "PixelDecoder",
-    "MaskedVideoModel", "PretrainOutput", "build_encoder", "build_pretraining_model", "patchify",
+    "MaskedVideoModel", "LearnedPositions", "PretrainOutput", "build_encoder", "build_pretraining_model", "patchify",
     "unpatchify", "pixel_targets", "motion_video", "sinusoid_table", "position_table", "resample_table", "at_geometry", "GeometryError", "mask_indices", "drop_path", "param_groups",
 ]
