@@ -255,7 +255,6 @@ def _infer_config(source: Path, prefix: str, encoder: dict, decoder: dict, hint:
     mlp = _shape(encoder, "blocks.0.mlp.fc1.weight", 2, "the first block's MLP", source, prefix)[0]
     heads = _heads(dim, hint and hint.dim, hint and hint.heads, "heads", source)
     frames, img_size, learned = _clip_geometry(source, prefix, encoder.get("pos_embed"), dim, tubelet, patch, hint)
-    extra = {}
     if decoder:
         dec_dim = _shape(decoder, "encoder_to_decoder.weight", 2, "a pretraining decoder", source)[0]
         dec_blocks = {k[len("decoder."):]: v for k, v in decoder.items() if k.startswith("decoder.")}

@@ -123,7 +123,7 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
         memory = MemoryClips.load(stream_source(recipe), recipe.split, recipe.clip_stream, progress=is_main_process())
     if checkpoint is not None:  # the encoder, and the decoder when the checkpoint has one
         load_pretrained(model, checkpoint)
-        checkpoint = None  # its tensors are the model's now
+        checkpoint = None  # loaded: drop the copy
     elif recipe.patch_init == "motion_pca" and resume_from is None:  # a checkpoint holds the embedding
         init_patch_embed(model.encoder, recipe, memory)
     if recipe.freeze_patch_embed:
