@@ -37,7 +37,7 @@ from mgfm.config import bounded
 from mgfm.data.masking import TokenGrid
 from mgfm.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mgfm.errors import MgfmError
-from mgfm.model.layers import Block, gather_tokens, init_weights, position_table, run_blocks
+from mgfm.model.layers import Block, LearnedPositions, gather_tokens, init_weights, position_table, run_blocks
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,9 @@ class ModelConfig:
     # The (t, h, w) token grid the encoder's position table was trained on, when it differs from this
     # config's own grid: that table resampled over (t, h, w) (see position_table and at_geometry). None = own.
     pos_grid: tuple[int, int, int] | None = bounded(None, ge=1)
+    # A trained position table (VideoMAE's use_learnable_pos_emb), started from the sinusoid table and kept at
+    # the grid it was trained on (pos_grid), resampled over (t, h, w) on use; False = the fixed sinusoid table.
+    learned_pos: bool = False
 
     def __post_init__(self) -> None:
         size = self.size.upper() if self.size.lower() in ("s", "b", "l", "h") else self.size
@@ -208,12 +211,13 @@ def at_geometry(trained: ModelConfig, target: ModelConfig, pos_embed: str, sourc
 
     The same token grid keeps that table. Another grid raises :class:`GeometryError` when
     ``pos_embed="error"``; with ``pos_embed="interpolate"`` the trained table is resampled to the new grid
-    (:func:`position_table`), logged. ``source`` names the encoder in messages.
+    (:func:`position_table`; a learned one on use, :meth:`VideoEncoder.positions`), logged. ``source`` names
+    the encoder in messages.
     """
     if pos_embed not in ("error", "interpolate"):
         raise ValueError(f"pos_embed: expected 'error' or 'interpolate', got {pos_embed!r}")
     if target.grid_shape == trained.grid_shape:
-        return dataclasses.replace(target, pos_grid=trained.pos_grid)
+        return dataclasses.replace(target, pos_grid=trained.pos_grid, learned_pos=trained.learned_pos)
     old, new = trained.grid_shape, target.grid_shape
     if pos_embed == "error":
         raise GeometryError(
@@ -224,7 +228,7 @@ def at_geometry(trained: ModelConfig, target: ModelConfig, pos_embed: str, sourc
     log.warning("%s: position table resampled from a %s to a %s token grid (pos_embed=interpolate); "
                 "transformers would rebuild a plain table for this model", source,
                 "x".join(map(str, trained.position_grid)), "x".join(map(str, new)))
-    return dataclasses.replace(target, pos_grid=trained.position_grid)
+    return dataclasses.replace(target, pos_grid=trained.position_grid, learned_pos=trained.learned_pos)
 
 
 def mask_indices(encoder_mask: torch.Tensor,
@@ -264,14 +268,18 @@ def mask_indices(encoder_mask: torch.Tensor,
 
 class VideoEncoder(nn.Module):
     """ViT encoder over tubelet tokens (no CLS token). Parameters: ``patch_embed`` (Linear on patch
-    vectors), ``blocks``, ``norm`` (Identity when ``cfg.final_norm`` is False); fixed ``pos_embed`` buffer.
+    vectors), ``blocks``, ``norm`` (Identity when ``cfg.final_norm`` is False); ``pos_embed`` ``(N, D)``: a fixed
+    buffer, or with ``cfg.learned_pos`` a :class:`~mgfm.model.layers.LearnedPositions` (:meth:`positions`).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.dim)
-        self.register_buffer("pos_embed", position_table(cfg.grid_shape, cfg.dim, cfg.pos_grid), persistent=False)
+        if cfg.learned_pos:
+            self.pos_embed = LearnedPositions(cfg.position_grid, cfg.grid_shape, cfg.dim)
+        else:
+            self.register_buffer("pos_embed", position_table(cfg.grid_shape, cfg.dim, cfg.pos_grid), persistent=False)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
             Block(cfg.dim, cfg.heads, cfg.mlp_dim, cfg.layer_norm_eps, cfg.qv_bias, r) for r in rates
@@ -297,7 +305,8 @@ class VideoEncoder(nn.Module):
         ``N`` tokens in order) -> tokens ``(B, n, D)`` after the final norm, or with ``block`` the tokens
         as encoder block ``block`` (1 = the first) leaves them, before any later block and the final norm."""
         x = self.patch_embed(patches)
-        pos = self.pos_embed if index is None else gather_tokens(self.pos_embed, index)
+        table = self.positions()
+        pos = table if index is None else gather_tokens(table, index)
         x = x + pos.to(x.dtype)
         if block is not None:
             if not 1 <= block <= len(self.blocks):
@@ -305,6 +314,10 @@ class VideoEncoder(nn.Module):
             return run_blocks(self.blocks[:block], x, self.cfg.grad_checkpointing)
         x = run_blocks(self.blocks, x, self.cfg.grad_checkpointing)
         return self.norm(x)
+
+    def positions(self) -> torch.Tensor:
+        """The position table ``(N, D)`` of this config's token grid (a learned one resampled from its own)."""
+        return self.pos_embed() if self.cfg.learned_pos else self.pos_embed
 
     def forward(self, video: torch.Tensor, encoder_mask: torch.Tensor | None = None,
                 block: int | None = None) -> torch.Tensor:

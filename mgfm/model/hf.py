@@ -8,8 +8,15 @@ biases are written under the names used by the public VideoMAE checkpoints (``at
 
 ``load_encoder_hf`` reads such a folder, or any public VideoMAE checkpoint folder in ``VideoMAEModel``,
 ``VideoMAEForPreTraining`` or ``VideoMAEForVideoClassification`` format (the ``videomae.`` prefix is
-stripped; decoder and head weights are ignored), with either attention-bias naming. This module does not
-import ``transformers``.
+stripped; decoder and head weights are ignored), with either attention-bias naming. The pretraining
+decoder of such a folder, and the original ``.pth`` layouts, are read by :mod:`mgfm.model.pretrained`,
+with :class:`WeightReader` and :func:`hf_block_state` from here. This module does not import
+``transformers``.
+
+An encoder with a learned position table (``learned_pos``) is saved with it as
+``embeddings.position_embeddings`` and reloads here exactly; ``transformers.VideoMAEModel`` has no such
+parameter (its table is fixed), ignores the key and computes other features, which :func:`save_encoder_hf`
+logs.
 """
 
 from __future__ import annotations
@@ -36,9 +43,10 @@ SHARDED_INDEX_NAME = "model.safetensors.index.json"
 TORCH_WEIGHTS_NAME = "pytorch_model.bin"
 PREPROCESSOR_NAME = "preprocessor_config.json"
 HEAD_PREFIX = "videomae."
+POSITIONS_KEY = "embeddings.position_embeddings"  # written only for a learned table (ModelConfig.learned_pos)
 
 # our block parameter -> Hugging Face ``encoder.layer.{i}.`` suffix (q/k/v handled separately)
-_BLOCK_KEYS = {
+BLOCK_KEYS = {
     "attn.proj.weight": "attention.output.dense.weight",
     "attn.proj.bias": "attention.output.dense.bias",
     "norm1.weight": "layernorm_before.weight",
@@ -98,7 +106,8 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
         "decoder_intermediate_size": cfg.decoder_mlp_dim,
         "norm_pix_loss": cfg.norm_pix_loss,
         "mgfm": {"size": cfg.size, "pixel_mean": list(cfg.pixel_mean), "pixel_std": list(cfg.pixel_std),
-                 "drop_path": cfg.drop_path, **({"pos_grid": list(cfg.pos_grid)} if cfg.pos_grid else {})},
+                 "drop_path": cfg.drop_path, **({"pos_grid": list(cfg.pos_grid)} if cfg.pos_grid else {}),
+                 **({"learned_pos": True} if cfg.learned_pos else {})},
     }
 
 
@@ -145,7 +154,7 @@ def config_from_hf(hf: dict, folder: str | Path = "<config>") -> ModelConfig:
         final_norm=not bool(hf.get("use_mean_pooling", True)),
         norm_pix_loss=bool(hf.get("norm_pix_loss", True)),
     )
-    for key in ("pixel_mean", "pixel_std", "drop_path", "pos_grid"):
+    for key in ("pixel_mean", "pixel_std", "drop_path", "pos_grid", "learned_pos"):
         if key in extras:
             kwargs[key] = extras[key]
     try:
@@ -177,12 +186,50 @@ def encoder_to_hf_state(encoder: VideoEncoder) -> dict[str, torch.Tensor]:
         if cfg.qv_bias:
             out[theirs + _BIAS_ALIASES["q_bias"][0]] = sd[ours + "attn.q_bias"]
             out[theirs + _BIAS_ALIASES["v_bias"][0]] = sd[ours + "attn.v_bias"]
-        for k_ours, k_theirs in _BLOCK_KEYS.items():
+        for k_ours, k_theirs in BLOCK_KEYS.items():
             out[theirs + k_theirs] = sd[ours + k_ours]
     if cfg.final_norm:
         out["layernorm.weight"] = sd["norm.weight"]
         out["layernorm.bias"] = sd["norm.bias"]
+    if cfg.learned_pos:
+        out[POSITIONS_KEY] = sd["pos_embed.table"][None]
     return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+class WeightReader:
+    """The tensors of a checkpoint, each taken once by name (``remaining`` holds the rest); a missing one is a
+    one-line ``error(source, problem)``."""
+
+    def __init__(self, state: dict[str, torch.Tensor], source: str | Path,
+                 error: type[EncoderFolderError] = EncoderFolderError) -> None:
+        self.remaining = dict(state)
+        self.source = Path(source)
+        self.error = error
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.remaining
+
+    def take(self, key: str, why: str = "not a VideoMAE encoder of this config?") -> torch.Tensor:
+        if key not in self.remaining:
+            raise self.error(self.source, f"weights lack {key!r} ({why})")
+        return self.remaining.pop(key)
+
+    def take_any(self, keys: list[str], why: str) -> torch.Tensor:
+        """The first of ``keys`` present (spellings of one weight); the others stay."""
+        present = [k for k in keys if k in self.remaining]
+        return self.take(present[0] if present else keys[0], why)
+
+
+def hf_block_state(reader: WeightReader, theirs: str, ours: str, qv_bias: bool) -> dict[str, torch.Tensor]:
+    """One transformer block under Hugging Face names (prefix ``theirs``: ``encoder.layer.{i}.`` or
+    ``decoder.decoder_layers.{i}.``) -> our :class:`~mgfm.model.layers.Block` keys under prefix ``ours``."""
+    out = {ours + "attn.qkv_weight": torch.cat([reader.take(f"{theirs}attention.attention.{n}.weight") for n in _QKV])}
+    if qv_bias:
+        for name, aliases in _BIAS_ALIASES.items():
+            out[ours + "attn." + name] = reader.take_any([theirs + a for a in aliases], "config says qv_bias")
+    for k_ours, k_theirs in BLOCK_KEYS.items():
+        out[ours + k_ours] = reader.take(theirs + k_theirs)
+    return out
 
 
 def hf_to_encoder_state(state: dict[str, torch.Tensor], cfg: ModelConfig,
@@ -190,7 +237,8 @@ def hf_to_encoder_state(state: dict[str, torch.Tensor], cfg: ModelConfig,
     """A VideoMAE checkpoint's weights (any head format) -> our :class:`VideoEncoder` state dict.
 
     Keys outside the ``videomae.`` encoder of a head model (decoder, mask token, classifier) are ignored;
-    any other unknown, missing or wrongly shaped encoder key raises :class:`EncoderFolderError`.
+    any other unknown, missing or wrongly shaped encoder key raises :class:`EncoderFolderError`. A position
+    table is read only when ``cfg.learned_pos`` (otherwise it is the fixed table and skipped).
     """
     folder = Path(folder)
     if any(k.startswith(HEAD_PREFIX) for k in state):
@@ -198,32 +246,22 @@ def hf_to_encoder_state(state: dict[str, torch.Tensor], cfg: ModelConfig,
         if ignored:
             log.info("%s: ignoring %d non-encoder weights (e.g. %s)", folder, len(ignored), ignored[0])
         state = {k[len(HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
-    state = {k: v for k, v in state.items() if not k.endswith("position_embeddings")}  # fixed tables
-    remaining = dict(state)
+    if not cfg.learned_pos:
+        state = {k: v for k, v in state.items() if not k.endswith("position_embeddings")}  # fixed tables
+    reader = WeightReader(state, folder)
     out: dict[str, torch.Tensor] = {}
-
-    def take(key: str) -> torch.Tensor:
-        if key not in remaining:
-            raise EncoderFolderError(folder, f"weights lack {key!r} (not a VideoMAE encoder of this config?)")
-        return remaining.pop(key)
-
-    w = take("embeddings.patch_embeddings.projection.weight")
+    w = reader.take("embeddings.patch_embeddings.projection.weight")
     out["patch_embed.weight"] = w.reshape(w.shape[0], -1) if w.dim() == 5 else w
-    out["patch_embed.bias"] = take("embeddings.patch_embeddings.projection.bias")
+    out["patch_embed.bias"] = reader.take("embeddings.patch_embeddings.projection.bias")
     for i in range(cfg.depth):
-        ours, theirs = f"blocks.{i}.", f"encoder.layer.{i}."
-        out[ours + "attn.qkv_weight"] = torch.cat([take(f"{theirs}attention.attention.{n}.weight") for n in _QKV])
-        if cfg.qv_bias:
-            for name, aliases in _BIAS_ALIASES.items():
-                present = [theirs + a for a in aliases if theirs + a in remaining]
-                if not present:
-                    raise EncoderFolderError(folder, f"weights lack {theirs + aliases[0]!r} (config says qv_bias)")
-                out[ours + "attn." + name] = take(present[0])
-        for k_ours, k_theirs in _BLOCK_KEYS.items():
-            out[ours + k_ours] = take(theirs + k_theirs)
+        out.update(hf_block_state(reader, f"encoder.layer.{i}.", f"blocks.{i}.", cfg.qv_bias))
     if cfg.final_norm:
-        out["norm.weight"] = take("layernorm.weight")
-        out["norm.bias"] = take("layernorm.bias")
+        out["norm.weight"] = reader.take("layernorm.weight")
+        out["norm.bias"] = reader.take("layernorm.bias")
+    if cfg.learned_pos:
+        table = reader.take(POSITIONS_KEY, "config says learned_pos")
+        out["pos_embed.table"] = table.reshape(-1, table.shape[-1])
+    remaining = reader.remaining
     if remaining:
         extra = sorted(remaining)
         layers = {int(m.group(1)) for k in extra if (m := _LAYER_RE.match(k))}
@@ -289,6 +327,9 @@ def save_encoder_hf(model_or_encoder: nn.Module, folder: str | Path) -> Path:
     encoder = _unwrap_encoder(model_or_encoder)
     folder = write_hf_folder(folder, encoder_to_hf_state(encoder), hf_config_dict(encoder.cfg), encoder.cfg)
     log.info("saved encoder (%s, %d layers) to %s", encoder.cfg.size, encoder.cfg.depth, folder)
+    if encoder.cfg.learned_pos:
+        log.warning("%s: the encoder's position table is learned; mgfm reloads it, but transformers' VideoMAEModel "
+                    "uses its fixed table instead and computes other features", folder)
     return folder
 
 
@@ -333,12 +374,9 @@ def read_hf_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     raise EncoderFolderError(folder, f"no {WEIGHTS_NAME} (nor {SHARDED_INDEX_NAME} or {TORCH_WEIGHTS_NAME})")
 
 
-def load_encoder_hf(folder: str | Path, device: str | torch.device = "cpu") -> tuple[VideoEncoder, ModelConfig]:
-    """Load a VideoMAE encoder folder (ours or a public checkpoint) -> ``(encoder, config)``.
-
-    The returned encoder is fp32, in eval mode, on ``device``.
-    Raises :class:`EncoderFolderError` (one line naming the folder) if the folder is not such an encoder.
-    """
+def hf_folder_config(folder: str | Path) -> ModelConfig:
+    """The :class:`ModelConfig` of a VideoMAE folder (ours or a public checkpoint, whose
+    ``preprocessor_config.json`` gives the input normalisation)."""
     folder = Path(folder)
     hf = read_hf_config(folder)
     cfg = config_from_hf(hf, folder)
@@ -351,6 +389,17 @@ def load_encoder_hf(folder: str | Path, device: str | torch.device = "cpu") -> t
                 cfg.pixel_mean, cfg.pixel_std = tuple(map(float, mean)), tuple(map(float, std))
         except (OSError, json.JSONDecodeError, TypeError, ValueError):
             log.warning("%s: ignoring unreadable %s", folder, PREPROCESSOR_NAME)
+    return cfg
+
+
+def load_encoder_hf(folder: str | Path, device: str | torch.device = "cpu") -> tuple[VideoEncoder, ModelConfig]:
+    """Load a VideoMAE encoder folder (ours or a public checkpoint) -> ``(encoder, config)``.
+
+    The returned encoder is fp32, in eval mode, on ``device``.
+    Raises :class:`EncoderFolderError` (one line naming the folder) if the folder is not such an encoder.
+    """
+    folder = Path(folder)
+    cfg = hf_folder_config(folder)
     state = hf_to_encoder_state(read_hf_weights(folder), cfg, folder)
     encoder = VideoEncoder(cfg)
     encoder.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
@@ -359,7 +408,7 @@ def load_encoder_hf(folder: str | Path, device: str | torch.device = "cpu") -> t
 
 def check_compatible(trained: ModelConfig, ours: ModelConfig, folder: str | Path,
                      names: tuple[str, ...] = ("dim", "depth", "heads", "mlp_dim", "channels", "tubelet", "patch",
-                                               "qv_bias", "final_norm")) -> None:
+                                               "qv_bias", "final_norm", "learned_pos")) -> None:
     """One-line :class:`EncoderFolderError` unless the encoder of ``folder`` (``trained``) fits a model of
     ``ours``: the same widths and tubelet geometry, and a position table made for the same token grid (a
     model at another clip length or crop size gets one from :func:`mgfm.model.encoder.at_geometry`)."""
@@ -398,5 +447,5 @@ def encoder_checksum(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["EncoderFolderError", "check_compatible", "save_encoder_hf", "load_encoder_hf", "init_encoder_from_hf", "encoder_checksum", "hf_config_dict",
+__all__ = ["EncoderFolderError", "WeightReader", "hf_block_state", "hf_folder_config", "check_compatible", "save_encoder_hf", "load_encoder_hf", "init_encoder_from_hf", "encoder_checksum", "hf_config_dict",
            "config_from_hf", "encoder_to_hf_state", "hf_to_encoder_state", "read_hf_config", "read_hf_weights"]

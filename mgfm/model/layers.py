@@ -10,6 +10,8 @@ Position tables are the fixed sinusoid table over the flattened ``(t, h, w)`` to
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -126,13 +128,34 @@ def position_table(grid: tuple[int, int, int], dim: int, trained: tuple[int, int
     land on other ``(t, h, w)`` places, so the table of the ``trained`` grid is resampled over ``(t, h, w)``
     instead (trilinear; timm and VideoMAE V2 resize position tables for other resolutions the same way).
     """
-    n = grid[0] * grid[1] * grid[2]
     if trained is None or tuple(trained) == tuple(grid):
-        return sinusoid_table(n, dim)
-    table = sinusoid_table(trained[0] * trained[1] * trained[2], dim)
-    volume = table.reshape(1, *trained, dim).permute(0, 4, 1, 2, 3)  # (1, D, t, h, w)
+        return sinusoid_table(math.prod(grid), dim)
+    return resample_table(sinusoid_table(math.prod(trained), dim), trained, grid)
+
+
+def resample_table(table: torch.Tensor, trained: tuple[int, int, int], grid: tuple[int, int, int]) -> torch.Tensor:
+    """A ``(t*h*w, D)`` position table of the ``trained`` token grid resampled over ``(t, h, w)`` (trilinear) to
+    ``grid`` -> ``(t'*h'*w', D)``; differentiable, so a learned table trains through it."""
+    if tuple(trained) == tuple(grid):
+        return table
+    volume = table.reshape(1, *trained, table.shape[-1]).permute(0, 4, 1, 2, 3)  # (1, D, t, h, w)
     resized = F.interpolate(volume, size=tuple(grid), mode="trilinear", align_corners=False)
-    return resized.permute(0, 2, 3, 4, 1).reshape(n, dim).contiguous()
+    return resized.permute(0, 2, 3, 4, 1).reshape(math.prod(grid), table.shape[-1]).contiguous()
+
+
+class LearnedPositions(nn.Module):
+    """A trained position table ``table`` ``(N, D)`` of the token grid it was trained on (started from the
+    sinusoid table); called, it is resampled to the grid in use (:func:`resample_table`). A module of its own so
+    that ZeRO-3 gathers it when it is called."""
+
+    def __init__(self, trained: tuple[int, int, int], grid: tuple[int, int, int], dim: int) -> None:
+        super().__init__()
+        self.trained, self.grid = tuple(trained), tuple(grid)
+        self.table = nn.Parameter(sinusoid_table(math.prod(self.trained), dim))
+
+    def forward(self) -> torch.Tensor:
+        """-> ``(t*h*w, D)`` for the grid in use."""
+        return resample_table(self.table, self.trained, self.grid)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -342,11 +342,11 @@ def build_pretraining_model(cfg: ModelConfig, loss: LossConfig | None = None) ->
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms, q/v biases and the mask token (1-D or tokens)."""
+    """AdamW groups: no weight decay on biases, norms, q/v biases, the mask token and a learned position table."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 or name.endswith("mask_token") else decay).append(p)
+        (no_decay if p.dim() < 2 or name.endswith(("mask_token", "pos_embed.table")) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -1,7 +1,8 @@
 """Masked video pretraining (``accelerate launch pretrain.py [--recipe FILE] [key=value ...]`` runs it through
 :mod:`mgfm.pipeline`, which also renders the default data when it is missing).
 
-Setup only: the recipe, the model (optionally from ``init_from`` or a motion-PCA tubelet embedding), the
+Setup only: the recipe, the model (optionally from ``init_from``, any public VideoMAE checkpoint with its decoder
+(:mod:`mgfm.model.pretrained`), or a motion-PCA tubelet embedding), the
 train stream epoch after epoch and the masked-reconstruction loss of a micro-batch; the training itself
 (precision, DeepSpeed, LR schedule, steps, checkpoints and resume, logs) is :mod:`mgfm.train.engine`.
 The end of the run writes ``encoder/`` in Hugging Face ``VideoMAEModel`` format from the fp32 master
@@ -38,10 +39,11 @@ from mgfm.errors import InputError
 from mgfm.files import FolderLock, write_atomic
 from mgfm.shards.read import Mixture, size_mismatches
 from mgfm.model.contrastive import group_ids
-from mgfm.model.hf import config_from_hf, init_encoder_from_hf, read_hf_config, save_encoder_hf
+from mgfm.model.hf import save_encoder_hf
 from mgfm.model.motion_init import frame_differences, init_patch_embed_from_motion
-from mgfm.model.encoder import at_geometry, build_encoder, patchify
+from mgfm.model.encoder import build_encoder, patchify
 from mgfm.model.masked import build_pretraining_model, param_groups
+from mgfm.model.pretrained import fit_config, load_pretrained, read_checkpoint
 from mgfm.report import save_figure
 from mgfm.runtime import barrier, gather_objects, is_main_process, setup_logging
 from mgfm.train.checkpoint import checkpoint_dirs
@@ -148,9 +150,10 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
     if is_main_process():
         save_recipe(recipe, run_dir / "recipe.yaml")
 
+    checkpoint = None
     if recipe.init_from:  # the model keeps (or resamples) the position table the encoder was trained with
-        source_cfg = config_from_hf(read_hf_config(recipe.init_from), recipe.init_from)
-        recipe.model = at_geometry(source_cfg, recipe.model, recipe.pos_embed, recipe.init_from)
+        checkpoint = read_checkpoint(recipe.init_from, recipe.model)
+        recipe.model = fit_config(checkpoint, recipe.model, recipe.pos_embed)
     model = build_pretraining_model(recipe.model, recipe.loss)
     if is_main_process():
         for source in shard_sources(recipe):
@@ -159,9 +162,9 @@ def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
     memory = None
     if recipe.clip_stream.cache == "memory":  # decoded once for every epoch of the run
         memory = MemoryClips.load(stream_source(recipe), recipe.split, recipe.clip_stream, progress=is_main_process())
-    if recipe.init_from:
-        init_encoder_from_hf(model.encoder, recipe.init_from)
-        log.info("encoder initialised from %s", recipe.init_from)
+    if checkpoint is not None:  # the encoder, and the decoder when the checkpoint has one
+        load_pretrained(model, checkpoint)
+        checkpoint = None  # loaded: drop the copy
     elif recipe.patch_init == "motion_pca" and resume_from is None:  # a checkpoint holds the embedding
         init_patch_embed(model.encoder, recipe, memory)
     if recipe.freeze_patch_embed:

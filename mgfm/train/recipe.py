@@ -63,7 +63,9 @@ class PretrainRecipe:
     # DeepSpeed ZeRO stage used when the launcher gave no DeepSpeed config (0 = plain Accelerate).
     zero_stage: int = bounded(0, ge=0, le=3)
     mixed_precision: str = "auto"  # auto: bf16 on a GPU with native bf16, else fp32 (TF32 on CUDA)
-    init_from: str | None = None  # a Hugging Face VideoMAE folder to start the encoder from
+    # A public VideoMAE checkpoint to start from: a Hugging Face folder or an original VideoMAE / V2 .pth
+    # (mgfm.model.pretrained.LAYOUTS); its decoder too when it has one.
+    init_from: str | None = None
     # init_from an encoder of another clip length / crop size: "error" (refuse) or "interpolate" (resample its
     # position table over (t, h, w) to the model's token grid).
     pos_embed: Literal["error", "interpolate"] = "error"
