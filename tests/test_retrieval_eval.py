@@ -174,13 +174,16 @@ def test_recipe_validation():
 
 @pytest.fixture(scope="module")
 def empty_test_shards(tiny_index, tmp_path_factory) -> Path:
-    """Shards whose test clips all point at a missing video, so the test split holds no clip."""
+    """Shards whose test clips all point at a missing video, so the test split holds no clip (the build says so
+    and fails, but what it wrote stays, as a shard set built before builds refused empty splits)."""
+    from mgfm.errors import InputError
     from mgfm.shards import BuildConfig, build_shards
 
     clips = [c if c.split == "train" else dataclasses.replace(c, path="/nonexistent/video.mp4")
              for c in tiny_index.clips]
     out = tmp_path_factory.mktemp("empty_test_shards") / "tiny_empty"
-    build_shards(ClipIndex(clips, tiny_index.class_names, "tiny"), out, BuildConfig(short_side=32, shard_samples=3))
+    with pytest.raises(InputError, match="split 'test' has no samples"):
+        build_shards(ClipIndex(clips, tiny_index.class_names, "tiny"), out, BuildConfig(short_side=32, shard_samples=3))
     return out
 
 
