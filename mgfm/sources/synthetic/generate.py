@@ -34,7 +34,7 @@ from mgfm.sources.synthetic.gestures import GESTURES, apply_idle, idle_motion, m
 from mgfm.sources.synthetic.plan import DatasetPlan, SyntheticConfig, VideoPlan, make_plan
 from mgfm.sources.synthetic.render import FigureRenderer
 from mgfm.files import write_atomic
-from mgfm.sources.video_io import VideoWriter
+from mgfm.sources.video_io import H264Encoding, VideoWriter
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def render_video(video: VideoPlan, look: SubjectLook, config: SyntheticConfig, p
     """
     cv2.setNumThreads(1)
     render_s = encode_s = 0.0
-    writer = VideoWriter(path, config.fps, config.height, config.frame_width, crf=config.crf)
+    writer = VideoWriter(path, config.fps, config.height, config.frame_width, H264Encoding(crf=config.crf))
     frames = render_frames(video, look, config)
     n = 0
     clock = time.process_time
