@@ -173,19 +173,22 @@ def decode_frames(data: bytes | str | Path, indices: Sequence[int] | None = None
     ``backend="decord"`` reads from an in-memory buffer (random access: it decodes every frame up to the
     last one wanted); ``"pyav"`` decodes only the pictures the wanted frames need (see :func:`_decode_pyav`;
     the same pixels, ~1.5x faster on x264's default encoding and more on shards encoded for it, BENCHMARKS.md
-    "Loader"). When ``backend`` fails with :class:`VideoDecodeError`, ``fallback`` (the other backend) is tried;
-    its failure is the one raised. ``stacked=False`` may return a list of (H, W, 3) frames instead of one
-    array (PyAV's pictures as they are, without copying them into one array).
+    "Loader"). When ``backend`` fails with :class:`VideoDecodeError`, ``fallback`` (the other backend) is
+    tried where it is installed; its failure is the one raised. ``stacked=False`` may return a list of
+    (H, W, 3) frames instead of one array (PyAV's pictures as they are, without copying them into one array).
     """
     decoders = {"decord": _decode_decord, "pyav": _decode_pyav}
     if backend not in decoders or (fallback is not None and fallback not in decoders):
         raise ValueError(f"unknown video backend {backend!r}/{fallback!r}; expected one of {BACKENDS}")
     try:
         frames = decoders[backend](data, indices)
-    except VideoDecodeError:
+    except VideoDecodeError as err:
         if fallback is None or fallback == backend:
             raise
-        frames = decoders[fallback](data, indices)
+        try:
+            frames = decoders[fallback](data, indices)
+        except ImportError:  # the fallback's library is not installed (e.g. no decord on a GPU box)
+            raise err from None
     return np.stack(frames) if stacked and isinstance(frames, list) else frames
 
 
@@ -269,7 +272,7 @@ def _decode_pyav(data, indices):
     missing = [int(unique[k]) for k, frame in enumerate(out) if frame is None]
     if missing:
         raise VideoDecodeError(f"PyAV decoded no picture for frames {missing[:5]} of {n}")
-    return out if len(unique) == len(wanted) else [out[k] for k in inverse]
+    return out if np.array_equal(unique, wanted) else [out[k] for k in inverse.ravel()]
 
 
 def _rgb(frame) -> np.ndarray:
