@@ -10,7 +10,7 @@ Stages (each records ``{"ok": false, "error": ...}`` and the run moves on when i
                       format: clips per CPU-second and the cores one GPU needs at ``pretrain_random``'s rate
                       (``gpu_check_legs.py``);
 * ``learning``        the tiny real-motion recipe pretrained on the UTKinect + Florence3D train clips of
-                      ``../shared/data`` for ~3.5 minutes, then frozen linear probes of both sets against random
+                      ``../shared/data`` for ~3 minutes, then frozen linear probes of both sets against random
                       init and raw pixels with 95% intervals, in one table (skipped, saying why, without the data);
 * ``pretrain_shards`` the same model end to end as users run it: render a small synthetic benchmark, shard it at
                       the GPU recipes' format and ``accelerate launch --use_deepspeed ... pretrain.py``; its
@@ -578,6 +578,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (GPU 5, smoke 1)")
     ap.add_argument("--batch", type=int, default=None, help="clips per step (GPU 24, smoke 2)")
     ap.add_argument("--skip", nargs="+", default=[], choices=STAGES, metavar="STAGE", help=f"any of {STAGES}")
+    ap.add_argument("--learn-seconds", type=float, default=None,
+                    help="the learning leg's pretraining budget (GPU 170, smoke 6); the epochs follow from it")
     ap.add_argument("--shared", type=Path, default=None,
                     help="folder of utkinect/ and florence3d/ for the learning leg (default: ../shared/data)")
     args = ap.parse_args(argv)
@@ -592,7 +594,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     gpu = torch.cuda.is_available() and not args.smoke
-    ctx = Context(sizes_for(gpu, args), args.out.resolve(), gpu, leg_sizes(gpu, os.cpu_count() or 1), args.shared)
+    ctx = Context(sizes_for(gpu, args), args.out.resolve(), gpu, leg_sizes(gpu, os.cpu_count() or 1, args.learn_seconds),
+                  args.shared)
     report.update(gpu_mode=gpu, sizes=dataclasses.asdict(ctx.sizes), legs=dataclasses.asdict(ctx.legs),
                   bundle=carried, stages={})
     stages = {"environment": stage_environment, "pretrain_random": stage_pretrain_random, "loader": stage_loader,

@@ -53,9 +53,13 @@ class LegSizes:
     learn_overrides: tuple[str, ...]  # recipe overrides (the smoke: a smaller batch)
 
 
-def leg_sizes(gpu: bool, cpus: int) -> LegSizes:
+def leg_sizes(gpu: bool, cpus: int, learn_seconds: float | None = None) -> LegSizes:
+    """The GPU box's sizes (the whole check within ~8 minutes: ~3 of them pretraining) or the CPU smoke's;
+    ``learn_seconds`` overrides the pretraining budget."""
+    if learn_seconds is not None:
+        return dataclasses.replace(leg_sizes(gpu, cpus), learn_seconds=learn_seconds)
     if gpu:
-        return LegSizes(48, 40, (256, 224, 320), (16, 224), 12, max(1, min(12, cpus - 2)), 210.0, 800, None, ())
+        return LegSizes(32, 40, (256, 224, 320), (16, 224), 12, max(1, min(12, cpus - 2)), 170.0, 800, None, ())
     return LegSizes(6, 16, (48, 40, 60), (4, 32), 2, 1, 6.0, 3, 12,
                     ("stream.batch_size=4", "model.frames=8", "model.img_size=64"))
 

@@ -1,4 +1,4 @@
-"""Video encoding (PyAV, H.264) and decoding (decord from bytes, with a PyAV path).
+"""Video encoding (PyAV, H.264) and decoding (PyAV, only what the wanted frames need; or decord).
 
 Frames are uint8 arrays shaped (T, H, W, 3) in RGB order throughout mgfm.
 """
@@ -165,15 +165,14 @@ def probe(data: bytes | str | Path) -> dict:
 
 
 def decode_frames(data: bytes | str | Path, indices: Sequence[int] | None = None,
-                  backend: str = "decord", fallback: str | None = None,
+                  backend: str = "pyav", fallback: str | None = None,
                   stacked: bool = True) -> np.ndarray | list[np.ndarray]:
     """Decode the frames at ``indices`` (all frames when None) -> uint8 (len(indices), H, W, 3); indices past
     the end are the last frame.
 
-    ``backend="decord"`` reads from an in-memory buffer (random access: it decodes every frame up to the
-    last one wanted); ``"pyav"`` decodes only the pictures the wanted frames need (see :func:`_decode_pyav`;
-    the same pixels, ~1.5x faster on x264's default encoding and more on shards encoded for it, BENCHMARKS.md
-    "Loader"). When ``backend`` fails with :class:`VideoDecodeError`, ``fallback`` (the other backend) is
+    ``backend="pyav"`` decodes only the pictures the wanted frames need (see :func:`_decode_pyav`); decord
+    (``"decord"``) decodes every picture up to the last one wanted: the same pixels, ~1.5x slower on x264's
+    default encoding and ~3x on shards encoded for decoding (BENCHMARKS.md "Loader"). When ``backend`` fails with :class:`VideoDecodeError`, ``fallback`` (the other backend) is
     tried where it is installed; its failure is the one raised. ``stacked=False`` may return a list of
     (H, W, 3) frames instead of one array (PyAV's pictures as they are, without copying them into one array).
     """
