@@ -2,7 +2,7 @@
 
     python benchmarks/bench_loader.py                    # builds a small shard set in a temp dir
     python benchmarks/bench_loader.py --shards shards/x  # or measures an existing one
-    python benchmarks/bench_loader.py --tune fastdecode --bframes 3 --short-side 224   # the set's encoding
+    python benchmarks/bench_loader.py --tune fastdecode --bframes 7 --short-side 224   # the set's encoding
     python benchmarks/bench_loader.py --workers 2        # both sides with 2 worker processes
     python benchmarks/bench_loader_levers.py             # every lever alone and together (its own script)
 

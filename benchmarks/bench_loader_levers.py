@@ -7,9 +7,10 @@ One clip index (textured, moving source videos rendered larger than any stored f
 so every format is a resize; clips of ~40 frames: the iMiGUE median; ``bench_loader.bench_index``) is
 sharded once per stored format. Two measurements:
 
-1. **Bytes for speed**: per stored format, the mean mp4 bytes per clip and the CPU time to decode one sample's
-   frames (the stream's sampling policy, the same draws for every format) with decord (what the stream used
-   before) and with the stream's PyAV decoder, each against decord on today's format, formats interleaved.
+1. **Bytes for speed**: per stored format, the mean mp4 bytes per clip, their fidelity (PSNR of the decoded
+   clips to the frames the builder encoded), and the CPU time to decode one sample's frames (the stream's
+   sampling policy, the same draws for every format) with decord (what the stream used before) and with the
+   stream's PyAV decoder, each against decord on today's format, formats interleaved.
 2. **Levers**: the training stream (``make_loader(..., mode="train")``, in this process) with one lever
    changed at a time against today's stream, then all of them together, plus raw decoding and the floor
    (the sampled frames stored alone, decoded whole: ``bench_loader.floor_clips``), all interleaved batch by
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpu_check_legs import GPU_FORMAT  # noqa: E402
 from bench_loader import (Side, add_geometry_args, bench_index, build_set, decode_step, floor_clips,  # noqa: E402
                           floor_decoder, interleaved, load_clips, mean_kib, median, median_ratio, raw_decoder,
                           set_encoding, stream_step)
@@ -38,17 +40,17 @@ from mgfm.data.stream import StreamConfig  # noqa: E402
 from mgfm.sources.video_io import decode_frames  # noqa: E402
 
 SOURCE_SCALE = 1.25  # source videos' short side over the largest stored one
-FAST = {"tune": "fastdecode", "bframes": 3}  # the encoding the GPU recipes' shards are built with
 TODAY, NEW = "today", "new"
 
 
 def formats(today: int, train: int) -> dict[str, tuple[str, int, dict]]:
     """Stored formats: key -> (name, short side, BuildConfig encoding fields). ``today`` is the short side the
     README's iMiGUE command stored before (256), ``train`` the crop (storage at the training size, 224)."""
-    rows = [(TODAY, today, {}), ("fd", today, {"tune": "fastdecode"}), ("b3", today, {"bframes": 3}),
-            ("train", train, {}), ("train fd", train, {"tune": "fastdecode"}), ("train b3", train, {"bframes": 3}),
-            (NEW, train, FAST), ("train fd b7", train, {"tune": "fastdecode", "bframes": 7}),
-            ("train fd b3 k16", train, {**FAST, "keyint": 16}),
+    bframes = {"bframes": GPU_FORMAT["bframes"]}
+    rows = [(TODAY, today, {}), ("fd", today, {"tune": "fastdecode"}), ("b", today, bframes),
+            ("train", train, {}), ("train fd", train, {"tune": "fastdecode"}), ("train b", train, bframes),
+            (NEW, train, GPU_FORMAT), ("train fd b3", train, {"tune": "fastdecode", "bframes": 3}),
+            ("train fd k16", train, {**GPU_FORMAT, "keyint": 16}),
             ("train fd k1", train, {"tune": "fastdecode", "keyint": 1})]
     out = {}
     for key, side, enc in rows:
@@ -81,6 +83,27 @@ def bytes_for_speed(sets: dict[str, Path], cfg: StreamConfig, repeats: int) -> d
             for name in sets}
 
 
+def fidelity(index, sets: dict[str, Path]) -> dict[str, float]:
+    """Per format: PSNR (dB) of its decoded clips against the frames the builder encoded (the source frames
+    converted and resized by the builder's own call), over every frame of every clip."""
+    import av
+
+    clips = {name: load_clips(path) for name, path in sets.items()}
+    error, count = dict.fromkeys(sets, 0.0), dict.fromkeys(sets, 0)
+    for path in sorted({c.path for c in index}):
+        with av.open(path) as container:
+            source = list(container.decode(video=0))
+        for clip in (c for c in index if c.path == path):
+            for name in sets:
+                decoded = decode_frames(clips[name][clip.clip_id][0], None, backend="pyav").astype(np.float64)
+                _, h, w, _ = decoded.shape
+                encoded = np.stack([f.to_ndarray(format="rgb24", height=h, width=w)  # as mgfm.shards.build does
+                                    for f in source[clip.start_frame:clip.start_frame + len(decoded)]])
+                error[name] += float(((decoded - encoded) ** 2).sum())
+                count[name] += decoded.size
+    return {name: 10 * np.log10(255.0**2 / (error[name] / count[name])) for name in sets}
+
+
 def lever_sides(sets: dict[str, Path], cfg: StreamConfig, args: argparse.Namespace):
     """name -> how to make the side for round ``r`` (a :class:`Side` factory), the baseline first."""
     decord = dataclasses.replace(cfg, backend="decord", fallback_backend="pyav")
@@ -101,8 +124,8 @@ def lever_sides(sets: dict[str, Path], cfg: StreamConfig, args: argparse.Namespa
         "decoder alone: pyav": stream(sets[TODAY], pyav),
         "storage alone: at the crop size": stream(sets["train"], decord),
         "encoding alone: fastdecode": stream(sets["fd"], decord),
-        "encoding alone: bframes 3": stream(sets["b3"], decord),
-        "decoder + bframes 3": stream(sets["b3"], pyav),
+        f"encoding alone: bframes {GPU_FORMAT['bframes']}": stream(sets["b"], decord),
+        f"decoder + bframes {GPU_FORMAT['bframes']}": stream(sets["b"], pyav),
         COMBINED: stream(sets[NEW], pyav),
         "today, repeats 2": stream(sets[TODAY], dataclasses.replace(decord, **repeat2)),
         "all together, repeats 2": stream(sets[NEW], dataclasses.replace(pyav, **repeat2)),
@@ -136,6 +159,7 @@ def main() -> None:
                 for k, (key, (_, side, enc)) in enumerate(stored.items())}
         built = time.perf_counter() - t0
         table = bytes_for_speed(sets, cfg, args.decode_repeats)
+        psnr = fidelity(index, sets)
         factories = lever_sides(sets, cfg, args)
         rounds = interleaved(lambda r: [Side(name, make(r)) for name, make in factories.items()], args.batches,
                              args.rounds)
@@ -144,10 +168,10 @@ def main() -> None:
           f"shards built in {built:.0f} s; {args.rounds} rounds of {args.batches} batches per side, interleaved")
     print("\nbytes for speed (decode one sample's frames; ms of CPU per clip, median of "
           f"{args.decode_repeats} interleaved passes)")
-    print(f"{'stored format':<42}{'KiB/clip':>9}{'decord ms':>11}{'x':>6}{'pyav ms':>10}{'x':>6}")
+    print(f"{'stored format':<42}{'KiB/clip':>9}{'PSNR dB':>9}{'decord ms':>11}{'x':>6}{'pyav ms':>10}{'x':>6}")
     for key, row in table.items():
-        print(f"{stored[key][0]:<42}{row['kib']:>9.1f}{row['decord_ms']:>11.2f}{row['decord_speedup']:>6.2f}"
-              f"{row['pyav_ms']:>10.2f}{row['pyav_speedup']:>6.2f}")
+        print(f"{stored[key][0]:<42}{row['kib']:>9.1f}{psnr[key]:>9.2f}{row['decord_ms']:>11.2f}"
+              f"{row['decord_speedup']:>6.2f}{row['pyav_ms']:>10.2f}{row['pyav_speedup']:>6.2f}")
     base = next(iter(factories))
     print(f"\nlevers (clips and training samples per CPU-second; ratio to '{base}', median of per-round ratios)")
     print(f"{'side':<46}{'clips/CPU-s':>12}{'samples/CPU-s':>15}{'x clips':>9}{'x samples':>11}"

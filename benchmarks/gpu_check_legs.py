@@ -1,7 +1,7 @@
 """The GPU check's loader and learning legs, and what its device call carries (``gpu_check.py`` runs them).
 
 * ``loader``   the training stream on this machine's CPU at the GPU recipes' shard format (224 px, fastdecode,
-               3 non-reference B-frames, PyAV) against today's format (256 px, x264's defaults; with decord too
+               7 non-reference B-frames, PyAV) against today's format (256 px, x264's defaults; with decord too
                where it is installed), interleaved in one process (``bench_loader``): clips per CPU-second, and
                the CPU cores one GPU needs at the rate ``pretrain_random`` measured; plus the DataLoader with
                worker processes, wall clock, for the rate this box really delivers;
@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 CARRY_LIMIT_MIB = 64  # what one device call may carry: the working tree, shared/ and carried paths
 REAL_SETS = ("utkinect", "florence3d")
 REAL_RECIPE = REPO / "recipes" / "pretrain" / "real_motion_cpu.yaml"
-GPU_FORMAT = {"tune": "fastdecode", "bframes": 3}  # the GPU recipes' shards (README "Shards"), stored at the crop size
+# The GPU recipes' shard encoding (README "Shards"; stored at the crop size): BENCHMARKS.md "Loader", bytes for speed
+GPU_FORMAT = {"tune": "fastdecode", "bframes": 7}
 log = logging.getLogger("gpu_check")
 
 
@@ -83,7 +84,7 @@ def stage_loader(ctx) -> dict:
     new = build_set(index, root / "new", crop_side, s.loader_clips, **GPU_FORMAT)
     cfg = StreamConfig(frames=frames, img_size=crop, tubelet=2, patch=16, batch_size=8, num_workers=0, seed=0,
                        log_skips=0, video_dtype="uint8", decoder_keep_ratio=None)
-    sides = {"new defaults (stored at the crop, fastdecode + bframes 3, pyav)": (new, cfg),
+    sides = {f"new defaults (stored at the crop, fastdecode + bframes {GPU_FORMAT['bframes']}, pyav)": (new, cfg),
              "today's format, pyav": (today, cfg)}
     try:
         require("decord")

@@ -36,7 +36,7 @@ def test_bench_loader_levers_runs_every_lever_and_the_bytes_table():
            "--img-size", "32", "--today-side", "48", "--train-side", "40", "--gpu-clips-per-s", "100"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert re.search(r"40, fastdecode, bframes 3 \(new\)\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+", out.stdout)
+    assert re.search(r"40, fastdecode, bframes 7 \(new\)\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+", out.stdout)
     for side in ("decoder alone: pyav", "storage alone: at the crop size", "encoding alone: fastdecode",
                  "all together (new defaults)", "all together, repeats 2", "floor: frames alone, intra-only"):
         assert re.search(re.escape(side) + r"\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+", out.stdout), side

@@ -185,7 +185,7 @@ def test_new_defaults_sample_the_same_frames_crops_flips_and_masks(tiny_index, t
     # size, PyAV (the stream's default). Same seed: the same draws, view for view.
     new_shards = tmp_path / "new"
     build_shards(tiny_index, new_shards, BuildConfig(short_side=28, shard_samples=3, crf=12, tune="fastdecode",
-                                                     bframes=3))
+                                                     bframes=7))
     geometry = dict(frames=4, img_size=28, tubelet=2, patch=14, mask_ratio=0.5, decoder_keep_ratio=0.5, repeats=2,
                     flip=True, batch_size=2, batches_per_epoch=6, num_workers=0, video_dtype="uint8", seed=3)
     assert StreamConfig().backend == "pyav"

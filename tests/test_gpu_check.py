@@ -96,7 +96,7 @@ def test_smoke_mode_runs_every_stage_on_the_cpu(tmp_path):
     assert report["bundle"]["fits"] and report["bundle"]["total_mib"] < 64
 
     loader = stages["loader"]
-    new, today = "new defaults (stored at the crop, fastdecode + bframes 3, pyav)", "today's format, pyav"
+    new, today = "new defaults (stored at the crop, fastdecode + bframes 7, pyav)", "today's format, pyav"
     assert loader["clips_per_cpu_s"][new] > 0 and loader["clips_per_cpu_s"][today] > 0
     assert loader["cores_per_gpu"][new] == pytest.approx(rand_rate(stages) / loader["clips_per_cpu_s"][new])
     assert loader["workers"]["clips_per_s"] > 0

@@ -219,7 +219,7 @@ def from_decord(batch) -> np.ndarray:
     return from_dlpack(batch.to_dlpack()).numpy()
 
 
-def _decode_pyav(data, indices):
+def _decode_pyav(data, indices) -> list[np.ndarray]:
     """The frames at ``indices`` (display order; all when None) decoded with PyAV, doing only the work they need.
 
     Packets are fed in decode order up to the last one a wanted frame needs, then the decoder is drained; a
@@ -320,7 +320,7 @@ def _is_idr(data: bytes, size: int) -> bool:
 _PROBE_OPTIONS = {"skip_frame": "nonkey"}
 
 
-def _decode_in_output_order(packets, codec, indices) -> np.ndarray:
+def _decode_in_output_order(packets, codec, indices) -> list[np.ndarray]:
     """Every packet decoded; frames numbered in the order the decoder outputs them (past-the-end clamps)."""
     frames = [_rgb(f) for p in [*packets, None] for f in codec.decode(p)]
     if not frames:
