@@ -6,26 +6,36 @@ Stages (each records ``{"ok": false, "error": ...}`` and the run moves on when i
 * ``pretrain_random`` ViT-B 16x224² pretraining in bf16 under DeepSpeed ZeRO-2 through mgfm's own engine, in
                       this process, on random smooth clips with 0.9 tube masks: clips/s, step time, model FLOPs
                       per clip and MFU, peak memory, whether the loss falls (a profile when MFU < 40%);
-* ``pretrain_shards`` the same model end to end as users run it: render a small synthetic benchmark, shard it and
-                      ``accelerate launch --use_deepspeed ... pretrain.py``; its summary, metrics and encoder;
+* ``loader``          the training stream at the GPU recipes' shard format on this box's CPU, against today's
+                      format: clips per CPU-second and the cores one GPU needs at ``pretrain_random``'s rate
+                      (``gpu_check_legs.py``);
+* ``learning``        the tiny real-motion recipe pretrained on the UTKinect + Florence3D train clips of
+                      ``../shared/data`` for ~3 minutes, then frozen linear probes of both sets against random
+                      init and raw pixels with 95% intervals, in one table (skipped, saying why, without the data);
+* ``pretrain_shards`` the same model end to end as users run it: render a small synthetic benchmark, shard it at
+                      the GPU recipes' format and ``accelerate launch --use_deepspeed ... pretrain.py``; its
+                      summary, metrics and encoder;
 * ``features``        frozen-encoder features of the test split on the GPU (clips/s, precision, shape);
 * ``search``          exact top-10 inner-product search, queries/s of faiss-cpu, faiss-gpu (or torch on the GPU
                       when faiss has no usable GPU) and numpy, each against numpy in the same run, and recall@10.
 
-Without CUDA (or with ``--smoke``) every stage runs at toy sizes in about a minute on a CPU, so CI exercises
-the same code (``tests/test_gpu_check.py``). The GPU box has no network and lacks packages mgfm needs. On a
-Linux x86_64 machine with network and Python 3.12 (the box's; binary wheels such as av, decord and faiss-cpu
-must match it) collect their wheels::
+Without CUDA (or with ``--smoke``) every stage runs at toy sizes in a minute or two on a CPU, so CI exercises
+the same code (``tests/test_gpu_check.py``). The GPU box has no network and lacks packages mgfm needs, and one
+device call carries at most 64 MiB (the working tree as git sees it, ``../shared`` and carried folders; the
+script prints the total first). On a Linux x86_64 machine with network, for the box's Python (3.12; binary
+wheels must match it) collect the wheels (41 MiB: av is 35 of them)::
 
-    pip wheel --no-deps deepspeed==0.19.8 webdataset braceexpand decord av faiss-cpu hjson ninja py-cpuinfo \\
-        msgpack -w wheels/
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \\
+        --platform manylinux_2_17_x86_64 -d wheels/ deepspeed==0.19.8 webdataset braceexpand av hjson ninja \\
+        py-cpuinfo msgpack einops pydantic pydantic-core annotated-types typing-inspection
 
-and, if a dependency of these is missing on the box, its wheel too: deepspeed also needs einops and pydantic
-(+ pydantic-core, annotated-types, typing-inspection). tensorboard and matplotlib are optional there (runs
-skip their TensorBoard logs and loss plot, with a warning); ``environment.missing`` in the JSON lists what
-did not import. Copy ``wheels/`` next to the repo and run on the device::
+decord (14 MiB) and faiss-cpu (30 MiB) do not fit beside them and are not needed: the stream decodes with PyAV
+(decord is only its fallback, skipped where absent), and the search stage times torch on the GPU instead of
+faiss where faiss is missing. tensorboard and matplotlib are optional there (runs skip their TensorBoard logs
+and loss plot, with a warning); ``environment.missing`` in the JSON lists what did not import. Put ``wheels/``
+in the repo root (git-ignored: carry it) and run on the device, in one call::
 
-    python benchmarks/gpu_check.py --wheels wheels --out gpu-check
+    python benchmarks/gpu_check.py --wheels wheels --out gpu-check       # <= 8 minutes
 
 ``--wheels`` installs every wheel there with pip from that folder only (no index) before anything else (each
 wheel alone when the set lacks a dependency); a stage whose packages are still missing says which wheel to add.
@@ -54,6 +64,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
+from gpu_check_legs import (GPU_FORMAT, LegSizes, StageSkipped, bundle, leg_sizes, shared_data, stage_learning,
+                            stage_loader)
 from wheels import OPTIONAL, install_wheels, require
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +73,7 @@ if str(REPO) not in sys.path:  # mgfm from this checkout, installed or not
     sys.path.insert(0, str(REPO))
 
 log = logging.getLogger("gpu_check")
-STAGES = ("environment", "pretrain_random", "pretrain_shards", "features", "search")
+STAGES = ("environment", "pretrain_random", "loader", "learning", "pretrain_shards", "features", "search")
 # Dense bf16 tensor-core peak in TFLOP/s by device-name substring, first match wins (variants before families).
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100 80GB HBM3", 989.4), ("H100 SXM", 989.4),
                     ("H200 NVL", 835.0), ("H200", 989.4), ("A100", 312.0), ("L40S", 362.05), ("A10G", 70.0))
@@ -106,6 +118,9 @@ class Context:
     sizes: Sizes
     out: Path
     gpu: bool
+    legs: "LegSizes | None" = None  # the loader and learning legs' sizes (gpu_check_legs.py)
+    shared: Path | None = None  # --shared: the folder of utkinect/ and florence3d/
+    gpu_clips_per_s: float | None = None  # pretrain_random's measured rate (the loader leg divides by it)
     shards: Path | None = None
     test_clips: int | None = None
     encoder: Path | None = None
@@ -196,6 +211,7 @@ def stage_pretrain_random(ctx: Context) -> dict:
             if step == s.warmup + s.steps:
                 times = [b - a for a, b in zip(stamps[s.warmup:-1], stamps[s.warmup + 1:])]
                 timing.update(step_stats(times, s.batch, gflops, peak))
+                ctx.gpu_clips_per_s = timing["clips_per_s"]
                 if timing["mfu"] is None or timing["mfu"] < 0.4:  # where does the time go?
                     profiler["p"] = start_profiler(cuda)
             elif step == total and profiler:
@@ -221,7 +237,7 @@ def stage_pretrain_random(ctx: Context) -> dict:
 
 def stage_pretrain_shards(ctx: Context) -> dict:
     """Synthetic shards, then ``accelerate launch --use_deepspeed pretrain.py`` on them as users run it."""
-    require("webdataset", "braceexpand", "av", "decord")
+    require("webdataset", "braceexpand", "av")
     from mgfm.sources.synthetic import SyntheticConfig
     from mgfm.model.hf import load_encoder_hf
     from mgfm.pipeline import ensure_synthetic
@@ -229,10 +245,11 @@ def stage_pretrain_shards(ctx: Context) -> dict:
 
     s = ctx.sizes
     t0 = time.perf_counter()
-    data, shards = ctx.out / "data" / f"synthetic-{s.height}", ctx.out / "shards" / f"synthetic-{s.height}"
+    data, shards = ctx.out / "data" / f"synthetic-{s.height}", ctx.out / "shards" / f"synthetic-{s.model['img_size']}-fast"
     index = ensure_synthetic(data, SyntheticConfig(subjects=4, videos=8, clips_per_video=10, height=s.height,
                                                    workers=s.workers))
-    manifest = build_shards(index, shards, BuildConfig(short_side=s.height, shard_samples=16, workers=s.workers),
+    manifest = build_shards(index, shards, BuildConfig(short_side=s.model["img_size"], shard_samples=16,
+                                                       workers=s.workers, **GPU_FORMAT),  # the GPU recipes' format
                             source={"format": "imigue", "path": str(data / "labels.csv")})
     ctx.shards, ctx.test_clips = shards, manifest["splits"]["test"]["samples"]
     data_s = time.perf_counter() - t0
@@ -281,7 +298,7 @@ def stage_pretrain_shards(ctx: Context) -> dict:
 
 def stage_features(ctx: Context) -> dict:
     """Frozen-encoder features of the shards' test split on this process's device."""
-    require("webdataset", "braceexpand", "av", "decord")
+    require("webdataset", "braceexpand", "av")
     import torch
 
     from mgfm.runtime import feature_precision, local_device
@@ -523,7 +540,7 @@ def summary_line(name: str, r: dict) -> str:
         return "-" if value is None else format(value, spec)
 
     if not r.get("ok"):
-        return "skipped" if r.get("skipped") else r.get("error", "").splitlines()[0][:100]
+        return f"skipped: {r.get('reason', '')}" if r.get("skipped") else r.get("error", "").splitlines()[0][:100]
     if name == "environment":
         return f"torch {r['torch']}, cuda {r['cuda']}, {r['device_name'] or 'cpu'}, peak {f(r['peak_bf16_tflops'])} TF"
     if name == "pretrain_random":
@@ -536,6 +553,15 @@ def summary_line(name: str, r: dict) -> str:
                 f"loss {f(r['first_loss'])}->{f(r['last_loss'])}")
     if name == "features":
         return f"{r['shape'][0]}x{r['shape'][1]} {r['precision']} on {r['device']}, {f(r['clips_per_s'])} clips/s"
+    if name == "loader":
+        cores = r["cores_per_gpu"] or {}
+        return "; ".join(f"{side}: {f(rate, '.1f')} clips/CPU-s" + (f", {f(cores[side], '.1f')} cores/GPU" if cores else "")
+                         for side, rate in r["clips_per_cpu_s"].items()) + \
+            f"; {r['workers']['workers']} workers: {f(r['workers']['clips_per_s'], '.1f')} clips/s"
+    if name == "learning":
+        return (f"{r['epochs']} epochs ({f(r['seconds_per_epoch'])} s each), then linear probes: " + "; ".join(
+            f"{name} " + ", ".join(f"{enc} {100 * v['top1']:.1f}" for enc, v in by.items())
+            for name, by in r["probes"].items()))
     return ", ".join(f"{m} {f(v['queries_per_s'], ',.0f')} q/s ({f(v['vs_numpy'], '.2f')}x, "
                      f"recall {f(v['recall_at_10'], '.3f')})"
                      if v["ok"] else f"{m} failed" for m, v in r["methods"].items())
@@ -553,27 +579,39 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (GPU 5, smoke 1)")
     ap.add_argument("--batch", type=int, default=None, help="clips per step (GPU 24, smoke 2)")
     ap.add_argument("--skip", nargs="+", default=[], choices=STAGES, metavar="STAGE", help=f"any of {STAGES}")
+    ap.add_argument("--learn-seconds", type=float, default=None,
+                    help="the learning leg's pretraining budget (GPU 170, smoke 6); the epochs follow from it")
+    ap.add_argument("--shared", type=Path, default=None,
+                    help="folder of utkinect/ and florence3d/ for the learning leg (default: ../shared/data)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "gpu_check.json"
     report: dict = {"command": [sys.executable, *sys.argv] if argv is None else ["gpu_check.py", *argv],
                     "started": now(), "wheels": install_wheels(args.wheels) if args.wheels else None}
+    carried = bundle(args.wheels, shared_data(args.shared))
+    print(f"carried bundle: {carried['total_mib']:.1f} MiB (" + ", ".join(f"{k} {v:.1f}" for k, v in carried["mib"].items())
+          + f") of the device call's {carried['limit_mib']} MiB" + ("" if carried["fits"] else ": TOO BIG"), flush=True)
     import torch
 
     gpu = torch.cuda.is_available() and not args.smoke
-    ctx = Context(sizes_for(gpu, args), args.out.resolve(), gpu)
-    report.update(gpu_mode=gpu, sizes=dataclasses.asdict(ctx.sizes), stages={})
-    stages = {"environment": stage_environment, "pretrain_random": stage_pretrain_random,
-              "pretrain_shards": stage_pretrain_shards, "features": stage_features, "search": stage_search}
+    ctx = Context(sizes_for(gpu, args), args.out.resolve(), gpu, leg_sizes(gpu, os.cpu_count() or 1, args.learn_seconds),
+                  args.shared)
+    report.update(gpu_mode=gpu, sizes=dataclasses.asdict(ctx.sizes), legs=dataclasses.asdict(ctx.legs),
+                  bundle=carried, stages={})
+    stages = {"environment": stage_environment, "pretrain_random": stage_pretrain_random, "loader": stage_loader,
+              "learning": stage_learning, "pretrain_shards": stage_pretrain_shards, "features": stage_features,
+              "search": stage_search}
     for name, stage in stages.items():
         if name in args.skip:
-            report["stages"][name] = {"ok": None, "skipped": True}
+            report["stages"][name] = {"ok": None, "skipped": True, "reason": "--skip"}
             continue
         log.info("stage %s", name)
         t0 = time.perf_counter()
         try:
             result = {"ok": True, **stage(ctx)}
+        except StageSkipped as why:
+            result = {"ok": None, "skipped": True, "reason": str(why)}
         except Exception as err:  # record and go on: one broken stage must not hide the others' numbers
             log.error("stage %s failed: %s", name, traceback.format_exc())
             result = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
@@ -594,6 +632,9 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as err:  # the JSON is written already; a surprise in it must not end the run here
             line = f"(see the JSON: {type(err).__name__})"
         print(f"{name:<16}{ok:<5}{r.get('seconds', 0):>7.1f}  {line}")
+    if report["stages"].get("learning", {}).get("ok"):
+        print(f"\nlearning: {report['stages']['learning']['epochs']} epochs, frozen linear probes\n"
+              + report["stages"]["learning"]["table"])
     return report
 
 

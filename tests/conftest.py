@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from mgfm.sources.clip_index import Clip, ClipIndex
-from mgfm.sources.video_io import encode_video
+from mgfm.sources.video_io import H264Encoding, encode_video
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests marked ``gpu`` skip where CUDA is absent (this CI), saying so."""
@@ -93,7 +93,7 @@ def tiny_video_factory(tmp_path_factory) -> Callable[..., Path]:
 
     def make(path: Path, n_frames: int, video_number: int = 0, height: int = TINY_HEIGHT,
              width: int = TINY_WIDTH) -> Path:
-        encode_video(time_coded_frames(n_frames, video_number, height, width), TINY_FPS, path, crf=10)
+        encode_video(time_coded_frames(n_frames, video_number, height, width), TINY_FPS, path, H264Encoding(crf=10))
         return Path(path)
 
     return make

@@ -1,5 +1,6 @@
-"""benchmarks/bench_loader.py end to end on a tiny shard set, both references: the script the loader's
-acceptance numbers come from keeps running (numbers are not checked: no wall-clock limits in tests)."""
+"""benchmarks/bench_loader.py (both references, the floor) and bench_loader_levers.py end to end on tiny shard
+sets: the scripts the loader's numbers come from keep running (numbers are not checked: no wall-clock limits in
+tests)."""
 
 from __future__ import annotations
 
@@ -25,4 +26,17 @@ def test_bench_loader_runs_and_reports_ratios(reference):
     ratio = re.search(r"ratio stream / raw decode: ([0-9.]+)", out.stdout)
     assert ratio and float(ratio.group(1)) > 0
     assert re.search(r"cores to feed 100 training samples/s: \d+", out.stdout)
+    assert re.search(r"ratio stream / floor: [0-9.]+ \(intra-only\), [0-9.]+ \(frames alone\)", out.stdout)
     assert "peak RSS streaming 2 batches" in out.stdout
+
+
+def test_bench_loader_levers_runs_every_lever_and_the_bytes_table():
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_loader_levers.py"), "--clips", "4", "--clip-frames", "16",
+           "--batches", "1", "--rounds", "1", "--batch-size", "2", "--decode-repeats", "1", "--frames", "4",
+           "--img-size", "32", "--today-side", "48", "--train-side", "40", "--gpu-clips-per-s", "100"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"40, fastdecode, bframes 7 \(new\)\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+", out.stdout)
+    for side in ("decoder alone: pyav", "storage alone: at the crop size", "encoding alone: fastdecode",
+                 "all together (new defaults)", "all together, repeats 2", "floor: frames alone, intra-only"):
+        assert re.search(re.escape(side) + r"\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+", out.stdout), side

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,10 +81,35 @@ def test_smoke_mode_runs_every_stage_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     report = json.loads((out / "gpu_check.json").read_text())
     stages = report["stages"]
-    assert list(stages) == ["environment", "pretrain_random", "pretrain_shards", "features", "search"]
-    failed = {name: stage.get("error") for name, stage in stages.items() if stage["ok"] is not True}
+    assert list(stages) == ["environment", "pretrain_random", "loader", "learning", "pretrain_shards", "features",
+                            "search"]
+    real_data = all((REPO.parent / "shared" / "data" / name / "index.csv").exists() for name in ("utkinect", "florence3d"))
+    if not real_data:  # the learning leg reads ../shared/data and says why it skipped elsewhere
+        assert stages["learning"]["skipped"] and "utkinect" in stages["learning"]["reason"]
+    failed = {name: stage.get("error") for name, stage in stages.items()
+              if stage["ok"] is not True and not (name == "learning" and not real_data)}
     assert not failed, failed
     assert report["gpu_mode"] is False and report["finished"]
+
+    # what one device call carries: printed first, and under the device's limit
+    carried = re.search(r"carried bundle: ([0-9.]+) MiB \(tree [0-9.]+, wheels [0-9.]+, shared [0-9.]+\)", done.stdout)
+    assert carried and float(carried.group(1)) == pytest.approx(report["bundle"]["total_mib"], abs=0.05)
+    assert report["bundle"]["fits"] and report["bundle"]["total_mib"] < 64
+
+    loader = stages["loader"]
+    new, today = "new defaults (stored at the crop, fastdecode + bframes 7, pyav)", "today's format, pyav"
+    assert loader["clips_per_cpu_s"][new] > 0 and loader["clips_per_cpu_s"][today] > 0
+    assert loader["cores_per_gpu"][new] == pytest.approx(rand_rate(stages) / loader["clips_per_cpu_s"][new])
+    assert loader["workers"]["clips_per_s"] > 0
+    if real_data:
+        learning = stages["learning"]
+        assert learning["epochs"] >= 1 and set(learning["probes"]) == {"utkinect", "florence3d"}
+        for by_encoder in learning["probes"].values():
+            assert set(by_encoder) == {"pretrained", "random init", "raw pixels"}
+            for entry in by_encoder.values():
+                low, high = entry["top1_ci95"]
+                assert 0 <= low <= entry["top1"] <= high <= 1
+        assert "| florence3d | raw pixels |" in done.stdout  # the one table
 
     cuda = torch.cuda.is_available()  # --smoke keeps the sizes tiny; the devices are what the machine has
     assert stages["environment"]["torch"] == torch.__version__
@@ -99,6 +125,7 @@ def test_smoke_mode_runs_every_stage_on_the_cpu(tmp_path):
 
     shards = stages["pretrain_shards"]
     summary = shards["summary"]
+    assert json.loads((Path(shards["shards"]) / "manifest.json").read_text())["encoding"]["tune"] == "fastdecode"
     assert summary["precision"] == "bf16" and summary["deepspeed"] is True and summary["world_size"] == 1
     assert shards["logged_steps"] == summary["steps"] == 6 and shards["loss_finite"]
     assert shards["encoder"]["loads"] and shards["encoder"]["dim"] == 32
@@ -119,3 +146,8 @@ def test_smoke_mode_runs_every_stage_on_the_cpu(tmp_path):
     assert search["gpu_search_backend"] is None
 
     assert "pretrain_random" in done.stdout and "gpu_check (smoke)" in done.stdout  # the summary table
+
+
+def rand_rate(stages: dict) -> float:
+    """The training rate the loader leg divides by: pretrain_random's clips/s."""
+    return stages["pretrain_random"]["clips_per_s"]

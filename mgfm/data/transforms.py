@@ -73,19 +73,20 @@ def crop_resize(frames: np.ndarray, box: CropBox, size: int) -> np.ndarray:
     return out
 
 
-def crop_resize_planar(frames: np.ndarray, box: CropBox, size: int, out: np.ndarray,
+def crop_resize_planar(frames: np.ndarray | Sequence[np.ndarray], box: CropBox, size: int, out: np.ndarray,
                        positions: Sequence[int] | None = None) -> np.ndarray:
     """Like :func:`crop_resize` but channel-planar, into ``out`` uint8 (T, 3, size, size).
 
-    ``positions`` picks the frames of ``frames`` (U,H,W,3) to use (default: all, T = U) without
-    gathering them into a copy first; each resized frame is split straight into ``out``.
+    ``frames``: uint8 (U,H,W,3), or U frames (H,W,3) (e.g. a decoder's pictures); ``positions`` picks the
+    frames to use (default: all, T = U) without gathering them into a copy first; each resized frame is
+    split straight into ``out``.
     """
-    region = frames[:, box.y:box.y + box.h, box.x:box.x + box.w]
     picks = range(len(frames)) if positions is None else np.asarray(positions).tolist()
     interp = cv2.INTER_AREA if box.h >= 2 * size and box.w >= 2 * size else cv2.INTER_LINEAR
     same = box.h == size and box.w == size
     for planes, k in zip(out, picks, strict=True):
-        small = region[k] if same else cv2.resize(region[k], (size, size), interpolation=interp)
+        region = frames[k][box.y:box.y + box.h, box.x:box.x + box.w]
+        small = region if same else cv2.resize(region, (size, size), interpolation=interp)
         if box.flip:
             small = cv2.flip(small, 1)
         cv2.split(small, list(planes))

@@ -20,6 +20,7 @@ from mgfm.shards import manifest as mf
 from mgfm.shards.build import BuildConfig, build_shards, parse_part
 from mgfm.sources.pose import LAYOUTS
 from mgfm.sources.formats import FORMATS, read_source_index
+from mgfm.sources.video_io import X264_TUNES
 from mgfm.shards.verify import verify_shards
 
 
@@ -41,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--shard-mb", type=float, default=BuildConfig.shard_mb, help="target shard size (approximate)")
     b.add_argument("--shard-samples", type=int, default=None, help="clips per shard (overrides --shard-mb)")
     b.add_argument("--crf", type=int, default=BuildConfig.crf)
+    b.add_argument("--tune", choices=X264_TUNES, default=None,
+                   help="x264 tuning, e.g. fastdecode (no CABAC, no deblocking: faster to decode, more bytes)")
+    b.add_argument("--bframes", type=int, default=None,
+                   help="N non-reference B-frames between reference frames (the loader skips unsampled ones)")
+    b.add_argument("--keyint", type=int, default=None, help="a keyframe every N frames (default: x264's, 250)")
     b.add_argument("--workers", type=int, default=1, help="processes")
     b.add_argument("--source-threads", type=int, default=1,
                    help="decoder threads per source video (0 = auto; useful with --workers 1)")
@@ -94,7 +100,8 @@ def _build(args: argparse.Namespace) -> int:
                               args.dedupe, args.layout)
     config = BuildConfig(
         short_side=args.short_side, context_frames=args.context, shard_mb=args.shard_mb,
-        shard_samples=args.shard_samples, crf=args.crf, workers=args.workers, source_threads=args.source_threads, part=parse_part(args.part),
+        shard_samples=args.shard_samples, crf=args.crf, tune=args.tune, bframes=args.bframes, keyint=args.keyint,
+        workers=args.workers, source_threads=args.source_threads, part=parse_part(args.part),
         splits=tuple(s.strip() for s in args.splits.split(",")) if args.splits else None,
         pose_layout=args.layout if fmt == "pose" else None, pose_fps=args.pose_fps, pose_view=args.pose_view,
     )

@@ -40,7 +40,7 @@ from webdataset import TarWriter
 
 from mgfm.sources.clip_index import Clip, ClipIndex
 from mgfm.sources.pose import FigureStyle, get_layout, pose_clips
-from mgfm.sources.video_io import VideoWriter
+from mgfm.sources.video_io import H264Encoding, VideoWriter
 from mgfm.errors import InputError
 from mgfm.files import atomic_path, make_folder, sha256_file
 from mgfm.runtime import exit_with_parent
@@ -68,6 +68,10 @@ class BuildConfig:
     est_unknown_frames: int = 250  # frames assumed for a clip "to the end" whose length cannot be probed
     crf: int = 23  # x264 constant rate factor
     preset: str = "veryfast"
+    # Decoding cost for bytes (mgfm.sources.video_io.H264Encoding; BENCHMARKS.md "Loader"): None is x264's own
+    tune: str | None = None  # "fastdecode": no CABAC, no deblocking
+    bframes: int | None = None  # N non-reference B-frames between reference frames, a fixed pattern
+    keyint: int | None = None  # a keyframe every N frames
     source_threads: int = 1  # source decoder threads per process (0 = auto: faster when workers=1)
     max_buffered_frames: int = 1024  # longer clips stream into their encoder (bounded memory, see _ClipEncoder)
     workers: int = 1  # processes; each builds one shard at a time
@@ -91,6 +95,10 @@ class BuildConfig:
             raise InputError(f"part must be i/N with 0 <= i < N, got {i}/{n}")
         if self.workers < 1:
             raise InputError(f"workers must be >= 1, got {self.workers}")
+        try:
+            self.encoding()
+        except ValueError as err:
+            raise InputError(f"encoding: {err}") from None
         if self.pose_layout is not None:
             get_layout(self.pose_layout)
             try:
@@ -102,11 +110,17 @@ class BuildConfig:
         """How pose clips are drawn: ``short_side`` square (112 when 0) at ``pose_fps``."""
         return FigureStyle(size=self.short_side or 112, fps=self.pose_fps, view=self.pose_view)
 
+    def encoding(self) -> H264Encoding:
+        """How every clip is encoded (recorded in the manifest as ``encoding``)."""
+        return H264Encoding(self.crf, self.preset, self.tune, self.bframes, self.keyint)
+
     def output_fields(self) -> dict:
-        """The fields that decide the shards' content (hashed into the plan)."""
+        """The fields that decide the shards' content (hashed into the plan). The encoding fields added later
+        count only when set, so a shard set planned before them keeps its plan (and resumes)."""
         keep = ("short_side", "context_frames", "shard_samples", "shard_mb", "est_bytes_per_pixel", "est_aspect",
                 "est_unknown_frames", "crf", "preset", "splits", "pose_layout", "pose_fps", "pose_view")
-        return {k: getattr(self, k) for k in keep}
+        later = {k: getattr(self, k) for k in ("tune", "bframes", "keyint") if getattr(self, k) is not None}
+        return {**{k: getattr(self, k) for k in keep}, **later}
 
 
 def parse_part(text: str) -> tuple[int, int]:
@@ -253,7 +267,7 @@ def _cut_pose(path: str, clips: list[Clip], config: BuildConfig) -> Iterator[tup
         if isinstance(frames, str):
             yield clip, frames
             continue
-        writer = VideoWriter(None, style.fps, style.size, style.size, crf=config.crf, preset=config.preset)
+        writer = VideoWriter(None, style.fps, style.size, style.size, config.encoding())
         for frame in frames:
             writer.write(frame)
         row = drawn.to_row()
@@ -280,7 +294,7 @@ class _ClipEncoder:
         self.count = 0
 
     def _open(self) -> VideoWriter:
-        return VideoWriter(None, self.fps, self.size[0], self.size[1], crf=self.config.crf, preset=self.config.preset)
+        return VideoWriter(None, self.fps, self.size[0], self.size[1], self.config.encoding())
 
     def add(self, rgb) -> None:
         self.count += 1

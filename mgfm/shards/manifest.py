@@ -247,6 +247,7 @@ def rebuild_manifest(out_dir: str | Path) -> dict:
         "plan_hash": plan["plan_hash"],
         "source": plan["source"],
         "config": plan["config"],
+        **({"encoding": plan["encoding"]} if "encoding" in plan else {}),  # absent: built before it was recorded
         "class_names": class_names,
         "emotion_splits": plan["emotion_splits"],
         "splits": dict(sorted(splits.items())),
@@ -296,6 +297,10 @@ def format_manifest(manifest: dict) -> str:
              f"{manifest['totals']['shards']}/{manifest['totals']['planned_shards']} shards"
              + ("" if manifest["complete"] else " (INCOMPLETE)")
              + f", {manifest['totals']['skipped']} clips skipped"]
+    enc = manifest.get("encoding")
+    if enc:
+        lines.append(f"  encoding   h264 crf {enc['crf']} {enc['preset']}, tune {enc['tune'] or '-'}, "
+                     f"bframes {'-' if enc['bframes'] is None else enc['bframes']}, keyint {enc['keyint'] or '-'}")
     for split, info in manifest["splits"].items():
         lines.append(f"  {split:<10} {info['samples']:>7} samples {len(info['shards']):>4} shards "
                      f"{len(info['subjects']):>4} subjects {info['skipped']:>5} skipped")

@@ -127,6 +127,7 @@ def write_plan(out_dir: Path, index: ClipIndex, plan: dict[str, PlannedShard], d
         "name": index.name,
         "source": {**source, "name": index.name, "clips": len(index)},
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.output_fields().items()},
+        "encoding": config.encoding().record(),
         "class_names": list(index.class_names),
         "emotion_splits": dict(index.emotion_splits),
         "shards": {name: {"split": shard.split, "clips": [c.clip_id for c in shard.clips]}

@@ -45,13 +45,15 @@ slots, slots share a shard and keep disjoint samples by index modulo (:func:`ass
 * ``eval``: every sample exactly once across all ranks and workers, in a deterministic order, last batch
   partial; ranks may get different numbers of batches (gather results, do not all-reduce per batch).
 
-Decoding: decord from bytes (``cfg.backend``), with ``cfg.fallback_backend`` (PyAV) tried when it fails.
+Decoding: PyAV from bytes (``cfg.backend``), only what the sampled frames need (a non-reference picture no
+sampled frame needs is skipped, decoding starts at the last IDR keyframe before them: the same pixels as
+decoding it all), with ``cfg.fallback_backend`` (decord) tried when it fails.
 Temporal sampling: :mod:`mgfm.data.sampling`; spatial transforms: :mod:`mgfm.data.transforms`. Horizontal
 flip is off by default: flipping swaps the hand a gesture is made with, which a dataset may label or a
 model may use (iMiGUE's and SMG's classes are side-agnostic, so ``flip=True`` is label-safe there).
 Repeated sampling (``repeats=K``) decodes a clip once and yields K crops + masks of it.
 
-Where the time goes (see ``benchmarks/bench_loader.py``; decoding is ~80% of it): a worker decodes a
+Where the time goes (see ``benchmarks/bench_loader.py``; decoding is most of it): a worker decodes a
 batch's clips back to back (the decoder is faster with warm caches), then crops and resizes them
 straight into a planar uint8 batch buffer. Batches cross the process boundary as uint8 and the main
 process converts them to normalised float32 (shared memory for 4x the bytes costs more than the

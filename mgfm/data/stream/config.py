@@ -42,8 +42,9 @@ class StreamConfig:
     mean: tuple[float, float, float] = bounded(IMAGENET_MEAN, ge=0, le=1)
     std: tuple[float, float, float] = bounded(IMAGENET_STD, gt=0)
     video_dtype: Literal["float32", "uint8"] = "float32"  # uint8: unnormalised, 4x less to move (see finish_batch)
-    backend: Literal["decord", "pyav"] = "decord"
-    fallback_backend: Literal["decord", "pyav"] | None = "pyav"
+    # pyav decodes only what the sampled frames need (the same pixels as decord; BENCHMARKS.md "Loader")
+    backend: Literal["decord", "pyav"] = "pyav"
+    fallback_backend: Literal["decord", "pyav"] | None = "decord"
     masks: bool = True  # add encoder/decoder masks to batches
     mask_ratio: float = bounded(0.9, gt=0, lt=1)
     decoder_keep_ratio: float | None = bounded(None, gt=0, le=1)  # e.g. 0.5 for running-cell decoder masking

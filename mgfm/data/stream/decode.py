@@ -1,4 +1,4 @@
-"""Raw samples -> batches: decode the frames a sample's temporal views need (decord, with the PyAV fallback),
+"""Raw samples -> batches: decode the frames a sample's temporal views need (PyAV, with the decord fallback),
 crop and resize its views straight into the batch buffer, draw its masks, collate; and the main process's
 conversion of uint8 batches to normalised float32 (:func:`finish_batch`). Only bad data (:class:`SampleError`)
 is skipped; any other exception is a bug and stops the stream."""
@@ -29,8 +29,8 @@ FRAMES = "__frames__"
 
 def decode_stage(samples: Iterable[dict], cfg: StreamConfig, train: bool, seeds: list[int], state: WorkerState,
                  max_failures: int, skip: int = 0) -> Iterator[dict]:
-    """Raw sample -> decoded clip {frames uint8 (U,H,W,3), lookup (U,), views [K x (T,)], label, clip_id,
-    meta, rng}: the union of the K views' frame indices decoded once.
+    """Raw sample -> decoded clip {frames: U uint8 (H,W,3) frames (an array or a list), lookup (U,), views
+    [K x (T,)], label, clip_id, meta, rng}: the union of the K views' frame indices decoded once.
 
     Train: sample ``i`` of this worker's stream (counting from 0, bad ones included) draws its frame windows
     here and its crops, flips and masks later from its own generator, ``default_rng(seeds + [1, i])``, so a
@@ -116,8 +116,8 @@ def _decode_one(sample: dict, cfg: StreamConfig, train: bool, repeats: int, rng:
             "rng": rng}
 
 
-def _frames(sample: dict, indices: np.ndarray | None, cfg: StreamConfig) -> np.ndarray:
-    """uint8 ``(len(indices), H, W, 3)`` frames of a sample (all of them when None): decoded from its mp4, or
+def _frames(sample: dict, indices: np.ndarray | None, cfg: StreamConfig) -> np.ndarray | list[np.ndarray]:
+    """``len(indices)`` uint8 (H, W, 3) frames of a sample (all of them when None): decoded from its mp4, or
     taken from the frames a :class:`MemoryClips` decoded once (indices past the end clamp, as decord's do)."""
     held = sample.get(FRAMES)
     if held is None:
@@ -127,10 +127,10 @@ def _frames(sample: dict, indices: np.ndarray | None, cfg: StreamConfig) -> np.n
     return held if indices is None else held[np.minimum(indices, len(held) - 1)]
 
 
-def decode_mp4(mp4: bytes, indices: np.ndarray | None, cfg: StreamConfig) -> np.ndarray:
+def decode_mp4(mp4: bytes, indices: np.ndarray | None, cfg: StreamConfig) -> np.ndarray | list[np.ndarray]:
     try:
         return decode_frames(mp4, None if indices is None else indices.tolist(), backend=cfg.backend,
-                             fallback=cfg.fallback_backend)
+                             fallback=cfg.fallback_backend, stacked=False)
     except VideoDecodeError as err:
         raise SampleError(f"decode error: {err}") from None
 
@@ -142,7 +142,7 @@ def _make_views(clip: dict, cfg: StreamConfig, train: bool, masker: MaskGenerato
     come from the clip's own generator (:func:`decode_stage`); eval masks from its clip id."""
     frames, lookup, rng = clip["frames"], clip["lookup"], clip["rng"]
     mask_rng = rng if train else np.random.default_rng([cfg.seed, zlib.crc32(clip["clip_id"].encode())])
-    _, h, w, _ = frames.shape
+    h, w = frames[0].shape[:2]
     items = []
     for row, view in zip(rows, clip["views"]):
         if train:

@@ -35,7 +35,7 @@ from mgfm.sources.synthetic.plan import DatasetPlan, SyntheticConfig, VideoPlan,
 from mgfm.sources.synthetic.render import FigureRenderer
 from mgfm.files import write_atomic
 from mgfm.runtime import exit_with_parent
-from mgfm.sources.video_io import VideoWriter
+from mgfm.sources.video_io import H264Encoding, VideoWriter
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def render_video(video: VideoPlan, look: SubjectLook, config: SyntheticConfig, p
     """
     cv2.setNumThreads(1)
     render_s = encode_s = 0.0
-    writer = VideoWriter(path, config.fps, config.height, config.frame_width, crf=config.crf)
+    writer = VideoWriter(path, config.fps, config.height, config.frame_width, H264Encoding(crf=config.crf))
     frames = render_frames(video, look, config)
     n = 0
     clock = time.process_time
