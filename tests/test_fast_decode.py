@@ -130,7 +130,8 @@ def test_the_encoding_is_built_recorded_and_old_plans_keep_their_hash(tiny_index
     plan = plan_shards(tiny_index, plain)
     old_fields = ("short_side", "context_frames", "shard_samples", "shard_mb", "est_bytes_per_pixel", "est_aspect",
                   "est_unknown_frames", "crf", "preset", "splits", "pose_layout", "pose_fps", "pose_view")
-    old = json.dumps({"config": {k: getattr(plain, k) for k in old_fields}, "shards": plan}, sort_keys=True, default=list)
+    rows = {name: {"split": entry.split, "clips": [c.to_row() for c in entry.clips]} for name, entry in plan.items()}
+    old = json.dumps({"config": {k: getattr(plain, k) for k in old_fields}, "shards": rows}, sort_keys=True, default=list)
     assert plan_hash(plan, plain) == hashlib.sha256(old.encode()).hexdigest()
     assert plan_hash(plan, config) != plan_hash(plan, plain)
     # ... and a set whose plan has no encoding record (built before it) reads as x264's defaults
