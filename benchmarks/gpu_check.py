@@ -27,7 +27,7 @@ wheels must match it) collect the wheels (41 MiB: av is 35 of them)::
 
     pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \\
         --platform manylinux_2_17_x86_64 -d wheels/ deepspeed==0.19.8 webdataset braceexpand av hjson ninja \\
-        py-cpuinfo msgpack einops pydantic pydantic-core annotated-types typing-inspection
+        py-cpuinfo msgpack einops pydantic pydantic-core annotated-types typing-inspection torchdata==0.11.0
 
 decord (14 MiB) and faiss-cpu (30 MiB) do not fit beside them and are not needed: the stream decodes with PyAV
 (decord is only its fallback, skipped where absent), and the search stage times torch on the GPU instead of
@@ -237,7 +237,7 @@ def stage_pretrain_random(ctx: Context) -> dict:
 
 def stage_pretrain_shards(ctx: Context) -> dict:
     """Synthetic shards, then ``accelerate launch --use_deepspeed pretrain.py`` on them as users run it."""
-    require("webdataset", "braceexpand", "av")
+    require("webdataset", "braceexpand", "av", "torchdata")
     from mgfm.sources.synthetic import SyntheticConfig
     from mgfm.model.hf import load_encoder_hf
     from mgfm.pipeline import ensure_synthetic
@@ -298,7 +298,7 @@ def stage_pretrain_shards(ctx: Context) -> dict:
 
 def stage_features(ctx: Context) -> dict:
     """Frozen-encoder features of the shards' test split on this process's device."""
-    require("webdataset", "braceexpand", "av")
+    require("webdataset", "braceexpand", "av", "torchdata")
     import torch
 
     from mgfm.runtime import feature_precision, local_device

@@ -70,7 +70,7 @@ def leg_sizes(gpu: bool, cpus: int, learn_seconds: float | None = None) -> LegSi
 
 def stage_loader(ctx) -> dict:
     """Clips per CPU-second of the stream at the new defaults against today's format, the cores one GPU needs."""
-    require("webdataset", "braceexpand", "av")
+    require("webdataset", "braceexpand", "av", "torchdata")
     from bench_loader import Side, bench_index, build_set, interleaved, median, median_ratio, stream_step
 
     from mgfm.data.stream import StreamConfig, make_loader
@@ -167,7 +167,7 @@ def pretrain_real(sets: list[Path], out: Path, name: str, epochs: int, overrides
 
 def stage_learning(ctx) -> dict:
     """Pretrain on the real-motion train clips for the time budget, then frozen linear probes with ci95."""
-    require("webdataset", "braceexpand", "av")
+    require("webdataset", "braceexpand", "av", "torchdata")
     from mgfm.data.stream import StreamConfig
     from mgfm.evaluate.probe_eval import ProbeRecipe, run as probe
     from mgfm.report import markdown_table, plus_minus

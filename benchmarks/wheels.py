@@ -15,7 +15,8 @@ from pathlib import Path
 log = logging.getLogger("gpu_check")
 # import name -> the wheel that provides it
 OPTIONAL = {"deepspeed": "deepspeed", "webdataset": "webdataset", "braceexpand": "braceexpand", "decord": "decord",
-            "av": "av", "faiss": "faiss-cpu", "tensorboard": "tensorboard", "matplotlib": "matplotlib"}
+            "av": "av", "torchdata": "torchdata", "faiss": "faiss-cpu", "tensorboard": "tensorboard",
+            "matplotlib": "matplotlib"}
 
 
 def install_wheels(folder: Path) -> dict:
