@@ -1,6 +1,7 @@
 """pretrain.py end to end on tiny shards: run folder, HF encoder, the logged lr schedule, gradient
-accumulation, typo errors, SIGKILL and epoch-boundary resume, and DeepSpeed bf16 on CPU through
-`accelerate launch` (ZeRO-2 and ZeRO-3, one and two ranks) exporting the fp32 master weights."""
+accumulation, typo errors, epoch-boundary resume (SIGKILL at any moment: tests/test_chaos.py), and DeepSpeed
+bf16 on CPU through `accelerate launch` (ZeRO-2 and ZeRO-3, one and two ranks) exporting the fp32 master
+weights."""
 
 from __future__ import annotations
 
@@ -9,10 +10,8 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -141,32 +140,6 @@ def test_clip_geometry_is_set_once_on_the_model(tmp_path, tiny_shards):
     result = _pretrain(["--recipe", str(_recipe(tmp_path, tiny_shards)), "stream.frames=8"])
     assert result.returncode == 2
     assert "stream.frames has moved: set model.frames instead" in result.stderr.strip().splitlines()[-1]
-
-
-@pytest.mark.slow
-def test_sigkill_mid_training_then_resume_continues(tmp_path, tiny_shards):
-    recipe = _recipe(tmp_path, tiny_shards, checkpoint_every=5, keep_checkpoints=3)
-    args = [sys.executable, "pretrain.py", "--recipe", str(recipe), "optim.epochs=25"]  # 75 steps
-    run = tmp_path / "runs" / "tiny"
-    proc = subprocess.Popen(args, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (run / "checkpoints" / "step_00000005" / "meta.json").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = max(m["step"] for m in _metrics(run))
-    assert killed_at < 75, "the run finished before it could be killed"
-
-    result = subprocess.run(args, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 75
-    assert summary["resumed_from_step"] is not None and 5 <= summary["resumed_from_step"] <= killed_at
-    steps = [m["step"] for m in _metrics(run)]
-    assert steps == list(range(1, 76)), "resumed run must continue the step count with no gap or repeat"
-    assert not list((run / "checkpoints").glob("*.tmp"))
 
 
 def _audit(run: Path, rank: int = 0) -> list[tuple[int, str]]:
