@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import multiprocessing
-import os
 import statistics
 import sys
 import tempfile

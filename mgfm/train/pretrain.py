@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import yaml
@@ -143,7 +143,7 @@ def _value(data: dict, key: str):
 
 
 def _pretrain(recipe: PretrainRecipe, engine: Engine, run_dir: Path) -> Path:
-    rank, world = engine.rank, engine.world
+    world = engine.world
     started = time.time()
     ckpt_root = run_dir / "checkpoints"
     resume_from = find_checkpoint(ckpt_root, recipe.resume)
