@@ -12,6 +12,8 @@ SHARDS ?= shards/synthetic
 RUN ?=
 ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers; the multi-process tests share one group and run one after another on one worker
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-quick shards pretrain linear-probe finetune retrieval emotion real-motion bench clean
 
@@ -59,10 +61,10 @@ bench: setup
 
 # everything, as CI runs it (.ci/run); test-quick: the tests not marked slow, a few minutes
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-quick: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -21,16 +21,32 @@ import pytest
 from mgfm.sources.clip_index import Clip, ClipIndex
 from mgfm.sources.video_io import H264Encoding, encode_video
 
+pytest_plugins = ["pytester"]  # tests/test_suite.py checks this file's own hooks on a planted test file
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist each worker keeps to one torch thread (as the child processes already do,
+    :func:`subprocess_env`): two workers on two cores, not two workers fighting over four threads."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups off the items
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked ``gpu`` skip where CUDA is absent (this CI), saying so."""
+    """Tests marked ``gpu`` skip where CUDA is absent (this CI), saying so. Tests marked ``slow`` (the
+    multi-process ones: rank groups, launchers, the chaos run) share one pytest-xdist group, so under
+    ``-n 2 --dist loadgroup`` they run one after another on one worker: never two rank groups competing
+    for the same cores and rendezvous ports at once."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs CUDA (marked gpu)")
     for item in items:
-        if "gpu" in item.keywords:
+        if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)
+        if "slow" in item.keywords:
+            item.add_marker(pytest.mark.xdist_group("multi_process"))
 
 
 TINY_HEIGHT, TINY_WIDTH, TINY_FPS = 48, 64, 25.0

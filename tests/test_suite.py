@@ -30,4 +30,23 @@ def test_make_test_quick_deselects_the_slow_tests():
     quick = makefile[makefile.index("\ntest-quick:"):].split("\n\n")[0]
     assert '-m "not slow"' in quick and "-m pytest" in quick
     whole = makefile[makefile.index("\ntest:"):].split("\n\n")[0]
-    assert "-m pytest $(PYTEST_ARGS)" in whole and "not slow" not in whole
+    assert "-m pytest" in whole and "$(PYTEST_ARGS)" in whole and "not slow" not in whole
+    # both run on pytest-xdist workers, the multi-process tests kept to one worker by their group
+    assert all("--dist loadgroup" in target for target in (quick, whole))
+
+
+def test_the_slow_tests_share_one_xdist_group_and_the_others_none(pytester):
+    pytester.makeconftest((REPO / "tests" / "conftest.py").read_text())
+    pytester.makepyfile(test_groups="""
+import pytest
+
+@pytest.mark.slow
+def test_launches_ranks():
+    pass
+
+def test_quick():
+    pass
+""")
+    items, _ = pytester.inline_genitems("-p", "no:cacheprovider")
+    groups = {item.name: [m.args for m in item.iter_markers("xdist_group")] for item in items}
+    assert groups == {"test_launches_ranks": [("multi_process",)], "test_quick": []}
