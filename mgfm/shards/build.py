@@ -65,12 +65,13 @@ class BuildConfig:
     est_bytes_per_pixel: float = 0.03  # encoded bytes per output pixel per frame, for shard_mb planning
     est_aspect: float = 16 / 9  # long/short side ratio assumed when planning by size
     est_unknown_frames: int = 250  # frames assumed for a clip "to the end" whose length cannot be probed
-    crf: int = 23  # x264 constant rate factor
-    preset: str = "veryfast"
-    # Decoding cost for bytes (mgfm.sources.video_io.H264Encoding; BENCHMARKS.md "Loader"): None is x264's own
-    tune: str | None = None  # "fastdecode": no CABAC, no deblocking
-    bframes: int | None = None  # N non-reference B-frames between reference frames, a fixed pattern
-    keyint: int | None = None  # a keyframe every N frames
+    # How clips are encoded, flat here for the CLI and the plan hash; defaults and meaning: H264Encoding
+    # (crf, preset; tune, bframes, keyint trade bytes for decoding cost, BENCHMARKS.md "Loader")
+    crf: int = H264Encoding.crf
+    preset: str = H264Encoding.preset
+    tune: str | None = H264Encoding.tune
+    bframes: int | None = H264Encoding.bframes
+    keyint: int | None = H264Encoding.keyint
     source_threads: int = 1  # source decoder threads per process (0 = auto: faster when workers=1)
     max_buffered_frames: int = 1024  # longer clips stream into their encoder (bounded memory, see _ClipEncoder)
     workers: int = 1  # processes; each builds one shard at a time
